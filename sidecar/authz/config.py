@@ -1,0 +1,215 @@
+"""The ``authz`` section of a sidecar configuration file, validated into typed settings.
+
+Every error names the offending key (``authz.issuers[0].algorithms``) and what it expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.authz.core import AuthzSettings
+from sidecar.authz.policy import Policy
+from sidecar.config_util import (
+    get_bool,
+    get_choice,
+    get_int,
+    get_num,
+    get_opt_str,
+    get_str,
+    get_str_list,
+    known_keys,
+    parse_listen,
+    section,
+)
+from sidecar.errors import ConfigError
+from sidecar.jose.jwks import JwksLocation
+from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS
+from sidecar.jose.rfc9068_access_token import IssuerPolicy, normalize_typ
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerSource:
+    location: JwksLocation
+    refresh_interval: float
+    min_refresh_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzConfig:
+    settings: AuthzSettings
+    policy: Policy
+    sources: tuple[IssuerSource, ...]
+    grpc_listen: tuple[str, int] | None
+    http_listen: tuple[str, int] | None
+    http_path_prefix: str
+    default_scheme: str
+    nonce_secret: bytes
+    nonce_window: float
+    replay_backend: str
+    replay_capacity: int
+    redis_url: str | None
+    unknown_kid_wait: float
+    revocation_url: str | None
+    revocation_interval: float
+
+
+def _algorithms(item: Mapping[str, Any], key: str, default: list[str]) -> frozenset[str]:
+    algs = get_str_list(item, "algorithms", key, default)
+    for alg in algs:
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise ConfigError(
+                f"{key}.algorithms",
+                f"asymmetric JWS algorithms from {sorted(ASYMMETRIC_ALGORITHMS)}",
+                alg,
+            )
+    return frozenset(algs)
+
+
+def _issuer(raw: Any, key: str) -> tuple[IssuerPolicy, IssuerSource]:
+    item = section(raw, key)
+    known_keys(
+        item,
+        key,
+        {"issuer", "jwks_file", "jwks_uri", "discovery", "algorithms", "token_types",
+         "refresh_interval", "min_refresh_interval"},
+    )  # fmt: skip
+    issuer = get_str(item, "issuer", key)
+    jwks_file = get_opt_str(item, "jwks_file", key)
+    jwks_uri = get_opt_str(item, "jwks_uri", key)
+    discovery = get_bool(item, "discovery", key, jwks_file is None and jwks_uri is None)
+    if sum([jwks_file is not None, jwks_uri is not None, discovery]) != 1:
+        raise ConfigError(key, "exactly one of jwks_file, jwks_uri or discovery: true")
+    if jwks_uri is not None and not jwks_uri.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}.jwks_uri", "an http(s) URL", jwks_uri)
+    if discovery and not issuer.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}.issuer", "an http(s) URL when discovery is used", issuer)
+    types = get_str_list(item, "token_types", key, ["at+jwt"])
+    policy = IssuerPolicy(
+        issuer=issuer,
+        algorithms=_algorithms(item, key, ["ES256"]),
+        token_types=frozenset(normalize_typ(t) for t in types if t != "none"),
+    )
+    source = IssuerSource(
+        location=JwksLocation(issuer=issuer, file=jwks_file, uri=jwks_uri, discovery=discovery),
+        refresh_interval=get_num(item, "refresh_interval", key, 300.0, minimum=1.0),
+        min_refresh_interval=get_num(item, "min_refresh_interval", key, 10.0, minimum=0.0),
+    )
+    return policy, source
+
+
+def _secret(nonce: Mapping[str, Any], key: str, required: bool) -> bytes:
+    secret = get_opt_str(nonce, "secret", key)
+    secret_file = get_opt_str(nonce, "secret_file", key)
+    if secret is not None and secret_file is not None:
+        raise ConfigError(key, "only one of secret or secret_file")
+    if secret_file is not None:
+        try:
+            secret = Path(secret_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{key}.secret_file", f"a readable file ({exc.strerror})") from None
+    if secret is None:
+        if required:
+            log.warning(
+                "%s.secret is not set: using a random nonce secret; replicas of this "
+                "service will not accept each other's nonces",
+                key,
+            )
+        return secrets.token_bytes(32)
+    if len(secret.encode()) < 16:
+        raise ConfigError(f"{key}.secret", "at least 16 bytes")
+    return secret.encode()
+
+
+def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
+    root = section(data, path)
+    known_keys(
+        root,
+        path,
+        {"audience", "audiences", "issuers", "grpc", "http", "default_scheme", "leeway", "dpop",
+         "nonce", "replay", "limits", "token_cache_size", "routes", "rules", "unknown_kid_wait",
+         "revocation"},
+    )  # fmt: skip
+    audiences = get_str_list(root, "audiences", path, None) if "audiences" in root else None
+    if audiences is None:
+        audiences = [get_str(root, "audience", path)]
+    raw_issuers = root.get("issuers")
+    if not isinstance(raw_issuers, list) or not raw_issuers:
+        raise ConfigError(f"{path}.issuers", "a non-empty list of trusted issuers", raw_issuers)
+    policies: dict[str, IssuerPolicy] = {}
+    sources = []
+    for i, raw in enumerate(raw_issuers):
+        policy, source = _issuer(raw, f"{path}.issuers[{i}]")
+        if policy.issuer in policies:
+            raise ConfigError(f"{path}.issuers[{i}].issuer", "a unique issuer", policy.issuer)
+        policies[policy.issuer] = policy
+        sources.append(source)
+
+    dpop = section(root.get("dpop"), f"{path}.dpop")
+    known_keys(dpop, f"{path}.dpop", {"algorithms", "max_age", "future_leeway"})
+    nonce = section(root.get("nonce"), f"{path}.nonce")
+    known_keys(nonce, f"{path}.nonce", {"required", "secret", "secret_file", "window"})
+    nonce_default = get_bool(nonce, "required", f"{path}.nonce", False)
+    policy_obj = Policy.from_config(root, path, nonce_default=nonce_default)
+    needs_nonce = policy_obj.default_route.nonce or any(r.nonce for r in policy_obj.routes)
+    limits = section(root.get("limits"), f"{path}.limits")
+    known_keys(limits, f"{path}.limits", {"max_token_bytes", "max_proof_bytes"})
+    replay = section(root.get("replay"), f"{path}.replay")
+    known_keys(replay, f"{path}.replay", {"backend", "capacity", "redis_url"})
+    backend = get_choice(replay, "backend", f"{path}.replay", ("memory", "redis"), "memory")
+    redis_url = get_opt_str(replay, "redis_url", f"{path}.replay")
+    if backend == "redis" and redis_url is None:
+        raise ConfigError(f"{path}.replay.redis_url", "a redis:// URL when backend is redis")
+
+    settings = AuthzSettings(
+        audiences=frozenset(audiences),
+        issuers=policies,
+        leeway=get_num(root, "leeway", path, 5.0),
+        proof_algorithms=_algorithms(
+            dpop, f"{path}.dpop", ["ES256", "ES384", "EdDSA", "PS256", "RS256"]
+        ),
+        proof_max_age=get_num(dpop, "max_age", f"{path}.dpop", 60.0, minimum=1.0),
+        proof_future_leeway=get_num(dpop, "future_leeway", f"{path}.dpop", 5.0),
+        max_token_bytes=get_int(limits, "max_token_bytes", f"{path}.limits", 8192, minimum=256),
+        max_proof_bytes=get_int(limits, "max_proof_bytes", f"{path}.limits", 4096, minimum=256),
+        token_cache_size=get_int(root, "token_cache_size", path, 10_000),
+    )
+    grpc = section(root.get("grpc"), f"{path}.grpc")
+    http = section(root.get("http"), f"{path}.http")
+    known_keys(grpc, f"{path}.grpc", {"listen", "enabled"})
+    known_keys(http, f"{path}.http", {"listen", "enabled", "path_prefix"})
+    grpc_listen = (
+        parse_listen(grpc.get("listen", "127.0.0.1:9191"), f"{path}.grpc.listen")
+        if get_bool(grpc, "enabled", f"{path}.grpc", True)
+        else None
+    )
+    http_listen = (
+        parse_listen(http.get("listen", "127.0.0.1:9192"), f"{path}.http.listen")
+        if get_bool(http, "enabled", f"{path}.http", True)
+        else None
+    )
+    revocation = section(root.get("revocation"), f"{path}.revocation")
+    known_keys(revocation, f"{path}.revocation", {"url", "interval"})
+    return AuthzConfig(
+        settings=settings,
+        policy=policy_obj,
+        sources=tuple(sources),
+        grpc_listen=grpc_listen,
+        http_listen=http_listen,
+        http_path_prefix=http.get("path_prefix", "") or "",
+        default_scheme=get_choice(root, "default_scheme", path, ("http", "https"), "http"),
+        nonce_secret=_secret(nonce, f"{path}.nonce", needs_nonce),
+        nonce_window=get_num(nonce, "window", f"{path}.nonce", 30.0, minimum=1.0),
+        replay_backend=backend,
+        replay_capacity=get_int(replay, "capacity", f"{path}.replay", 100_000, minimum=1),
+        redis_url=redis_url,
+        unknown_kid_wait=get_num(root, "unknown_kid_wait", path, 0.1),
+        revocation_url=get_opt_str(revocation, "url", f"{path}.revocation"),
+        revocation_interval=get_num(revocation, "interval", f"{path}.revocation", 5.0, minimum=0.5),
+    )

@@ -1,0 +1,380 @@
+"""The ext_authz decision core: RequestView in, Decision out. No sockets, no transport types.
+
+Phases (each a small method): route → extract credentials → verify access token →
+verify proof → nonce → revocation → policy → replay (the one awaited step) → response.
+Every failure is an AuthError carrying a reason code; anything else escaping ``evaluate`` is a
+bug, and the transports turn it into a fail-closed deny.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.authz.decision import Allow, Decision, Deny, Header, Identity, RequestView
+from sidecar.authz.nonce import NonceService
+from sidecar.authz.policy import Policy, Route, canonical_path
+from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
+from sidecar.authz.revocation import RevocationList
+from sidecar.authz.token_cache import VerifiedTokenCache
+from sidecar.errors import (
+    NONCE_REASONS,
+    PROOF_REASONS,
+    AuthError,
+    Reason,
+    ReplayStoreUnavailable,
+    status_for,
+)
+from sidecar.jose.jwks import KeyStore
+from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
+from sidecar.jose.rfc9068_access_token import IssuerPolicy, VerifiedToken, verify_access_token
+from sidecar.jose.rfc9449_dpop import ProofKeyCache, VerifiedProof, verify_proof
+
+IDENTITY_PREFIX = "x-workload-"
+STRIPPED = ("authorization", "dpop")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzSettings:
+    audiences: frozenset[str]
+    issuers: Mapping[str, IssuerPolicy]
+    leeway: float = 5.0
+    proof_algorithms: frozenset[str] = frozenset({"ES256", "ES384", "EdDSA", "PS256", "RS256"})
+    proof_max_age: float = 60.0
+    proof_future_leeway: float = 5.0
+    max_token_bytes: int = 8192
+    max_proof_bytes: int = 4096
+    token_cache_size: int = 10_000
+    proof_key_cache_size: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAllow:
+    """Everything verified; the proof's (jkt, jti) still has to be recorded as used."""
+
+    replay_key: str
+    ttl: float
+    allow: Allow
+    route: Route
+    scheme: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _quoted(text: str) -> str:
+    # RFC 9110 quoted-string: keep error_description to safe printable ASCII.
+    return "".join(c for c in text if 0x20 <= ord(c) < 0x7F and c not in '"\\')
+
+
+class Authorizer:
+    def __init__(
+        self,
+        settings: AuthzSettings,
+        *,
+        keys: KeyStore,
+        policy: Policy,
+        replay: ReplayStore,
+        nonces: NonceService | None = None,
+        revocations: RevocationList | None = None,
+        clock: Callable[[], float] = time.time,
+        on_unknown_key: Callable[[str], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.policy = policy
+        self.replay = replay
+        self.nonces = nonces
+        self.revocations = revocations or RevocationList()
+        self.clock = clock
+        self.on_unknown_key = on_unknown_key
+        self.token_cache = VerifiedTokenCache(settings.token_cache_size)
+        self.proof_keys = ProofKeyCache(settings.proof_key_cache_size)
+        self._replay_ttl = settings.proof_max_age + settings.proof_future_leeway
+        self._sync_replay = replay if isinstance(replay, InMemoryReplayStore) else None
+        algs = " ".join(sorted(settings.proof_algorithms))
+        self._dpop_challenge = f'DPoP algs="{algs}"'
+        needs_nonce = any(r.nonce for r in policy.routes) or policy.default_route.nonce
+        if needs_nonce and nonces is None:
+            raise ValueError("a route requires DPoP nonces but no NonceService was given")
+
+    # -- entry points ---------------------------------------------------------------------
+
+    async def decide(self, view: RequestView, now: float | None = None) -> Decision:
+        """The full decision, including the replay store round trip."""
+        if now is None:
+            now = self.clock()
+        result = self.evaluate(view, now)
+        if (
+            isinstance(result, Deny)
+            and result.reason is Reason.UNKNOWN_KEY
+            and self.on_unknown_key is not None
+            and "iss" in result.metadata
+            and await self.on_unknown_key(result.metadata["iss"])
+        ):
+            result = self.evaluate(view, now)  # the key set changed: one more try
+        if isinstance(result, Deny):
+            return result
+        try:
+            if self._sync_replay is not None:
+                fresh = self._sync_replay.check_and_insert_sync(result.replay_key, now, result.ttl)
+            else:
+                fresh = await self.replay.check_and_insert(result.replay_key, now, result.ttl)
+        except ReplayStoreUnavailable as exc:
+            return self._deny(
+                Reason.REPLAY_STORE_UNAVAILABLE,
+                str(exc),
+                result.route,
+                result.scheme,
+                now,
+                result.metadata,
+            )
+        if not fresh:
+            return self._deny(
+                Reason.REPLAYED,
+                "this DPoP proof was already used",
+                result.route,
+                result.scheme,
+                now,
+                result.metadata,
+            )
+        return result.allow
+
+    def evaluate(self, view: RequestView, now: float) -> Deny | PendingAllow:
+        """Everything that needs no I/O. Raises only on bugs."""
+        path = canonical_path(view.path)
+        if path is None:
+            route = self.policy.default_route
+            return self._deny(
+                Reason.POLICY_DENIED, "ambiguous request path", route, "dpop", now, {}
+            )
+        route = self.policy.route_for(path)
+        scheme = "dpop"
+        meta: dict[str, Any] = {}
+        try:
+            scheme, token = self._extract(view)
+            verified = self._verify_token(token, now, meta)
+            proof = self._verify_binding(view, route, scheme, token, verified, now)
+            if proof is not None:
+                meta["proof_jti"] = proof.jti
+                self._check_nonce(route, proof, now)
+            if self.revocations.is_revoked(verified.subject, verified.jti):
+                raise AuthError(Reason.REVOKED, "token or subject has been revoked")
+            rule = self.policy.allowing_rule(verified.subject, view.method, path)
+            if rule is None:
+                raise AuthError(Reason.POLICY_DENIED, "no rule allows this caller here")
+        except AuthError as err:
+            return self._deny(err.reason, err.detail, route, scheme, now, meta)
+        allow = self._allow(view, route, verified, proof, rule.name, now, meta)
+        if proof is None:
+            # Bearer: nothing to record. A PendingAllow with no key keeps one code path.
+            return PendingAllow("", 0.0, allow, route, scheme, meta)
+        return PendingAllow(
+            f"{proof.jkt}:{proof.jti}", self._replay_ttl, allow, route, scheme, meta
+        )
+
+    # -- phases ---------------------------------------------------------------------------
+
+    def _extract(self, view: RequestView) -> tuple[str, str]:
+        value = view.headers.get("authorization")
+        if value is None:
+            raise AuthError(Reason.MISSING_CREDENTIALS, "no Authorization header")
+        if len(value) > self.settings.max_token_bytes + 16:
+            raise AuthError(Reason.MALFORMED_TOKEN, "Authorization header too large")
+        raw_scheme, _, token = value.strip().partition(" ")
+        scheme = raw_scheme.lower()
+        if scheme not in ("dpop", "bearer"):
+            raise AuthError(
+                Reason.MISSING_CREDENTIALS, "Authorization scheme is not DPoP or Bearer"
+            )
+        token = token.strip()
+        if not token or "," in token or " " in token:
+            # A comma means two Authorization headers were merged (or junk): refuse both.
+            raise AuthError(Reason.MALFORMED_TOKEN, "not exactly one access token")
+        return scheme, token
+
+    def _verify_token(self, token: str, now: float, meta: dict[str, Any]) -> VerifiedToken:
+        generation = self.keys.generation
+        verified = self.token_cache.get(token, generation)
+        if verified is None:
+            try:
+                verified = verify_access_token(
+                    token,
+                    issuers=self.settings.issuers,
+                    keys=self.keys,
+                    audiences=self.settings.audiences,
+                    now=now,
+                    leeway=self.settings.leeway,
+                    max_bytes=self.settings.max_token_bytes,
+                )
+            except AuthError as err:
+                if err.reason is Reason.UNKNOWN_KEY:
+                    meta["iss"] = _unverified_issuer(token)
+                raise
+            self.token_cache.put(token, verified, generation)
+        elif now >= verified.expires_at + self.settings.leeway:
+            self.token_cache.discard(token)
+            raise AuthError(Reason.EXPIRED, "token has expired")
+        meta["sub"] = verified.subject
+        meta["iss"] = verified.issuer
+        if verified.jti is not None:
+            meta["token_jti"] = verified.jti
+        if verified.kid is not None:
+            meta["kid"] = verified.kid
+        return verified
+
+    def _verify_binding(
+        self,
+        view: RequestView,
+        route: Route,
+        scheme: str,
+        token: str,
+        verified: VerifiedToken,
+        now: float,
+    ) -> VerifiedProof | None:
+        if scheme == "bearer":
+            if verified.jkt is not None:
+                # RFC 9449 §7.2: a DPoP-bound token must not be accepted as a bearer token.
+                raise AuthError(Reason.BEARER_NOT_ALLOWED, "DPoP-bound token sent as Bearer")
+            if route.auth != "bearer":
+                raise AuthError(Reason.BEARER_NOT_ALLOWED, "this route requires DPoP")
+            return None
+        if verified.jkt is None:
+            raise AuthError(
+                Reason.PROOF_KEY_MISMATCH, "access token is not DPoP-bound (no cnf.jkt)"
+            )
+        proof = view.headers.get("dpop")
+        if proof is None:
+            raise AuthError(Reason.PROOF_MISSING, "no DPoP header")
+        if "," in proof:
+            # RFC 9449 §4.3 step 1: not more than one DPoP header field.
+            raise AuthError(Reason.PROOF_INVALID, "more than one DPoP header")
+        s = self.settings
+        return verify_proof(
+            proof.strip(),
+            method=view.method,
+            url=view.url,
+            access_token=token,
+            expected_jkt=verified.jkt,
+            now=now,
+            max_age=s.proof_max_age,
+            future_leeway=s.proof_future_leeway,
+            algorithms=s.proof_algorithms,
+            max_bytes=s.max_proof_bytes,
+            key_cache=self.proof_keys,
+        )
+
+    def _check_nonce(self, route: Route, proof: VerifiedProof, now: float) -> None:
+        if not route.nonce:
+            return
+        assert self.nonces is not None
+        if proof.nonce is None:
+            raise AuthError(Reason.NONCE_REQUIRED, "this resource requires a DPoP nonce")
+        if not self.nonces.check(proof.nonce, now):
+            raise AuthError(Reason.NONCE_INVALID, "DPoP nonce is invalid or stale")
+
+    # -- responses ------------------------------------------------------------------------
+
+    def _allow(
+        self,
+        view: RequestView,
+        route: Route,
+        token: VerifiedToken,
+        proof: VerifiedProof | None,
+        rule: str,
+        now: float,
+        meta: dict[str, Any],
+    ) -> Allow:
+        auth = "dpop" if proof is not None else "bearer"
+        to_set: list[Header] = [
+            ("x-workload-id", token.subject),
+            ("x-workload-issuer", token.issuer),
+            ("x-workload-auth", auth),
+        ]
+        if proof is not None:
+            to_set.append(("x-workload-jkt", proof.jkt))
+        if token.client_id is not None:
+            to_set.append(("x-workload-client-id", token.client_id))
+        ours = {name for name, _ in to_set}
+        # Identity headers the caller sent itself are spoofed by definition: drop them.
+        remove = list(STRIPPED) + [
+            h for h in view.headers if h.startswith(IDENTITY_PREFIX) and h not in ours
+        ]
+        response: tuple[Header, ...] = ()
+        if route.nonce and self.nonces is not None:
+            response = (("dpop-nonce", self.nonces.issue(now)),)
+        meta["rule"] = rule
+        meta["auth"] = auth
+        identity = Identity(
+            subject=token.subject,
+            issuer=token.issuer,
+            auth=auth,
+            jkt=proof.jkt if proof else None,
+            client_id=token.client_id,
+            token_jti=token.jti,
+            rule=rule,
+        )
+        return Allow(identity, tuple(to_set), tuple(remove), response, meta)
+
+    def _deny(
+        self,
+        reason: Reason,
+        detail: str,
+        route: Route,
+        scheme: str,
+        now: float,
+        meta: Mapping[str, Any],
+    ) -> Deny:
+        status = status_for(reason)
+        headers: list[Header] = [
+            ("x-authz-reason", reason.value),
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+        ]
+        if reason in NONCE_REASONS:
+            error = "use_dpop_nonce"
+        elif reason in PROOF_REASONS:
+            error = "invalid_dpop_proof"
+        elif status == 401 and reason is not Reason.MISSING_CREDENTIALS:
+            error = "invalid_token"
+        elif status == 403:
+            error = "insufficient_scope"
+        else:
+            error = ""
+        if status == 401:
+            desc = _quoted(detail)
+            if reason is Reason.MISSING_CREDENTIALS:
+                challenges = [self._dpop_challenge]
+                if route.auth == "bearer":
+                    challenges.insert(0, "Bearer")
+            elif scheme == "bearer" and reason is not Reason.BEARER_NOT_ALLOWED:
+                challenges = [f'Bearer error="{error}", error_description="{desc}"']
+            else:
+                challenges = [
+                    f'{self._dpop_challenge}, error="{error}", error_description="{desc}"'
+                ]
+            headers.append(("www-authenticate", ", ".join(challenges)))
+            if reason in NONCE_REASONS and self.nonces is not None:
+                headers.append(("dpop-nonce", self.nonces.issue(now)))
+        elif status == 503:
+            headers.append(("retry-after", "1"))
+        body = json.dumps(
+            {"error": error or reason.value, "reason": reason.value, "detail": detail}
+        )
+        metadata = dict(meta)
+        metadata["reason"] = reason.value
+        return Deny(status, reason, detail, tuple(headers), body, metadata)
+
+    def internal_error(self, detail: str) -> Deny:
+        """The deny the transports send when ``decide`` itself failed (a bug): fail closed."""
+        return self._deny(Reason.INTERNAL_ERROR, detail, self.policy.default_route, "dpop", 0.0, {})
+
+
+def _unverified_issuer(token: str) -> str | None:
+    """``iss`` read without verification, only to pick which issuer's keys to refresh."""
+    try:
+        iss = parse_compact(token, max_bytes=len(token)).payload.get("iss")
+    except JWSFormatError:
+        return None
+    return iss if isinstance(iss, str) else None

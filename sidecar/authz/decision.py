@@ -1,0 +1,67 @@
+"""The transport-free request view and the one Decision type both ext_authz transports render."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.errors import Reason
+
+Header = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What the authorizer needs of one request. Header names are lower-case; a header sent
+    more than once arrives comma-merged (Envoy's gRPC ``headers`` map does this)."""
+
+    method: str
+    scheme: str
+    authority: str
+    path: str  # with the query string, as received
+    headers: Mapping[str, str]
+    peer: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.authority}{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    subject: str
+    issuer: str
+    auth: str  # "dpop" or "bearer"
+    jkt: str | None
+    client_id: str | None
+    token_jti: str | None
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    identity: Identity
+    headers_to_set: tuple[Header, ...]
+    headers_to_remove: tuple[str, ...]
+    response_headers: tuple[Header, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    allowed = True
+    status = 200
+    reason = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    status: int
+    reason: Reason
+    detail: str
+    headers: tuple[Header, ...]
+    body: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    allowed = False
+
+
+Decision = Allow | Deny

@@ -1,0 +1,206 @@
+"""Wires the authorizer to its key sources, stores and servers, and runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import grpc
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from sidecar.authz.config import AuthzConfig
+from sidecar.authz.core import Authorizer
+from sidecar.authz.grpc_server import AuthorizationServicer, start_grpc_server
+from sidecar.authz.http_server import make_http_app
+from sidecar.authz.nonce import NonceService
+from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
+from sidecar.authz.revocation import RevocationList
+from sidecar.jose.jwks import JwksSource, KeyStore
+from sidecar.observability.metrics import AuthzMetrics
+
+log = logging.getLogger(__name__)
+
+MAX_REVOCATION_BYTES = 4 * 1024 * 1024
+
+
+class AuthzService:
+    def __init__(
+        self,
+        cfg: AuthzConfig,
+        registry: CollectorRegistry,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.keys = KeyStore()
+        self.sources = {
+            s.location.issuer: JwksSource(
+                s.location,
+                self.keys,
+                refresh_interval=s.refresh_interval,
+                min_refresh_interval=s.min_refresh_interval,
+            )
+            for s in cfg.sources
+        }
+        self.replay: ReplayStore
+        if cfg.replay_backend == "redis":
+            from sidecar.authz.replay_redis import RedisReplayStore
+
+            assert cfg.redis_url is not None
+            self.replay = RedisReplayStore(cfg.redis_url)
+        else:
+            self.replay = InMemoryReplayStore(cfg.replay_capacity)
+        context = ",".join(sorted(cfg.settings.audiences))
+        self.nonces = NonceService(cfg.nonce_secret, window=cfg.nonce_window, context=context)
+        self.revocations = RevocationList()
+        self.authorizer = Authorizer(
+            cfg.settings,
+            keys=self.keys,
+            policy=cfg.policy,
+            replay=self.replay,
+            nonces=self.nonces,
+            revocations=self.revocations,
+            clock=clock,
+            on_unknown_key=self._on_unknown_key,
+        )
+        self.metrics = AuthzMetrics(registry)
+        self.metrics.cache_gauge(
+            "sidecar_authz_token_cache_entries",
+            "Verified access tokens cached",
+            lambda: len(self.authorizer.token_cache),
+        )
+        self.metrics.cache_gauge(
+            "sidecar_authz_replay_entries",
+            "Live entries in the in-memory replay store (-1: external store)",
+            self.replay.size,
+        )
+        self.metrics.cache_gauge(
+            "sidecar_authz_proof_key_cache_entries",
+            "DPoP public keys cached",
+            lambda: len(self.authorizer.proof_keys),
+        )
+        self.metrics.cache_gauge(
+            "sidecar_jwks_keys", "Keys held for all issuers", self.keys.key_count
+        )
+        self.metrics.cache_gauge(
+            "sidecar_authz_revocations", "Revoked subjects and jtis", lambda: len(self.revocations)
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+
+    async def _on_unknown_key(self, issuer: str | None) -> bool:
+        """A token names a kid we do not hold: refetch that issuer's keys (rate-limited) and
+        wait a short, bounded time so the check still fits Envoy's deadline."""
+        source = self.sources.get(issuer or "")
+        if source is None or not source.may_refresh():
+            return False
+        try:
+            changed = await asyncio.wait_for(
+                asyncio.shield(source.refresh()), self.cfg.unknown_kid_wait
+            )
+        except TimeoutError:
+            self.metrics.jwks_refreshes.labels("unknown_kid", "timeout").inc()
+            return False
+        self.metrics.jwks_refreshes.labels(
+            "unknown_kid", "changed" if changed else "unchanged"
+        ).inc()
+        return changed
+
+    def readiness(self) -> tuple[bool, str]:
+        missing = [iss for iss in self.sources if not self.keys.has_issuer(iss)]
+        if missing:
+            return False, "no keys yet for issuer(s): " + ", ".join(missing)
+        return True, "ready"
+
+    async def start(self) -> None:
+        # First load: wait briefly so the common case starts ready, but never block start on
+        # an issuer that is down — checks for it deny (unknown_key) until its keys arrive.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(*(s.refresh() for s in self.sources.values())), timeout=5.0
+            )
+        for source in self.sources.values():
+            self._tasks.append(asyncio.create_task(source.run_periodic()))
+        if self.cfg.revocation_url:
+            self._tasks.append(asyncio.create_task(self._poll_revocations(self.cfg.revocation_url)))
+        if self.cfg.grpc_listen is not None:
+            servicer = AuthorizationServicer(self.authorizer, self.metrics, self.cfg.default_scheme)
+            self._grpc, self.grpc_port = await start_grpc_server(servicer, *self.cfg.grpc_listen)
+        if self.cfg.http_listen is not None:
+            app = make_http_app(
+                self.authorizer,
+                self.metrics,
+                path_prefix=self.cfg.http_path_prefix,
+                default_scheme=self.cfg.default_scheme,
+            )
+            # Envoy admits up to 60 KiB of headers; parse what it forwards so an oversize
+            # credential gets our precise deny reason instead of aiohttp's bare 400.
+            self._http = web.AppRunner(
+                app,
+                access_log=None,
+                handle_signals=False,
+                max_field_size=64 * 1024,
+                max_line_size=64 * 1024,
+            )
+            await self._http.setup()
+            site = web.TCPSite(self._http, *self.cfg.http_listen, backlog=1024)
+            await site.start()
+            self.http_port = _bound_port(self._http)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        if self._http is not None:
+            await self._http.cleanup()
+        close = getattr(self.replay, "close", None)
+        if close is not None:
+            await close()
+
+    async def _poll_revocations(self, url: str) -> None:
+        """Poll the issuer's revocation list with If-None-Match. On failure the last list
+        stays in force (a revocation once seen is never forgotten by an outage)."""
+        etag: str | None = None
+        timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.revocation_interval))
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    headers = {"If-None-Match": etag} if etag else {}
+                    async with session.get(url, headers=headers) as resp:
+                        if resp.status == 200:
+                            doc = json.loads(await resp.content.read(MAX_REVOCATION_BYTES))
+                            self.revocations.replace(
+                                subjects=frozenset(_str_list(doc, "subjects")),
+                                jtis=frozenset(_str_list(doc, "jtis")),
+                                version=resp.headers.get("ETag"),
+                            )
+                            etag = resp.headers.get("ETag")
+                        elif resp.status != 304:
+                            log.warning("revocation list %s: HTTP %s", url, resp.status)
+                except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
+                    log.warning("revocation list %s: %s", url, type(exc).__name__)
+                await asyncio.sleep(self.cfg.revocation_interval)
+
+
+def _str_list(doc: Any, key: str) -> list[str]:
+    value = doc.get(key, []) if isinstance(doc, dict) else []
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return int(addr[1])
+    raise OSError("listener has no TCP address")

@@ -1,0 +1,140 @@
+"""Small typed readers for YAML configuration: every error names the key and what it expects."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from sidecar.errors import ConfigError
+
+T = TypeVar("T")
+_MISSING: Any = object()
+
+
+def section(data: Any, key: str) -> Mapping[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(key, "a mapping", data)
+    return data
+
+
+def known_keys(data: Mapping[str, Any], key: str, allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", f"one of the known keys {sorted(allowed)}")
+
+
+def get_str(data: Mapping[str, Any], key: str, path: str, default: Any = _MISSING) -> str:
+    value = data.get(key, default)
+    if value is _MISSING:
+        raise ConfigError(f"{path}.{key}", "a string (required)")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}.{key}", "a non-empty string", value)
+    return value
+
+
+def get_opt_str(data: Mapping[str, Any], key: str, path: str) -> str | None:
+    return None if data.get(key) is None else get_str(data, key, path)
+
+
+def get_num(
+    data: Mapping[str, Any], key: str, path: str, default: float, *, minimum: float = 0.0
+) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise ConfigError(f"{path}.{key}", f"a number >= {minimum}", value)
+    return float(value)
+
+
+def get_int(data: Mapping[str, Any], key: str, path: str, default: int, *, minimum: int = 0) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{path}.{key}", f"an integer >= {minimum}", value)
+    return value
+
+
+def get_bool(data: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}.{key}", "true or false", value)
+    return value
+
+
+def get_str_list(
+    data: Mapping[str, Any], key: str, path: str, default: Any = _MISSING
+) -> list[str]:
+    value = data.get(key, default)
+    if value is _MISSING:
+        raise ConfigError(f"{path}.{key}", "a list of strings (required)")
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{path}.{key}", "a list of non-empty strings", value)
+    return list(value)
+
+
+def get_choice(
+    data: Mapping[str, Any], key: str, path: str, choices: tuple[str, ...], default: str
+) -> str:
+    value = data.get(key, default)
+    if value not in choices:
+        raise ConfigError(f"{path}.{key}", f"one of {list(choices)}", value)
+    return str(value)
+
+
+def parse_listen(value: Any, key: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:port`` for IPv6)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(key, "host:port", value)
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, "host:port with a port in 0..65535", value)
+    return host, int(port)
+
+
+ENV_PREFIX = "SIDECAR__"
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> None:
+    """``SIDECAR__AUTHZ__GRPC__LISTEN=127.0.0.1:9999`` sets ``authz.grpc.listen``; the value
+    is parsed as YAML so numbers and booleans keep their types."""
+    env = os.environ if environ is None else environ
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(path), "a mapping to override into (from " + name + ")")
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(".".join(path), f"a YAML scalar in {name}") from None
+
+
+def load_yaml_file(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("config file", f"a readable file ({exc.strerror})", str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("config file", f"valid YAML ({exc})", str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config file", "a YAML mapping at the top level", str(path))
+    apply_env_overrides(data)
+    return data

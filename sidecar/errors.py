@@ -1,0 +1,101 @@
+"""One root error for the package; every failure a caller can see carries a stable code.
+
+The deny reasons are a closed set (DESIGN.md): the same strings appear in responses, logs and
+metric labels, so renaming one is a breaking change.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.StrEnum):
+    """Why a request was denied. Values are stable wire strings."""
+
+    MISSING_CREDENTIALS = "missing_credentials"
+    MALFORMED_TOKEN = "malformed_token"
+    ALG_NOT_ALLOWED = "alg_not_allowed"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    UNTRUSTED_ISSUER = "untrusted_issuer"
+    WRONG_TYPE = "wrong_type"
+    WRONG_AUDIENCE = "wrong_audience"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    PROOF_MISSING = "proof_missing"
+    PROOF_INVALID = "proof_invalid"
+    PROOF_KEY_MISMATCH = "proof_key_mismatch"
+    HTM_MISMATCH = "htm_mismatch"
+    HTU_MISMATCH = "htu_mismatch"
+    ATH_MISMATCH = "ath_mismatch"
+    IAT_OUT_OF_WINDOW = "iat_out_of_window"
+    REPLAYED = "replayed"
+    NONCE_REQUIRED = "nonce_required"
+    NONCE_INVALID = "nonce_invalid"
+    BEARER_NOT_ALLOWED = "bearer_not_allowed"
+    REVOKED = "revoked"
+    POLICY_DENIED = "policy_denied"
+    REPLAY_STORE_UNAVAILABLE = "replay_store_unavailable"
+    # Not produced by the core: the transports' fail-closed guard when the core itself raised.
+    INTERNAL_ERROR = "internal_error"
+
+
+#: Reasons that are about the DPoP proof rather than the access token (RFC 9449 §7.1 uses
+#: ``invalid_dpop_proof`` for these, ``invalid_token`` for the rest).
+PROOF_REASONS = frozenset(
+    {
+        Reason.PROOF_MISSING,
+        Reason.PROOF_INVALID,
+        Reason.PROOF_KEY_MISMATCH,
+        Reason.HTM_MISMATCH,
+        Reason.HTU_MISMATCH,
+        Reason.ATH_MISMATCH,
+        Reason.IAT_OUT_OF_WINDOW,
+        Reason.REPLAYED,
+    }
+)
+NONCE_REASONS = frozenset({Reason.NONCE_REQUIRED, Reason.NONCE_INVALID})
+
+
+def status_for(reason: Reason) -> int:
+    """HTTP status for a deny reason: 401 authentication, 403 policy, 503 our own outage."""
+    if reason is Reason.POLICY_DENIED:
+        return 403
+    if reason is Reason.REPLAY_STORE_UNAVAILABLE:
+        return 503
+    if reason is Reason.INTERNAL_ERROR:
+        return 500
+    return 401
+
+
+class SidecarError(Exception):
+    """Root of every error this package raises on purpose."""
+
+    code: str = "error"
+
+
+class AuthError(SidecarError):
+    """A credential failed verification. ``reason`` is one of the closed set of codes."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.code = reason.value
+        self.detail = detail
+
+
+class ConfigError(SidecarError):
+    """Configuration is invalid; the message names the key and what was expected."""
+
+    code = "config_error"
+
+    def __init__(self, key: str, expected: str, got: object = None) -> None:
+        shown = "" if got is None else f", got {got!r}"
+        super().__init__(f"{key}: expected {expected}{shown}")
+        self.key = key
+
+
+class ReplayStoreUnavailable(SidecarError):
+    """The replay store cannot answer (down, or full): callers must fail closed."""
+
+    code = Reason.REPLAY_STORE_UNAVAILABLE.value

@@ -1,0 +1,180 @@
+"""JWK Set sources (RFC 7517 §5) and the in-memory key store the verifiers read.
+
+A source loads one issuer's keys from a file, a URL, or OIDC discovery
+(``{issuer}/.well-known/openid-configuration`` → ``jwks_uri``, OpenID Connect Discovery §4).
+The store is swapped atomically; verification never waits on I/O except the rate-limited
+refresh on an unknown ``kid`` that the authorizer may await with a short deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from sidecar.jose.rfc7517_jwk import JWKError, PublicJWK, import_jwks
+
+log = logging.getLogger(__name__)
+
+MAX_DOCUMENT_BYTES = 256 * 1024
+
+
+class JwksUnavailable(Exception):
+    """A key set could not be fetched or parsed."""
+
+
+class KeyStore:
+    """Keys by issuer; ``generation`` changes whenever any issuer's set changes, so caches
+    of tokens verified under an older set can drop themselves."""
+
+    def __init__(self) -> None:
+        self._by_issuer: dict[str, tuple[dict[str, list[PublicJWK]], list[PublicJWK]]] = {}
+        self.generation = 0
+
+    def replace(self, issuer: str, keys: Sequence[PublicJWK]) -> bool:
+        by_kid: dict[str, list[PublicJWK]] = {}
+        for key in keys:
+            if key.kid is not None:
+                by_kid.setdefault(key.kid, []).append(key)
+        old = self._by_issuer.get(issuer)
+        changed = old is None or {k.thumbprint for k in old[1]} != {k.thumbprint for k in keys}
+        self._by_issuer[issuer] = (by_kid, list(keys))
+        if changed:
+            self.generation += 1
+        return changed
+
+    def keys_for(self, issuer: str, kid: str | None) -> Sequence[PublicJWK]:
+        entry = self._by_issuer.get(issuer)
+        if entry is None:
+            return ()
+        if kid is None:
+            return entry[1]
+        return entry[0].get(kid, ())
+
+    def has_issuer(self, issuer: str) -> bool:
+        return issuer in self._by_issuer
+
+    def key_count(self) -> int:
+        return sum(len(all_keys) for _, all_keys in self._by_issuer.values())
+
+    def thumbprints(self, issuer: str) -> list[str]:
+        entry = self._by_issuer.get(issuer)
+        return [] if entry is None else [k.thumbprint for k in entry[1]]
+
+
+@dataclass(frozen=True, slots=True)
+class JwksLocation:
+    issuer: str
+    file: str | None = None
+    uri: str | None = None
+    discovery: bool = False
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url, allow_redirects=False) as resp:
+        if resp.status != 200:
+            raise JwksUnavailable(f"GET {url}: HTTP {resp.status}")
+        body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
+        if len(body) > MAX_DOCUMENT_BYTES:
+            raise JwksUnavailable(f"GET {url}: document larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise JwksUnavailable(f"GET {url}: not JSON") from None
+
+
+class JwksSource:
+    """Keeps one issuer's keys in a KeyStore fresh: at start, periodically, and on demand
+    (an unknown ``kid``) no more often than ``min_refresh_interval``."""
+
+    def __init__(
+        self,
+        location: JwksLocation,
+        store: KeyStore,
+        *,
+        refresh_interval: float = 300.0,
+        min_refresh_interval: float = 10.0,
+        timeout: float = 5.0,
+    ) -> None:
+        self.location = location
+        self.store = store
+        self.refresh_interval = refresh_interval
+        self.min_refresh_interval = min_refresh_interval
+        self.timeout = timeout
+        self._last_attempt = -1e18
+        self._inflight: asyncio.Task[bool] | None = None
+        self._jwks_uri: str | None = location.uri
+        self.last_error: str | None = None
+
+    def may_refresh(self) -> bool:
+        return time.monotonic() - self._last_attempt >= self.min_refresh_interval
+
+    async def _load(self) -> list[PublicJWK]:
+        loc = self.location
+        if loc.file is not None:
+            raw = await asyncio.to_thread(Path(loc.file).read_bytes)
+            if len(raw) > MAX_DOCUMENT_BYTES:
+                raise JwksUnavailable(f"{loc.file}: larger than {MAX_DOCUMENT_BYTES} bytes")
+            try:
+                doc = json.loads(raw)
+            except ValueError:
+                raise JwksUnavailable(f"{loc.file}: not JSON") from None
+        else:
+            timeout = aiohttp.ClientTimeout(total=self.timeout)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                if self._jwks_uri is None:
+                    url = loc.issuer.rstrip("/") + "/.well-known/openid-configuration"
+                    meta = await _get_json(session, url)
+                    # OIDC Discovery §4.3: the issuer in the document MUST equal ours.
+                    if not isinstance(meta, dict) or meta.get("issuer") != loc.issuer:
+                        raise JwksUnavailable(f"{url}: issuer does not match {loc.issuer}")
+                    uri = meta.get("jwks_uri")
+                    if not isinstance(uri, str) or not uri.startswith(("http://", "https://")):
+                        raise JwksUnavailable(f"{url}: no usable jwks_uri")
+                    self._jwks_uri = uri
+                doc = await _get_json(session, self._jwks_uri)
+        try:
+            return import_jwks(doc)
+        except JWKError as exc:
+            raise JwksUnavailable(str(exc)) from None
+
+    async def refresh(self) -> bool:
+        """Fetch now (single-flight); True if the key set changed. Never raises."""
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.ensure_future(self._refresh_once())
+        return await asyncio.shield(self._inflight)
+
+    async def _refresh_once(self) -> bool:
+        self._last_attempt = time.monotonic()
+        try:
+            keys = await self._load()
+        except (TimeoutError, JwksUnavailable, OSError, aiohttp.ClientError) as exc:
+            self.last_error = str(exc) or type(exc).__name__
+            if self.location.discovery and self.location.uri is None:
+                self._jwks_uri = None  # rediscover next time: the jwks_uri may have moved
+            log.warning(
+                "jwks refresh failed issuer=%s error=%s", self.location.issuer, self.last_error
+            )
+            return False
+        self.last_error = None
+        changed = self.store.replace(self.location.issuer, keys)
+        if changed:
+            log.info(
+                "jwks updated issuer=%s kids=%s",
+                self.location.issuer,
+                ",".join(sorted(k.kid or "-" for k in keys)),
+            )
+        return changed
+
+    async def run_periodic(self) -> None:
+        while True:
+            delay = self.refresh_interval if self.store.has_issuer(self.location.issuer) else 1.0
+            await asyncio.sleep(delay)
+            await self.refresh()

@@ -1,0 +1,58 @@
+"""JWS algorithms (RFC 7518 §3, RFC 8037 §3.1) and which key each may be used with.
+
+RFC 8725 §3.1: libraries MUST let the application specify the algorithms it accepts; we
+accept only asymmetric ones, so an HMAC token "signed" with a public key can never verify.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.algorithms import Algorithm, get_default_algorithms
+
+#: The only algorithms this package will ever verify.
+ASYMMETRIC_ALGORITHMS: Final = frozenset(
+    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+)
+
+_IMPLS: Final[dict[str, Algorithm]] = {
+    name: impl for name, impl in get_default_algorithms().items() if name in ASYMMETRIC_ALGORITHMS
+}
+
+_EC_CURVE_FOR_ALG: Final = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+
+#: RSA keys below this size are refused (RFC 7518 §3.3 requires 2048 bits).
+MIN_RSA_BITS: Final = 2048
+
+
+def key_fits_algorithm(key: Any, alg: str) -> bool:
+    """True when ``key`` is a public key that ``alg`` is defined for."""
+    if alg in _EC_CURVE_FOR_ALG:
+        return (
+            isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _EC_CURVE_FOR_ALG[alg]
+        )
+    if alg[:2] in ("RS", "PS"):
+        return isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_RSA_BITS
+    if alg == "EdDSA":
+        return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+    return False
+
+
+def verify_signature(alg: str, key: Any, signing_input: bytes, signature: bytes) -> bool:
+    """Verify one JWS signature; False (never an exception) for any mismatch."""
+    impl = _IMPLS.get(alg)
+    if impl is None or not key_fits_algorithm(key, alg):
+        return False
+    try:
+        return bool(impl.verify(signing_input, key, signature))
+    except Exception:
+        return False
+
+
+def sign(alg: str, private_key: Any, signing_input: bytes) -> bytes:
+    """Sign with a JWS algorithm (used by the broker and the egress side, and by tests)."""
+    impl = _IMPLS.get(alg)
+    if impl is None:
+        raise ValueError(f"unsupported algorithm {alg!r}")
+    return impl.sign(signing_input, private_key)

@@ -1,0 +1,217 @@
+"""DPoP proofs (RFC 9449): verification per §4.3 and creation per §4.2.
+
+The check list of §4.3 is followed step by step; the step number is cited above each check.
+Step 1 (at most one DPoP header) needs the raw header list and is done by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from sidecar.errors import AuthError, Reason
+from sidecar.jose.b64 import b64url_encode
+from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
+from sidecar.jose.rfc7517_jwk import JWKError, PublicJWK, import_public_jwk, public_jwk_dict
+from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, sign, verify_signature
+from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
+
+MAX_JTI = 256
+MAX_HTU = 4096
+MAX_NONCE = 512
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def access_token_hash(token: str) -> str:
+    """``ath`` (RFC 9449 §4.2): base64url SHA-256 of the ASCII access token."""
+    return b64url_encode(hashlib.sha256(token.encode("ascii", "replace")).digest())
+
+
+def _normalize_pct(match: re.Match[str]) -> str:
+    byte = int(match.group(1), 16)
+    return chr(byte) if byte in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def normalize_htu(url: str) -> str:
+    """The comparable form of an HTTP URI (RFC 9449 §4.3 step 9 with RFC 3986 §6.2.2/§6.2.3).
+
+    Lower-cases scheme and host, drops the default port, the query and the fragment, maps an
+    empty path to "/", and normalizes percent-encoding. Raises ValueError if not http(s).
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError("not an absolute http(s) URI")
+    host = parts.hostname.lower()  # urlsplit already strips brackets from IPv6
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port  # ValueError for a bad port
+    authority = host if port is None or port == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
+    path = _PCT.sub(_normalize_pct, parts.path) or "/"
+    return f"{scheme}://{authority}{path}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedProof:
+    jkt: str
+    jti: str
+    htm: str
+    htu: str
+    iat: float
+    nonce: str | None
+
+
+class ProofKeyCache:
+    """Bounded LRU of imported proof keys by thumbprint: importing a key costs more than
+    hashing its JWK, and one client uses one key for many requests."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._keys: OrderedDict[str, PublicJWK] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get(self, jwk: dict[str, Any]) -> PublicJWK:
+        try:
+            thumb = jwk_thumbprint(jwk)
+        except ValueError as exc:
+            raise JWKError(str(exc)) from None
+        cached = self._keys.get(thumb)
+        if cached is not None:
+            self._keys.move_to_end(thumb)
+            # A JWK with private members has the same thumbprint: re-check cheaply.
+            if "d" in jwk or "p" in jwk or "k" in jwk:
+                raise JWKError("jwk contains private key material")
+            return cached
+        key = import_public_jwk(jwk)
+        self._keys[thumb] = key
+        if len(self._keys) > self._capacity:
+            self._keys.popitem(last=False)
+        return key
+
+
+def verify_proof(
+    proof: str,
+    *,
+    method: str,
+    url: str,
+    access_token: str | None,
+    expected_jkt: str | None,
+    now: float,
+    max_age: float,
+    future_leeway: float,
+    algorithms: frozenset[str],
+    max_bytes: int,
+    key_cache: ProofKeyCache,
+) -> VerifiedProof:
+    """Verify a DPoP proof for one request; raise AuthError with the precise reason."""
+    # Step 2: a single well-formed JWT.
+    try:
+        jws = parse_compact(proof, max_bytes=max_bytes)
+    except JWSFormatError as exc:
+        raise AuthError(Reason.PROOF_INVALID, f"proof: {exc}") from None
+    header, claims = jws.header, jws.payload
+    # Step 4: typ is dpop+jwt.
+    if header.get("typ") != "dpop+jwt":
+        raise AuthError(Reason.PROOF_INVALID, "proof typ is not dpop+jwt")
+    # Step 5: an asymmetric algorithm we support (never none or MAC).
+    alg = header["alg"]
+    if alg not in ASYMMETRIC_ALGORITHMS or alg not in algorithms:
+        raise AuthError(Reason.PROOF_INVALID, "proof alg is not allowed")
+    # Step 7: the jwk is a public key (checked inside the import).
+    jwk = header.get("jwk")
+    if not isinstance(jwk, dict):
+        raise AuthError(Reason.PROOF_INVALID, "proof has no jwk header")
+    try:
+        key = key_cache.get(jwk)
+    except JWKError as exc:
+        raise AuthError(Reason.PROOF_INVALID, f"proof jwk: {exc}") from None
+    # Step 6: the signature verifies with that key.
+    if not key.usable_with(alg) or not verify_signature(
+        alg, key.key, jws.signing_input, jws.signature
+    ):
+        raise AuthError(Reason.PROOF_INVALID, "proof signature does not verify")
+    # Step 3: the required claims, with the right types.
+    jti, htm, htu, iat = (claims.get(n) for n in ("jti", "htm", "htu", "iat"))
+    if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI:
+        raise AuthError(Reason.PROOF_INVALID, "proof jti missing or too long")
+    if not isinstance(htm, str) or not isinstance(htu, str) or len(htu) > MAX_HTU:
+        raise AuthError(Reason.PROOF_INVALID, "proof htm/htu missing")
+    if isinstance(iat, bool) or not isinstance(iat, int | float) or iat != iat:
+        raise AuthError(Reason.PROOF_INVALID, "proof iat is not a NumericDate")
+    nonce = claims.get("nonce")
+    if nonce is not None and (not isinstance(nonce, str) or len(nonce) > MAX_NONCE):
+        raise AuthError(Reason.PROOF_INVALID, "proof nonce is not a string")
+    # Step 8: htm matches the request method (case-sensitive, RFC 9110 §9.1).
+    if htm != method:
+        raise AuthError(Reason.HTM_MISMATCH, "proof htm does not match the request method")
+    # Step 9: htu matches the target URI, ignoring query and fragment.
+    try:
+        if normalize_htu(htu) != normalize_htu(url):
+            raise AuthError(Reason.HTU_MISMATCH, "proof htu does not match the request URI")
+    except ValueError:
+        raise AuthError(Reason.HTU_MISMATCH, "proof htu is not a valid http(s) URI") from None
+    # Step 11: iat within the acceptance window (nonce freshness is the caller's: step 10).
+    if not now - max_age <= iat <= now + future_leeway:
+        raise AuthError(Reason.IAT_OUT_OF_WINDOW, "proof iat is outside the acceptance window")
+    # Step 12: bound to the access token presented with it.
+    if access_token is not None:
+        ath = claims.get("ath")
+        if not isinstance(ath, str):
+            raise AuthError(Reason.ATH_MISMATCH, "proof has no ath for the access token")
+        if not secrets.compare_digest(ath, access_token_hash(access_token)):
+            raise AuthError(Reason.ATH_MISMATCH, "proof ath does not match the access token")
+    if expected_jkt is not None and not secrets.compare_digest(key.thumbprint, expected_jkt):
+        raise AuthError(Reason.PROOF_KEY_MISMATCH, "proof key is not the token's cnf.jkt")
+    return VerifiedProof(jkt=key.thumbprint, jti=jti, htm=htm, htu=htu, iat=float(iat), nonce=nonce)
+
+
+class ProofSigner:
+    """Creates DPoP proofs with one private key (RFC 9449 §4.2). The header is fixed per
+    key, so its encoding is computed once."""
+
+    def __init__(self, private_key: Any, alg: str = "ES256") -> None:
+        self._key = private_key
+        self.alg = alg
+        self.public_jwk = public_jwk_dict(private_key)
+        self.thumbprint = jwk_thumbprint(self.public_jwk)
+        header = {"typ": "dpop+jwt", "alg": alg, "jwk": self.public_jwk}
+        self._header64 = b64url_encode(json.dumps(header, separators=(",", ":")).encode())
+
+    def proof(
+        self,
+        *,
+        method: str,
+        url: str,
+        now: float,
+        access_token: str | None = None,
+        nonce: str | None = None,
+        jti: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        parts = urlsplit(url)
+        claims: dict[str, Any] = {
+            "jti": jti or secrets.token_urlsafe(16),  # 128 random bits (§4.2 / §11.1)
+            "htm": method,
+            "htu": f"{parts.scheme}://{parts.netloc}{parts.path or '/'}",
+            "iat": int(now),
+        }
+        if access_token is not None:
+            claims["ath"] = access_token_hash(access_token)
+        if nonce is not None:
+            claims["nonce"] = nonce
+        if extra:
+            claims.update(extra)
+        payload64 = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
+        signing_input = f"{self._header64}.{payload64}".encode("ascii")
+        signature = b64url_encode(sign(self.alg, self._key, signing_input))
+        return f"{self._header64}.{payload64}.{signature}"

@@ -1,0 +1,302 @@
+"""The ext_authz server behind the real Envoy, over gRPC and over HTTP: every request goes
+client → Envoy → (Check) → sidecar authz → Envoy → echo app, all real processes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.envoy_config import ingress_bootstrap
+from tests.integration.harness import (
+    ManagedProcess,
+    free_port,
+    start_echo_app,
+    start_envoy,
+    wait_for_http,
+)
+from tests.integration.issuer import AUDIENCE, FRONTEND, INTRUDER, DevIssuer, client_signer
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Stack:
+    mode: str
+    envoy_port: int
+    admin_port: int
+    issuer: DevIssuer
+    authz: ManagedProcess
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.envoy_port}{path}"
+
+    def request(
+        self, method: str, path: str, headers: list[tuple[str, str]] | None = None
+    ) -> tuple[int, dict[str, str], dict[str, Any] | str]:
+        """http.client so that headers can be repeated and sent exactly as given."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.envoy_port, timeout=10)
+        try:
+            conn.putrequest(method, path)
+            for name, value in headers or []:
+                conn.putheader(name, value)
+            conn.endheaders()
+            resp = conn.getresponse()
+            raw = resp.read()
+            hdrs = {k.lower(): v for k, v in resp.getheaders()}
+        finally:
+            conn.close()
+        try:
+            body: dict[str, Any] | str = json.loads(raw)
+        except ValueError:
+            body = raw.decode(errors="replace")
+        return resp.status, hdrs, body
+
+
+def _authz_config(tmp: Path, issuer: DevIssuer, grpc_port: int, http_port: int) -> Path:
+    cfg = {
+        "authz": {
+            "audience": AUDIENCE,
+            "issuers": [
+                {
+                    "issuer": issuer.issuer,
+                    "jwks_file": str(issuer.write_jwks(tmp / "jwks.json")),
+                    "algorithms": ["ES256"],
+                }
+            ],
+            "grpc": {"listen": f"127.0.0.1:{grpc_port}"},
+            "http": {"listen": f"127.0.0.1:{http_port}"},
+            "nonce": {"secret": "integration-test-nonce-secret"},
+            "routes": [
+                {"prefix": "/nonce", "auth": "dpop", "nonce": True},
+                {"prefix": "/bearer", "auth": "bearer"},
+            ],
+            "rules": [
+                {
+                    "name": "frontend",
+                    "principals": ["spiffe://demo.local/ns/shop/**"],
+                    "methods": ["GET", "POST"],
+                    "paths": ["/orders", "/nonce", "/bearer"],
+                }
+            ],
+        },
+        "admin": {"listen": "127.0.0.1:0"},
+    }
+    path = tmp / "authz.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"authz-{mode}")
+    issuer = DevIssuer()
+    grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
+    app_port, envoy_port, envoy_admin = free_port(), free_port(), free_port()
+    cfg = _authz_config(tmp, issuer, grpc_port, http_port)
+    app = start_echo_app(app_port, tmp, name=f"orders-{mode}")
+    authz = ManagedProcess(
+        [sys.executable, "-m", "sidecar", "authz", "-c", str(cfg)],
+        name=f"authz-{mode}",
+        log_dir=tmp,
+        env={"SIDECAR__ADMIN__LISTEN": f"127.0.0.1:{admin_port}"},
+    ).start()
+    envoy = None
+    try:
+        wait_for_http(f"http://127.0.0.1:{admin_port}/readyz", 20, process=authz)
+        envoy = start_envoy(
+            ingress_bootstrap(
+                listen_port=envoy_port,
+                upstream_port=app_port,
+                admin_port=envoy_admin,
+                mode=mode,  # type: ignore[arg-type]
+                authz_port=grpc_port if mode == "grpc" else http_port,
+            ),
+            tmp,
+            envoy_admin,
+        )
+        yield Stack(mode, envoy_port, envoy_admin, issuer, authz)
+    finally:
+        for proc in (envoy, authz, app):
+            if proc is not None:
+                proc.stop()
+
+
+def dpop_headers(
+    stack: Stack,
+    path: str,
+    *,
+    method: str = "GET",
+    token: str | None = None,
+    proof_method: str | None = None,
+    proof_url: str | None = None,
+    nonce: str | None = None,
+    sub: str = FRONTEND,
+) -> list[tuple[str, str]]:
+    signer = client_signer()
+    token = token or stack.issuer.token(sub=sub, jkt=signer.thumbprint)
+    proof = signer.proof(
+        method=proof_method or method,
+        url=proof_url or stack.url(path),
+        now=time.time(),
+        access_token=token,
+        nonce=nonce,
+    )
+    return [("Authorization", f"DPoP {token}"), ("DPoP", proof)]
+
+
+def assert_denied(
+    result: tuple[int, dict[str, str], Any], status: int, reason: str, error: str | None
+) -> None:
+    code, headers, body = result
+    assert code == status, (code, headers, body)
+    assert headers.get("x-authz-reason") == reason, headers
+    assert isinstance(body, dict) and body["reason"] == reason, body
+    if error is not None:
+        assert f'error="{error}"' in headers["www-authenticate"], headers
+    assert "app" not in body, "a denied request reached the app"
+
+
+def test_valid_dpop_request_reaches_app_with_identity(stack: Stack) -> None:
+    headers = dpop_headers(stack, "/orders/42?expand=1")
+    headers += [("X-Workload-Id", "spiffe://spoofed"), ("X-Workload-Role", "admin")]
+    status, _, body = stack.request("GET", "/orders/42?expand=1", headers)
+    assert status == 200, body
+    assert isinstance(body, dict)
+    seen = body["headers"]
+    assert seen["x-workload-id"] == FRONTEND
+    assert seen["x-workload-auth"] == "dpop"
+    assert "authorization" not in seen and "dpop" not in seen
+    assert "x-workload-role" not in seen, "a spoofed identity header reached the app"
+    assert body["path"] == "/orders/42?expand=1"
+
+
+def test_replayed_request_is_denied(stack: Stack) -> None:
+    headers = dpop_headers(stack, "/orders/1")
+    assert stack.request("GET", "/orders/1", headers)[0] == 200
+    assert_denied(stack.request("GET", "/orders/1", headers), 401, "replayed", "invalid_dpop_proof")
+
+
+@pytest.mark.parametrize(
+    ("case", "reason", "error"),
+    [
+        ("wrong_audience", "wrong_audience", "invalid_token"),
+        ("expired", "expired", "invalid_token"),
+        ("bad_signature", "bad_signature", "invalid_token"),
+        ("alg_none", "alg_not_allowed", "invalid_token"),
+        ("hs256_public_key", "alg_not_allowed", "invalid_token"),
+        ("other_method", "htm_mismatch", "invalid_dpop_proof"),
+        ("other_url", "htu_mismatch", "invalid_dpop_proof"),
+        ("no_proof", "proof_missing", "invalid_dpop_proof"),
+        ("missing", "missing_credentials", None),
+    ],
+)
+def test_bad_credentials_are_denied(stack: Stack, case: str, reason: str, error: str | None) -> None:
+    signer = client_signer()
+    iss = stack.issuer
+    path = "/orders/7"
+    token = iss.token(jkt=signer.thumbprint)
+    proof_kw: dict[str, Any] = {"method": "GET", "url": stack.url(path)}
+    if case == "wrong_audience":
+        token = iss.token(jkt=signer.thumbprint, aud="spiffe://demo.local/ns/shop/sa/payments")
+    elif case == "expired":
+        token = iss.token(jkt=signer.thumbprint, now=time.time() - 600, ttl=60)
+    elif case == "bad_signature":
+        head, body, sig = token.split(".")
+        token = f"{head}.{body}.{sig[:-4]}{'AAAA' if not sig.endswith('AAAA') else 'BBBB'}"
+    elif case == "alg_none":
+        token = iss.alg_none(jkt=signer.thumbprint)
+    elif case == "hs256_public_key":
+        token = iss.hs256_with_public_key(jkt=signer.thumbprint)
+    elif case == "other_method":
+        proof_kw["method"] = "POST"
+    elif case == "other_url":
+        proof_kw["url"] = stack.url("/admin")
+    headers = [("Authorization", f"DPoP {token}")]
+    if case not in ("no_proof", "missing"):
+        headers.append(("DPoP", signer.proof(now=time.time(), access_token=token, **proof_kw)))
+    if case == "missing":
+        headers = []
+    result = stack.request("GET", path, headers)
+    assert_denied(result, 401, reason, error)
+    if case == "missing":
+        assert result[1]["www-authenticate"].startswith("DPoP algs=")
+
+
+def test_nonce_challenge_then_success(stack: Stack) -> None:
+    path = "/nonce/x"
+    status, headers, body = stack.request("GET", path, dpop_headers(stack, path))
+    assert_denied((status, headers, body), 401, "nonce_required", "use_dpop_nonce")
+    nonce = headers["dpop-nonce"]
+    assert len(nonce) == 32
+    status, headers, body = stack.request("GET", path, dpop_headers(stack, path, nonce=nonce))
+    assert status == 200, body
+    assert headers.get("dpop-nonce"), "a fresh nonce is offered on success"
+
+
+def test_stale_or_forged_nonce_is_denied_with_fresh_challenge(stack: Stack) -> None:
+    path = "/nonce/y"
+    result = stack.request("GET", path, dpop_headers(stack, path, nonce="A" * 32))
+    assert_denied(result, 401, "nonce_invalid", "use_dpop_nonce")
+    assert result[1]["dpop-nonce"] != "A" * 32
+
+
+def test_policy_forbidden_caller_gets_403(stack: Stack) -> None:
+    result = stack.request("GET", "/orders/1", dpop_headers(stack, "/orders/1", sub=INTRUDER))
+    assert_denied(result, 403, "policy_denied", None)
+
+
+def test_bearer_route_and_bound_token_as_bearer(stack: Stack) -> None:
+    unbound = stack.issuer.token()
+    status, _, body = stack.request("GET", "/bearer/a", [("Authorization", f"Bearer {unbound}")])
+    assert status == 200, body
+    assert isinstance(body, dict) and body["headers"]["x-workload-auth"] == "bearer"
+    bound = stack.issuer.token(jkt=client_signer().thumbprint)
+    result = stack.request("GET", "/bearer/a", [("Authorization", f"Bearer {bound}")])
+    assert_denied(result, 401, "bearer_not_allowed", None)
+    result = stack.request("GET", "/orders/1", [("Authorization", f"Bearer {unbound}")])
+    assert_denied(result, 401, "bearer_not_allowed", None)
+
+
+def test_duplicated_dpop_header_is_denied(stack: Stack) -> None:
+    headers = dpop_headers(stack, "/orders/2")
+    headers.append(headers[1])
+    assert_denied(stack.request("GET", "/orders/2", headers), 401, "proof_invalid", None)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "DPoP eyJhbGciOiJFUzI1NiJ9",  # truncated: one segment
+        "DPoP eyJhbGciOiJFUzI1NiJ9.bm90IGpzb24.c2ln",  # payload is not JSON
+        "DPoP bm90IGpzb24.e30.c2ln",  # header is not JSON
+        "DPoP " + "A" * 20000,  # huge
+        "DPoP a.b.c.d.e",
+        "Basic dXNlcjpwYXNz",
+    ],
+    ids=["truncated", "payload-not-json", "header-not-json", "huge", "five-parts", "basic"],
+)
+def test_garbage_is_denied_and_server_survives(stack: Stack, authorization: str) -> None:
+    status, headers, _ = stack.request("GET", "/orders/3", [("Authorization", authorization)])
+    assert status == 401
+    assert headers["x-authz-reason"] in {"malformed_token", "missing_credentials"}
+    # Still answering correctly afterwards.
+    assert stack.request("GET", "/orders/3", dpop_headers(stack, "/orders/3"))[0] == 200
+    assert stack.authz.is_running()
+
+
+def test_wrong_claim_types_are_malformed(stack: Stack) -> None:
+    signer = client_signer()
+    token = stack.issuer.token(jkt=signer.thumbprint, exp="tomorrow")
+    proof = signer.proof(method="GET", url=stack.url("/orders/4"), now=time.time(), access_token=token)
+    result = stack.request("GET", "/orders/4", [("Authorization", f"DPoP {token}"), ("DPoP", proof)])
+    assert_denied(result, 401, "malformed_token", "invalid_token")
