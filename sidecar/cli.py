@@ -1,56 +1,26 @@
-"""``sidecar`` command line."""
+"""``sidecar`` command line. Each subcommand lives in its own module with a ``register``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from typing import Any
 
-from prometheus_client import CollectorRegistry
-
-from sidecar.config_util import load_yaml_file, parse_listen, section
 from sidecar.errors import ConfigError
 from sidecar.observability.logs import setup_logging
 
-
-async def _serve_authz(data: dict[str, Any]) -> None:
-    from sidecar.authz.config import parse_authz_config
-    from sidecar.authz.service import AuthzService
-    from sidecar.observability.admin import make_admin_app
-    from sidecar.runtime import announce, start_site, wait_for_stop_signal
-
-    cfg = parse_authz_config(data.get("authz"))
-    admin = section(data.get("admin"), "admin")
-    admin_host, admin_port = parse_listen(admin.get("listen", "127.0.0.1:15020"), "admin.listen")
-    registry = CollectorRegistry()
-    service = AuthzService(cfg, registry)
-    await service.start()
-    runner, admin_bound = await start_site(
-        make_admin_app(registry, service.readiness), admin_host, admin_port
-    )
-    announce("authz", grpc=service.grpc_port, http=service.http_port, admin=admin_bound)
-    try:
-        await wait_for_stop_signal()
-    finally:
-        await service.stop()
-        await runner.cleanup()
-
-
-def _cmd_authz(args: argparse.Namespace) -> int:
-    from sidecar.runtime import run
-
-    data = load_yaml_file(args.config)
-    run(lambda: _serve_authz(data))
-    return 0
+# One line per subcommand module; each defines ``register(subparsers)``.
+COMMANDS = (
+    "sidecar.authz.command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description="Workload Identity Sidecar")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("authz", help="run the ingress ext_authz server (gRPC + HTTP + admin)")
-    p.add_argument("-c", "--config", required=True, help="YAML file with an 'authz' section")
-    p.set_defaults(func=_cmd_authz)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -16,8 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sidecar.errors import AuthError, Reason
-from sidecar.jose.b64 import b64url_encode
-from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
+from sidecar.jose.b64 import b64url_decode, b64url_encode
+from sidecar.jose.rfc7515_jws import JWSFormatError, strict_json_object
 from sidecar.jose.rfc7517_jwk import JWKError, PublicJWK, import_public_jwk, public_jwk_dict
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, sign, verify_signature
 from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
@@ -70,33 +70,66 @@ class VerifiedProof:
 
 
 class ProofKeyCache:
-    """Bounded LRU of imported proof keys by thumbprint: importing a key costs more than
-    hashing its JWK, and one client uses one key for many requests."""
+    """Bounded cache of validated proof headers. One client signs every proof with the same
+    key, so its header segment is byte-identical each time: decoding it, importing the JWK and
+    hashing its thumbprint happen once per client instead of once per request."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self._capacity = capacity
-        self._keys: OrderedDict[str, PublicJWK] = OrderedDict()
+        self._headers: OrderedDict[str, tuple[str, PublicJWK]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._headers)
 
-    def get(self, jwk: dict[str, Any]) -> PublicJWK:
-        try:
-            thumb = jwk_thumbprint(jwk)
-        except ValueError as exc:
-            raise JWKError(str(exc)) from None
-        cached = self._keys.get(thumb)
+    def header(self, h64: str) -> tuple[str, PublicJWK]:
+        """(alg, key) for a proof's header segment, validated per §4.3 steps 4, 5 and 7."""
+        cached = self._headers.get(h64)
         if cached is not None:
-            self._keys.move_to_end(thumb)
-            # A JWK with private members has the same thumbprint: re-check cheaply.
-            if "d" in jwk or "p" in jwk or "k" in jwk:
-                raise JWKError("jwk contains private key material")
+            self._headers.move_to_end(h64)
             return cached
-        key = import_public_jwk(jwk)
-        self._keys[thumb] = key
-        if len(self._keys) > self._capacity:
-            self._keys.popitem(last=False)
-        return key
+        try:
+            header = strict_json_object(b64url_decode(h64), "proof header")
+        except (ValueError, JWSFormatError) as exc:
+            raise AuthError(Reason.PROOF_INVALID, f"proof header: {exc}") from None
+        if "crit" in header:
+            raise AuthError(Reason.PROOF_INVALID, "proof has unsupported critical headers")
+        # Step 4: typ is dpop+jwt.
+        if header.get("typ") != "dpop+jwt":
+            raise AuthError(Reason.PROOF_INVALID, "proof typ is not dpop+jwt")
+        # Step 5: an asymmetric algorithm (never none or MAC).
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in ASYMMETRIC_ALGORITHMS:
+            raise AuthError(Reason.PROOF_INVALID, "proof alg is not an asymmetric algorithm")
+        # Step 7: the jwk is a public key (private members are refused by the import).
+        jwk = header.get("jwk")
+        if not isinstance(jwk, dict):
+            raise AuthError(Reason.PROOF_INVALID, "proof has no jwk header")
+        try:
+            key = import_public_jwk(jwk)
+        except JWKError as exc:
+            raise AuthError(Reason.PROOF_INVALID, f"proof jwk: {exc}") from None
+        if not key.usable_with(alg):
+            raise AuthError(Reason.PROOF_INVALID, "proof jwk does not fit its alg")
+        entry = (alg, key)
+        self._headers[h64] = entry
+        if len(self._headers) > self._capacity:
+            self._headers.popitem(last=False)
+        return entry
+
+
+_HTU_CACHE: dict[str, str] = {}
+_HTU_CACHE_MAX = 4096
+
+
+def _normalized(url: str) -> str:
+    """normalize_htu with a bounded memo: clients repeat the same few URLs."""
+    hit = _HTU_CACHE.get(url)
+    if hit is None:
+        hit = normalize_htu(url)  # ValueError propagates, nothing cached
+        if len(_HTU_CACHE) >= _HTU_CACHE_MAX:
+            _HTU_CACHE.clear()
+        _HTU_CACHE[url] = hit
+    return hit
 
 
 def verify_proof(
@@ -114,32 +147,28 @@ def verify_proof(
     key_cache: ProofKeyCache,
 ) -> VerifiedProof:
     """Verify a DPoP proof for one request; raise AuthError with the precise reason."""
-    # Step 2: a single well-formed JWT.
-    try:
-        jws = parse_compact(proof, max_bytes=max_bytes)
-    except JWSFormatError as exc:
-        raise AuthError(Reason.PROOF_INVALID, f"proof: {exc}") from None
-    header, claims = jws.header, jws.payload
-    # Step 4: typ is dpop+jwt.
-    if header.get("typ") != "dpop+jwt":
-        raise AuthError(Reason.PROOF_INVALID, "proof typ is not dpop+jwt")
-    # Step 5: an asymmetric algorithm we support (never none or MAC).
-    alg = header["alg"]
-    if alg not in ASYMMETRIC_ALGORITHMS or alg not in algorithms:
+    # Step 2: a single well-formed compact JWT.
+    if len(proof) > max_bytes:
+        raise AuthError(Reason.PROOF_INVALID, f"proof longer than {max_bytes} bytes")
+    parts = proof.split(".")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise AuthError(Reason.PROOF_INVALID, "proof is not a compact JWS")
+    h64, p64, s64 = parts
+    alg, key = key_cache.header(h64)  # steps 4, 5, 7
+    if alg not in algorithms:
         raise AuthError(Reason.PROOF_INVALID, "proof alg is not allowed")
-    # Step 7: the jwk is a public key (checked inside the import).
-    jwk = header.get("jwk")
-    if not isinstance(jwk, dict):
-        raise AuthError(Reason.PROOF_INVALID, "proof has no jwk header")
+    # Step 6: the signature verifies with the key in the header.
     try:
-        key = key_cache.get(jwk)
-    except JWKError as exc:
-        raise AuthError(Reason.PROOF_INVALID, f"proof jwk: {exc}") from None
-    # Step 6: the signature verifies with that key.
-    if not key.usable_with(alg) or not verify_signature(
-        alg, key.key, jws.signing_input, jws.signature
-    ):
+        signature = b64url_decode(s64)
+    except ValueError:
+        raise AuthError(Reason.PROOF_INVALID, "proof signature is not base64url") from None
+    signing_input = proof[: len(h64) + 1 + len(p64)].encode("ascii")
+    if not verify_signature(alg, key.key, signing_input, signature):
         raise AuthError(Reason.PROOF_INVALID, "proof signature does not verify")
+    try:
+        claims = strict_json_object(b64url_decode(p64), "proof payload")
+    except (ValueError, JWSFormatError) as exc:
+        raise AuthError(Reason.PROOF_INVALID, f"proof payload: {exc}") from None
     # Step 3: the required claims, with the right types.
     jti, htm, htu, iat = (claims.get(n) for n in ("jti", "htm", "htu", "iat"))
     if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI:
@@ -156,10 +185,11 @@ def verify_proof(
         raise AuthError(Reason.HTM_MISMATCH, "proof htm does not match the request method")
     # Step 9: htu matches the target URI, ignoring query and fragment.
     try:
-        if normalize_htu(htu) != normalize_htu(url):
-            raise AuthError(Reason.HTU_MISMATCH, "proof htu does not match the request URI")
+        same = _normalized(htu) == _normalized(url)
     except ValueError:
         raise AuthError(Reason.HTU_MISMATCH, "proof htu is not a valid http(s) URI") from None
+    if not same:
+        raise AuthError(Reason.HTU_MISMATCH, "proof htu does not match the request URI")
     # Step 11: iat within the acceptance window (nonce freshness is the caller's: step 10).
     if not now - max_age <= iat <= now + future_leeway:
         raise AuthError(Reason.IAT_OUT_OF_WINDOW, "proof iat is outside the acceptance window")
