@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -12,6 +13,8 @@ from aiohttp import web
 
 
 def install_uvloop() -> None:
+    if os.environ.get("SIDECAR_EVENT_LOOP") == "asyncio":  # for comparisons in benchmarks
+        return
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it

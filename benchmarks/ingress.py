@@ -1,0 +1,266 @@
+"""Ingress benchmark: Envoy alone, Envoy's native jwt_authn, and Envoy + our ext_authz (gRPC and
+HTTP; bearer with the verified-token cache, and full DPoP with a fresh proof per request),
+under the same load tool (wrk) in one run on this machine.
+
+    .venv/bin/python benchmarks/ingress.py [--duration 8] [--connections 16]
+
+Envoy answers with a direct response, so the numbers are the cost of authorization alone.
+CPU: Envoy is pinned to CPU 0; the sidecar and wrk share CPU 1. CPU-µs per request is taken
+from /proc for each process, so the cost is visible even where the core is shared.
+Prints a table and writes benchmarks/results/ingress.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (  # noqa: E402
+    WrkResult,
+    cpu_seconds,
+    machine,
+    print_table,
+    rate_limit_lua,
+    run_wrk,
+)
+from sidecar.envoy_config import ingress_bootstrap  # noqa: E402
+from tests.integration.harness import (  # noqa: E402
+    ManagedProcess,
+    free_port,
+    start_envoy,
+    wait_for_http,
+)
+from tests.integration.issuer import AUDIENCE, DevIssuer, client_signer  # noqa: E402
+
+WRK_CPU = 1
+ENVOY_CPU = 0
+SIDECAR_CPU = 1
+
+HEADERS_LUA = """
+local proofs, idx, auth = {}, 0, nil
+init = function(args)
+  auth = args[1]
+  if args[2] ~= nil then
+    for line in io.lines(args[2]) do proofs[#proofs + 1] = line end
+  end
+end
+request = function()
+  if #proofs == 0 then
+    return wrk.format("GET", nil, {["Authorization"] = auth})
+  end
+  idx = idx + 1
+  if idx > #proofs then idx = 1 end
+  return wrk.format("GET", nil, {["Authorization"] = auth, ["DPoP"] = proofs[idx]})
+end
+"""
+
+
+@dataclass
+class Row:
+    name: str
+    peak: WrkResult
+    half: WrkResult
+    half_rate: float
+    baseline_at_half: WrkResult | None
+    envoy_cpu_us: float
+    sidecar_cpu_us: float
+
+
+def pin(pid: int, cpu: int) -> None:
+    if shutil.which("taskset"):
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", str(cpu), str(pid)], capture_output=True, check=False
+        )
+
+
+def direct_response(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Answer from Envoy itself and log nothing: measure the auth filter, not an upstream."""
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm.pop("access_log", None)
+    vh = hcm["route_config"]["virtual_hosts"][0]
+    vh["routes"] = [
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
+        }
+    ]
+    return cfg
+
+
+class Bench:
+    def __init__(self, tmp: Path, duration: float, connections: int) -> None:
+        self.tmp = tmp
+        self.duration = duration
+        self.connections = connections
+        self.issuer = DevIssuer()
+        self.signer = client_signer()
+        self.jwks = self.issuer.write_jwks(tmp / "jwks.json")
+        # Long-lived tokens: the run must not outlive them.
+        self.bound = self.issuer.token(jkt=self.signer.thumbprint, ttl=3600)
+        self.unbound = self.issuer.token(ttl=3600)
+        self.grpc_port, self.http_port, self.admin_port = free_port(), free_port(), free_port()
+        self.sidecar: ManagedProcess | None = None
+
+    def start_sidecar(self) -> ManagedProcess:
+        cfg = {
+            "authz": {
+                "audience": AUDIENCE,
+                "issuers": [{"issuer": self.issuer.issuer, "jwks_file": str(self.jwks)}],
+                "grpc": {"listen": f"127.0.0.1:{self.grpc_port}"},
+                "http": {"listen": f"127.0.0.1:{self.http_port}"},
+                "replay": {"capacity": 2_000_000},
+                "routes": [{"prefix": "/bearer", "auth": "bearer"}],
+                "rules": [{"name": "all", "principals": ["**"], "paths": ["/"]}],
+            },
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+        }
+        path = self.tmp / "authz.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        proc = ManagedProcess(
+            [sys.executable, "-m", "sidecar", "--log-level", "WARNING", "authz", "-c", str(path)],
+            name="authz",
+            log_dir=self.tmp,
+        ).start()
+        wait_for_http(f"http://127.0.0.1:{self.admin_port}/readyz", 30, process=proc)
+        pin(proc.pid, SIDECAR_CPU)
+        self.sidecar = proc
+        return proc
+
+    def start_envoy(self, mode: str) -> tuple[ManagedProcess, int]:
+        port, admin = free_port(), free_port()
+        cfg = ingress_bootstrap(
+            listen_port=port,
+            upstream_port=free_port(),
+            admin_port=admin,
+            mode=mode,  # type: ignore[arg-type]
+            authz_port=self.grpc_port if mode == "grpc" else self.http_port,
+            jwt_issuer=self.issuer.issuer,
+            jwt_audiences=[AUDIENCE],
+            jwt_jwks_file=str(self.jwks),
+            authz_timeout_ms=1000,
+        )
+        proc = start_envoy(direct_response(cfg), self.tmp, admin, name=f"envoy-{mode}-{port}")
+        pin(proc.pid, ENVOY_CPU)
+        return proc, port
+
+    def proofs_file(self, url: str, count: int) -> str:
+        path = self.tmp / f"proofs-{time.monotonic_ns()}.txt"
+        now = time.time()
+        with path.open("w") as f:
+            for _ in range(count):
+                f.write(self.signer.proof(method="GET", url=url, now=now, access_token=self.bound))
+                f.write("\n")
+        return str(path)
+
+    def wrk(
+        self, url: str, kind: str, duration: float, rate: float | None, expect: float
+    ) -> WrkResult:
+        lua = HEADERS_LUA + (rate_limit_lua(rate, self.connections) if rate else "")
+        if kind == "dpop":
+            args = [
+                f"DPoP {self.bound}",
+                self.proofs_file(url, int(expect * duration * 1.3) + 2000),
+            ]
+        else:  # bearer; with no auth filter Envoy ignores the header
+            args = [f"Bearer {self.unbound}"]
+        return run_wrk(url, duration=duration, connections=self.connections, lua_body=lua,
+                       lua_args=args, cpu=WRK_CPU)  # fmt: skip
+
+    def measure(self, name: str, mode: str, kind: str, baseline_port: int | None) -> Row:
+        envoy, port = self.start_envoy(mode)
+        path = "/bearer/x" if kind == "bearer" and mode != "jwt_authn" else "/orders/1"
+        url = f"http://127.0.0.1:{port}{path}"
+        try:
+            warm = self.wrk(url, kind, 2, None, 5000)
+            envoy_cpu0 = cpu_seconds(envoy.pid)
+            side_cpu0 = cpu_seconds(self.sidecar.pid) if self.sidecar else 0.0
+            peak = self.wrk(url, kind, self.duration, None, max(warm.rps, 500))
+            envoy_us = (cpu_seconds(envoy.pid) - envoy_cpu0) / max(peak.requests, 1) * 1e6
+            side_us = 0.0
+            if mode in ("grpc", "http") and self.sidecar:
+                side_us = (cpu_seconds(self.sidecar.pid) - side_cpu0) / max(peak.requests, 1) * 1e6
+            half_rate = peak.rps / 2
+            half = self.wrk(url, kind, self.duration * 0.75, half_rate, half_rate)
+            base = None
+            if baseline_port is not None:
+                base_url = f"http://127.0.0.1:{baseline_port}{path}"
+                base = self.wrk(base_url, "none", self.duration * 0.75, half_rate, half_rate)
+        finally:
+            envoy.stop()
+        print(f"  {name}: {peak.rps:,.0f} req/s, p99 {peak.p99_ms:.2f} ms", flush=True)
+        return Row(name, peak, half, half_rate, base, envoy_us, side_us)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per peak run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/ingress.json"))
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        return 2
+    info = machine()
+    print("machine:", json.dumps(info))
+    configs = [
+        ("envoy, no auth", "none", "none"),
+        ("envoy jwt_authn ES256", "jwt_authn", "bearer"),
+        ("ext_authz gRPC bearer (cached)", "grpc", "bearer"),
+        ("ext_authz gRPC DPoP", "grpc", "dpop"),
+        ("ext_authz HTTP bearer (cached)", "http", "bearer"),
+        ("ext_authz HTTP DPoP", "http", "dpop"),
+    ]
+    with tempfile.TemporaryDirectory(prefix="wis-bench-") as d:
+        bench = Bench(Path(d), args.duration, args.connections)
+        sidecar = bench.start_sidecar()
+        baseline, baseline_port = bench.start_envoy("none")
+        rows = []
+        try:
+            for name, mode, kind in configs:
+                rows.append(
+                    bench.measure(name, mode, kind, None if mode == "none" else baseline_port)
+                )
+        finally:
+            baseline.stop()
+            sidecar.stop()
+    jwt = next(r for r in rows if r.name.startswith("envoy jwt_authn")).peak.rps
+    headers = ["config", "req/s", "p50 ms", "p99 ms", "x jwt_authn", "non2xx",
+               "envoy CPU µs/req", "sidecar CPU µs/req", "@half rate", "p50 ms", "p99 ms",
+               "added p99 ms"]  # fmt: skip
+    table = []
+    for r in rows:
+        added = (
+            "" if r.baseline_at_half is None else f"{r.half.p99_ms - r.baseline_at_half.p99_ms:.2f}"
+        )
+        table.append([
+            r.name, f"{r.peak.rps:,.0f}", f"{r.peak.p50_ms:.2f}", f"{r.peak.p99_ms:.2f}",
+            f"{r.peak.rps / jwt:.2f}", str(r.peak.non2xx + r.half.non2xx),
+            f"{r.envoy_cpu_us:.0f}", f"{r.sidecar_cpu_us:.0f}" if r.sidecar_cpu_us else "-",
+            f"{r.half_rate:,.0f}", f"{r.half.p50_ms:.2f}", f"{r.half.p99_ms:.2f}", added,
+        ])  # fmt: skip
+    print()
+    print_table(headers, table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "connections": args.connections,
+                               "duration": args.duration,
+                               "rows": [asdict(r) for r in rows]}, indent=2))  # fmt: skip
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
