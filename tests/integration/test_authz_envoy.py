@@ -96,7 +96,9 @@ def _authz_config(tmp: Path, issuer: DevIssuer, grpc_port: int, http_port: int) 
 
 
 @pytest.fixture(scope="module", params=["grpc", "http"])
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     mode = request.param
     tmp = tmp_path_factory.mktemp(f"authz-{mode}")
     issuer = DevIssuer()
@@ -200,7 +202,9 @@ def test_replayed_request_is_denied(stack: Stack) -> None:
         ("missing", "missing_credentials", None),
     ],
 )
-def test_bad_credentials_are_denied(stack: Stack, case: str, reason: str, error: str | None) -> None:
+def test_bad_credentials_are_denied(
+    stack: Stack, case: str, reason: str, error: str | None
+) -> None:
     signer = client_signer()
     iss = stack.issuer
     path = "/orders/7"
@@ -297,6 +301,10 @@ def test_garbage_is_denied_and_server_survives(stack: Stack, authorization: str)
 def test_wrong_claim_types_are_malformed(stack: Stack) -> None:
     signer = client_signer()
     token = stack.issuer.token(jkt=signer.thumbprint, exp="tomorrow")
-    proof = signer.proof(method="GET", url=stack.url("/orders/4"), now=time.time(), access_token=token)
-    result = stack.request("GET", "/orders/4", [("Authorization", f"DPoP {token}"), ("DPoP", proof)])
+    proof = signer.proof(
+        method="GET", url=stack.url("/orders/4"), now=time.time(), access_token=token
+    )
+    result = stack.request(
+        "GET", "/orders/4", [("Authorization", f"DPoP {token}"), ("DPoP", proof)]
+    )
     assert_denied(result, 401, "malformed_token", "invalid_token")
