@@ -10,9 +10,7 @@ from sidecar.errors import ConfigError
 from sidecar.observability.logs import setup_logging
 
 # One line per subcommand module; each defines ``register(subparsers)``.
-COMMANDS = (
-    "sidecar.authz.command",
-)
+COMMANDS = ("sidecar.authz.command",)
 
 
 def build_parser() -> argparse.ArgumentParser:

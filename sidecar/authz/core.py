@@ -86,12 +86,14 @@ class Authorizer:
         self.policy = policy
         self.replay = replay
         self.nonces = nonces
-        self.revocations = revocations or RevocationList()
+        self.revocations = revocations if revocations is not None else RevocationList()
         self.clock = clock
         self.on_unknown_key = on_unknown_key
         self.token_cache = VerifiedTokenCache(settings.token_cache_size)
         self.proof_keys = ProofKeyCache(settings.proof_key_cache_size)
-        self._replay_ttl = settings.proof_max_age + settings.proof_future_leeway
+        # A proof stays acceptable until iat + max_age, and iat may be up to future_leeway ahead:
+        # remember its jti for that long, plus a second so the boundary instant is covered.
+        self._replay_ttl = settings.proof_max_age + settings.proof_future_leeway + 1.0
         self._sync_replay = replay if isinstance(replay, InMemoryReplayStore) else None
         algs = " ".join(sorted(settings.proof_algorithms))
         self._dpop_challenge = f'DPoP algs="{algs}"'
@@ -116,6 +118,8 @@ class Authorizer:
             result = self.evaluate(view, now)  # the key set changed: one more try
         if isinstance(result, Deny):
             return result
+        if not result.replay_key:
+            return result.allow  # bearer: no proof, nothing to record
         try:
             if self._sync_replay is not None:
                 fresh = self._sync_replay.check_and_insert_sync(result.replay_key, now, result.ttl)
@@ -150,7 +154,9 @@ class Authorizer:
                 Reason.POLICY_DENIED, "ambiguous request path", route, "dpop", now, {}
             )
         route = self.policy.route_for(path)
-        scheme = "dpop"
+        # Known before parsing so that a rejected Bearer header gets a Bearer challenge.
+        auth_header = view.headers.get("authorization", "")
+        scheme = "bearer" if auth_header[:7].lower() == "bearer " else "dpop"
         meta: dict[str, Any] = {}
         try:
             scheme, token = self._extract(view)
@@ -189,7 +195,7 @@ class Authorizer:
                 Reason.MISSING_CREDENTIALS, "Authorization scheme is not DPoP or Bearer"
             )
         token = token.strip()
-        if not token or "," in token or " " in token:
+        if not token or "," in token or " " in token or not token.isascii():
             # A comma means two Authorization headers were merged (or junk): refuse both.
             raise AuthError(Reason.MALFORMED_TOKEN, "not exactly one access token")
         return scheme, token

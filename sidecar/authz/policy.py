@@ -25,6 +25,7 @@ from sidecar.config_util import (
 from sidecar.errors import ConfigError
 
 AuthMode = Literal["dpop", "bearer"]
+_SLASHES = re.compile(r"/{2,}")
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 
 
@@ -66,6 +67,9 @@ def canonical_path(raw: str) -> str | None:
         decoded = unquote(path, errors="strict") if "%" in path else path
     except UnicodeDecodeError:
         return None
+    # Envoy merges slashes (merge_slashes) before the app sees the path; do the same here
+    # so "//pay" is matched as "/pay".
+    decoded = _SLASHES.sub("/", decoded)
     segments = decoded.split("/")
     if any(s in (".", "..") for s in segments):
         return None
@@ -115,6 +119,9 @@ class Policy:
     @classmethod
     def from_config(cls, data: Any, path: str = "authz", *, nonce_default: bool = False) -> Policy:
         root = section(data, path)
+        for name in ("routes", "rules"):
+            if not isinstance(root.get(name) or [], list):
+                raise ConfigError(f"{path}.{name}", "a list", root.get(name))
         routes = []
         for i, raw in enumerate(root.get("routes") or []):
             key = f"{path}.routes[{i}]"

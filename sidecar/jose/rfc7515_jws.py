@@ -61,6 +61,8 @@ def parse_compact(token: str, *, max_bytes: int) -> CompactJWS:
     """Split and decode ``header.payload.signature``; the payload must be a JSON object."""
     if len(token) > max_bytes:
         raise JWSFormatError(f"longer than {max_bytes} bytes")
+    if not token.isascii():
+        raise JWSFormatError("not ASCII")
     parts = token.split(".")
     if len(parts) != 3:
         raise JWSFormatError("not three dot-separated parts (compact JWS only)")

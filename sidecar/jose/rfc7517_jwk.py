@@ -15,7 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from sidecar.jose.b64 import b64url_encode
-from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, key_fits_algorithm
+from sidecar.jose.rfc7518_algorithms import (
+    ASYMMETRIC_ALGORITHMS,
+    MIN_RSA_BITS,
+    key_fits_algorithm,
+)
 from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
 
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
@@ -68,6 +72,8 @@ def import_public_jwk(jwk: Mapping[str, Any]) -> PublicJWK:
         thumb = jwk_thumbprint(jwk)
     except Exception as exc:
         raise JWKError(f"invalid {kty} key: {type(exc).__name__}") from None
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        raise JWKError(f"RSA key smaller than {MIN_RSA_BITS} bits")
     if isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):  # pragma: no cover
         raise JWKError("jwk contains private key material")
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):  # pragma: no cover

@@ -58,6 +58,9 @@ def _str_claim(claims: Mapping[str, Any], name: str, *, required: bool) -> str |
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_CLAIM_STRING:
         raise AuthError(Reason.MALFORMED_TOKEN, f"claim {name} is not a non-empty string")
+    if not value.isprintable():
+        # These values become HTTP headers for the app (x-workload-id): no CR/LF, no controls.
+        raise AuthError(Reason.MALFORMED_TOKEN, f"claim {name} contains control characters")
     return value
 
 
@@ -150,7 +153,7 @@ def verify_access_token(
         if not isinstance(cnf, dict):
             raise AuthError(Reason.MALFORMED_TOKEN, "claim cnf is not an object")
         jkt = _str_claim(cnf, "jkt", required=False)
-        if jkt is not None and len(jkt) != 43:
+        if jkt is not None and (len(jkt) != 43 or not jkt.isascii()):
             raise AuthError(Reason.MALFORMED_TOKEN, "cnf.jkt is not a SHA-256 thumbprint")
 
     if now >= exp + leeway:

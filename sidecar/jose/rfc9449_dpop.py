@@ -50,6 +50,8 @@ def normalize_htu(url: str) -> str:
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS or not parts.hostname:
         raise ValueError("not an absolute http(s) URI")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("userinfo is not allowed in an http(s) URI (RFC 9110 §4.2.4)")
     host = parts.hostname.lower()  # urlsplit already strips brackets from IPv6
     if ":" in host:
         host = f"[{host}]"
@@ -150,6 +152,8 @@ def verify_proof(
     # Step 2: a single well-formed compact JWT.
     if len(proof) > max_bytes:
         raise AuthError(Reason.PROOF_INVALID, f"proof longer than {max_bytes} bytes")
+    if not proof.isascii():
+        raise AuthError(Reason.PROOF_INVALID, "proof is not ASCII")
     parts = proof.split(".")
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise AuthError(Reason.PROOF_INVALID, "proof is not a compact JWS")
@@ -196,7 +200,7 @@ def verify_proof(
     # Step 12: bound to the access token presented with it.
     if access_token is not None:
         ath = claims.get("ath")
-        if not isinstance(ath, str):
+        if not isinstance(ath, str) or not ath.isascii():
             raise AuthError(Reason.ATH_MISMATCH, "proof has no ath for the access token")
         if not secrets.compare_digest(ath, access_token_hash(access_token)):
             raise AuthError(Reason.ATH_MISMATCH, "proof ath does not match the access token")
