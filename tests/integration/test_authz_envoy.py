@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from sidecar.envoy_config import ingress_bootstrap
 from tests.integration.harness import (
     ManagedProcess,
     free_port,
+    http_request,
     start_echo_app,
     start_envoy,
     wait_for_http,
@@ -35,6 +37,7 @@ class Stack:
     admin_port: int
     issuer: DevIssuer
     authz: ManagedProcess
+    authz_admin: int
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.envoy_port}{path}"
@@ -126,7 +129,7 @@ def stack(
             tmp,
             envoy_admin,
         )
-        yield Stack(mode, envoy_port, envoy_admin, issuer, authz)
+        yield Stack(mode, envoy_port, envoy_admin, issuer, authz, admin_port)
     finally:
         for proc in (envoy, authz, app):
             if proc is not None:
@@ -186,6 +189,17 @@ def test_replayed_request_is_denied(stack: Stack) -> None:
     headers = dpop_headers(stack, "/orders/1")
     assert stack.request("GET", "/orders/1", headers)[0] == 200
     assert_denied(stack.request("GET", "/orders/1", headers), 401, "replayed", "invalid_dpop_proof")
+    # The admin port counts it, by transport and reason, next to the replay-hit counter.
+    status, _, body = http_request(f"http://127.0.0.1:{stack.authz_admin}/metrics")
+    metrics = body.decode()
+    assert status == 200
+    line = (
+        f'sidecar_authz_decisions_total{{reason="replayed",result="deny",transport="{stack.mode}"}}'
+    )
+    assert line in metrics, metrics[:2000]
+    hits = re.search(r"^sidecar_authz_replay_hits_total (\S+)$", metrics, re.M)
+    assert hits is not None and float(hits.group(1)) >= 1
+    assert f'sidecar_authz_check_seconds_count{{transport="{stack.mode}"}}' in metrics
 
 
 @pytest.mark.parametrize(
