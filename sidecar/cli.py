@@ -10,7 +10,10 @@ from sidecar.errors import ConfigError
 from sidecar.observability.logs import setup_logging
 
 # One line per subcommand module; each defines ``register(subparsers)``.
-COMMANDS = ("sidecar.authz.command",)
+COMMANDS = (
+    "sidecar.authz.command",
+    "sidecar.envoy_command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,6 +83,7 @@ def test_committed_files_say_they_are_generated() -> None:
         head = (ENVOY_DIR / name).read_text().splitlines()[:3]
         assert head[0].startswith("# GENERATED FILE"), name
         assert any("envoy/render.py" in line for line in head), name
+        assert head[1].startswith("# Rendered by: sidecar envoy-config --mode "), name
 
 
 @pytest.mark.integration
