@@ -1,0 +1,85 @@
+"""The broker's audit trail: one JSON object per line, for every issuance, refusal, attestation
+failure, revocation and key event.
+
+Fields (absent when not applicable): ``ts`` (RFC 3339, UTC, ms), ``event`` (``issuance``,
+``refusal``, ``attestation_failure``, ``revocation``, ``key_published``, ``key_activated``,
+``key_retired``, ``key_removed``), ``result`` (``ok`` / ``denied`` / ``error``), ``reason``,
+``error`` (the OAuth error code sent), ``detail``, ``attestor`` (``unix`` / ``k8s``), ``sub``,
+``jti``, ``aud``, ``exp``, ``kid``, ``jkt``, ``entry``; for unix callers ``pid``, ``uid``,
+``gid``, ``exe``, ``sha256``; for Kubernetes callers ``cluster``, ``namespace``,
+``service_account``. A token, a proof or a key is NEVER written: the record type has no field
+that could hold one, and ``detail`` strings are built by this package, not copied from input.
+
+Lines are written in batches: one ``write`` per event-loop iteration, so a burst of issuances
+costs one system call, and ordering is preserved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+_SECOND: list[Any] = [None, ""]
+
+
+def rfc3339(ts: float) -> str:
+    """``2026-01-02T03:04:05.678Z``; the part up to the second is formatted once a second."""
+    second = int(ts)
+    if _SECOND[0] != second:
+        _SECOND[:] = [second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_SECOND[1]}.{int((ts - second) * 1000):03d}Z"
+
+
+class AuditLog:
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._owned: TextIO | None = None
+        if path is not None:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._owned = os.fdopen(fd, "a", encoding="utf-8")
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    @property
+    def _stream(self) -> TextIO:
+        return self._owned if self._owned is not None else sys.stderr
+
+    def emit(self, event: str, now: float, **fields: Any) -> None:
+        record: dict[str, Any] = {"ts": rfc3339(now), "event": event}
+        for key, value in fields.items():
+            if value is not None:
+                record[key] = value
+        self._pending.append(json.dumps(record, separators=(",", ":"), ensure_ascii=True))
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        stream = self._stream
+        try:
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+        except OSError:  # pragma: no cover - a full disk must not take issuance down
+            sys.stderr.write(f"audit: cannot write {len(lines)} record(s) to {self.path}\n")
+
+    def close(self) -> None:
+        self.flush()
+        if self._owned is not None:
+            with contextlib.suppress(OSError):
+                self._owned.close()
+            self._owned = None

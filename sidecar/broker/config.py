@@ -1,0 +1,335 @@
+"""The broker's YAML configuration, validated into typed settings at start.
+
+Every error names the offending key (``entries[2].selectors[0]``, ``keys.prepublish``) and
+what it expects; see ``examples/broker.yaml`` for a complete, commented file. Environment
+variables override keys as for the other commands (``SIDECAR__KEYS__ROTATE_EVERY=3600``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from sidecar.broker.keys import MAX_PUBLISHED_KEYS, SIGNING_ALGORITHMS, Schedule, load_private_key
+from sidecar.broker.registry import Registry, parse_entries
+from sidecar.config_util import (
+    get_bool,
+    get_choice,
+    get_int,
+    get_num,
+    get_opt_str,
+    get_str,
+    get_str_list,
+    known_keys,
+    parse_listen,
+    section,
+)
+from sidecar.errors import ConfigError
+from sidecar.jose.jwks import JwksLocation
+from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS
+
+DEFAULT_ISSUER = "http://127.0.0.1:8443"
+DEFAULT_LISTEN = "127.0.0.1:8443"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:15021"
+DEFAULT_RUN_DIR = "/tmp/sidecar-broker"
+DEFAULT_PROOF_ALGS = ["ES256", "ES384", "EdDSA", "PS256", "RS256"]
+#: Kubernetes signs service-account tokens with RS256 unless told otherwise.
+DEFAULT_CLUSTER_ALGS = ["RS256", "ES256"]
+
+TOP_KEYS = {
+    "issuer",
+    "listen",
+    "keys",
+    "tokens",
+    "dpop",
+    "attestation",
+    "clusters",
+    "entries",
+    "revocation",
+    "audit",
+    "admin",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KeysConfig:
+    schedule: Schedule
+    key_file: str | None
+    #: The loaded private key (never logged; ``repr`` of this object leaves it out).
+    initial_key: Any
+    jwks_max_age: int
+
+    def __repr__(self) -> str:
+        return f"KeysConfig(schedule={self.schedule!r}, key_file={self.key_file!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class DpopConfig:
+    algorithms: frozenset[str]
+    max_age: float
+    future_leeway: float
+    max_proof_bytes: int
+    replay_capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    location: JwksLocation
+    audiences: frozenset[str]
+    algorithms: frozenset[str]
+    refresh_interval: float
+    min_refresh_interval: float
+
+    @property
+    def issuer(self) -> str:
+        return self.location.issuer
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    issuer: str
+    listen: tuple[str, int]
+    keys: KeysConfig
+    token_ttl: float
+    subject_leeway: float
+    max_subject_token_bytes: int
+    dpop: DpopConfig
+    attestation_socket: str | None
+    clusters: tuple[ClusterConfig, ...]
+    registry: Registry
+    revocation_state_file: str | None
+    audit_path: str | None
+    admin_listen: tuple[str, int] | None
+    admin_socket: str
+
+    @property
+    def base_path(self) -> str:
+        """The issuer's path ('' for ``http://127.0.0.1:8443``): every endpoint lives under it."""
+        return urlsplit(self.issuer).path.rstrip("/")
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.issuer).scheme
+
+    @property
+    def max_token_ttl(self) -> float:
+        return self.registry.max_ttl(self.token_ttl)
+
+
+def _issuer_url(value: str, key: str) -> str:
+    parts = urlsplit(value)
+    # OIDC Discovery §3 / RFC 8414 §2: https (http allowed here for loopback), no query or
+    # fragment; the value must be exactly what clients use, so a trailing slash is refused
+    # rather than normalized away.
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, "an absolute http(s) URL", value)
+    if parts.query or parts.fragment or value.endswith("/") or "?" in value or "#" in value:
+        raise ConfigError(key, "a URL without query, fragment or trailing slash", value)
+    if parts.username or parts.password:
+        raise ConfigError(key, "a URL without user information", value)
+    return value
+
+
+def _algorithms(item: Mapping[str, Any], key: str, default: list[str]) -> frozenset[str]:
+    algs = get_str_list(item, "algorithms", key, default)
+    for alg in algs:
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise ConfigError(
+                f"{key}.algorithms",
+                f"asymmetric JWS algorithms from {sorted(ASYMMETRIC_ALGORITHMS)}",
+                alg,
+            )
+    if not algs:
+        raise ConfigError(f"{key}.algorithms", "at least one algorithm")
+    return frozenset(algs)
+
+
+def _cluster(raw: Any, key: str) -> ClusterConfig:
+    item = section(raw, key)
+    known_keys(
+        item,
+        key,
+        {
+            "issuer",
+            "jwks_file",
+            "jwks_uri",
+            "discovery",
+            "audiences",
+            "algorithms",
+            "refresh_interval",
+            "min_refresh_interval",
+        },
+    )
+    issuer = get_str(item, "issuer", key)
+    jwks_file = get_opt_str(item, "jwks_file", key)
+    jwks_uri = get_opt_str(item, "jwks_uri", key)
+    discovery = get_bool(item, "discovery", key, jwks_file is None and jwks_uri is None)
+    if sum([jwks_file is not None, jwks_uri is not None, discovery]) != 1:
+        raise ConfigError(key, "exactly one of jwks_file, jwks_uri or discovery: true")
+    if jwks_uri is not None and not jwks_uri.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}.jwks_uri", "an http(s) URL", jwks_uri)
+    if discovery and not issuer.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}.issuer", "an http(s) URL when discovery is used", issuer)
+    audiences = get_str_list(item, "audiences", key)
+    if not audiences:
+        raise ConfigError(f"{key}.audiences", "at least one accepted service-account audience")
+    return ClusterConfig(
+        location=JwksLocation(issuer=issuer, file=jwks_file, uri=jwks_uri, discovery=discovery),
+        audiences=frozenset(audiences),
+        algorithms=_algorithms(item, key, DEFAULT_CLUSTER_ALGS),
+        refresh_interval=get_num(item, "refresh_interval", key, 300.0, minimum=1.0),
+        min_refresh_interval=get_num(item, "min_refresh_interval", key, 10.0),
+    )
+
+
+def _keys(raw: Any, max_ttl: float) -> KeysConfig:
+    keys = section(raw, "keys")
+    known_keys(
+        keys,
+        "keys",
+        {"algorithm", "key_file", "rotate_every", "prepublish", "retire_grace", "jwks_max_age"},
+    )
+    alg = get_choice(keys, "algorithm", "keys", SIGNING_ALGORITHMS, "ES256")
+    key_file = get_opt_str(keys, "key_file", "keys")
+    rotate_every = get_num(keys, "rotate_every", "keys", 86400.0)
+    # Default well above the verifiers' JWKS refresh interval (the authorizer's is 300 s)
+    # plus the JWKS max-age, so the next key is everywhere before it signs.
+    prepublish = get_num(keys, "prepublish", "keys", 600.0)
+    grace = get_num(keys, "retire_grace", "keys", 60.0)
+    jwks_max_age = get_int(keys, "jwks_max_age", "keys", 60)
+    if rotate_every > 0:
+        if prepublish <= 0:
+            raise ConfigError("keys.prepublish", "a number > 0 when keys rotate", prepublish)
+        if prepublish >= rotate_every:
+            raise ConfigError(
+                "keys.prepublish", f"less than keys.rotate_every ({rotate_every:g})", prepublish
+            )
+        if jwks_max_age >= prepublish:
+            raise ConfigError(
+                "keys.jwks_max_age",
+                f"less than keys.prepublish ({prepublish:g}): a cached JWKS must not hide "
+                "the next key past its activation",
+                jwks_max_age,
+            )
+    schedule = Schedule(
+        alg=alg, rotate_every=rotate_every, prepublish=prepublish, retain_for=max_ttl + grace
+    )
+    if schedule.published_keys_bound() > MAX_PUBLISHED_KEYS:
+        raise ConfigError(
+            "keys.rotate_every",
+            f"a period that keeps at most {MAX_PUBLISHED_KEYS} keys published (retired keys "
+            f"stay for the longest token TTL + retire_grace = {schedule.retain_for:g} s)",
+            rotate_every,
+        )
+    initial = load_private_key(key_file, alg) if key_file is not None else None
+    return KeysConfig(
+        schedule=schedule, key_file=key_file, initial_key=initial, jwks_max_age=jwks_max_age
+    )
+
+
+def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
+    root = section(data, "config file")
+    unknown = sorted(set(root) - TOP_KEYS)
+    if unknown:
+        raise ConfigError(unknown[0], f"one of the known top-level keys {sorted(TOP_KEYS)}")
+    raw_issuer = root.get("issuer", DEFAULT_ISSUER)
+    if not isinstance(raw_issuer, str):
+        raise ConfigError("issuer", "a URL string", raw_issuer)
+    issuer = _issuer_url(raw_issuer, "issuer")
+    listen = parse_listen(root.get("listen", DEFAULT_LISTEN), "listen")
+
+    tokens = section(root.get("tokens"), "tokens")
+    known_keys(tokens, "tokens", {"ttl", "subject_leeway", "max_subject_token_bytes"})
+    ttl = get_num(tokens, "ttl", "tokens", 300.0, minimum=1.0)
+    if ttl > 86400:
+        raise ConfigError(
+            "tokens.ttl", "at most 86400 seconds (access tokens are short-lived)", ttl
+        )
+
+    raw_clusters = root.get("clusters") or []
+    if not isinstance(raw_clusters, list):
+        raise ConfigError("clusters", "a list of Kubernetes cluster issuers", raw_clusters)
+    clusters = [_cluster(c, f"clusters[{i}]") for i, c in enumerate(raw_clusters)]
+    seen: set[str] = set()
+    for i, cluster in enumerate(clusters):
+        if cluster.issuer in seen:
+            raise ConfigError(f"clusters[{i}].issuer", "a unique issuer", cluster.issuer)
+        seen.add(cluster.issuer)
+
+    registry = parse_entries(root.get("entries"))
+    for entry in registry.entries:
+        for sel in entry.selectors:
+            if sel.startswith("k8s:cluster:") and sel[len("k8s:cluster:") :] not in seen:
+                raise ConfigError(
+                    f"entries[{entry.index}].selectors",
+                    "k8s:cluster: naming the issuer of one of the configured clusters",
+                    sel,
+                )
+        if entry.attestor == "k8s" and not clusters:
+            raise ConfigError(
+                f"entries[{entry.index}].selectors", "a configured cluster (clusters[]) for k8s:"
+            )
+
+    dpop = section(root.get("dpop"), "dpop")
+    known_keys(
+        dpop,
+        "dpop",
+        {"algorithms", "max_age", "future_leeway", "max_proof_bytes", "replay_capacity"},
+    )
+
+    attestation = section(root.get("attestation"), "attestation")
+    known_keys(attestation, "attestation", {"enabled", "socket"})
+    socket_path: str | None = None
+    if get_bool(attestation, "enabled", "attestation", True):
+        socket_path = get_str(
+            attestation, "socket", "attestation", f"{DEFAULT_RUN_DIR}/attestation.sock"
+        )
+        if not os.path.isabs(socket_path):
+            raise ConfigError("attestation.socket", "an absolute path", socket_path)
+
+    revocation = section(root.get("revocation"), "revocation")
+    known_keys(revocation, "revocation", {"state_file"})
+    audit = section(root.get("audit"), "audit")
+    known_keys(audit, "audit", {"path"})
+
+    admin = section(root.get("admin"), "admin")
+    known_keys(admin, "admin", {"listen", "enabled", "socket"})
+    admin_listen = (
+        parse_listen(admin.get("listen", DEFAULT_ADMIN_LISTEN), "admin.listen")
+        if get_bool(admin, "enabled", "admin", True)
+        else None
+    )
+    run_dir = os.path.dirname(socket_path) if socket_path else DEFAULT_RUN_DIR
+    admin_socket = get_str(admin, "socket", "admin", f"{run_dir}/admin.sock")
+    if not os.path.isabs(admin_socket):
+        raise ConfigError("admin.socket", "an absolute path", admin_socket)
+    if admin_socket == socket_path:
+        raise ConfigError("admin.socket", "a path other than attestation.socket", admin_socket)
+
+    return BrokerConfig(
+        issuer=issuer,
+        listen=listen,
+        keys=_keys(root.get("keys"), registry.max_ttl(ttl)),
+        token_ttl=ttl,
+        subject_leeway=get_num(tokens, "subject_leeway", "tokens", 30.0),
+        max_subject_token_bytes=get_int(
+            tokens, "max_subject_token_bytes", "tokens", 16384, minimum=512
+        ),
+        dpop=DpopConfig(
+            algorithms=_algorithms(dpop, "dpop", DEFAULT_PROOF_ALGS),
+            max_age=get_num(dpop, "max_age", "dpop", 60.0, minimum=1.0),
+            future_leeway=get_num(dpop, "future_leeway", "dpop", 5.0),
+            max_proof_bytes=get_int(dpop, "max_proof_bytes", "dpop", 4096, minimum=256),
+            replay_capacity=get_int(dpop, "replay_capacity", "dpop", 300_000, minimum=1),
+        ),
+        attestation_socket=socket_path,
+        clusters=tuple(clusters),
+        registry=registry,
+        revocation_state_file=get_opt_str(revocation, "state_file", "revocation"),
+        audit_path=get_opt_str(audit, "path", "audit"),
+        admin_listen=admin_listen,
+        admin_socket=admin_socket,
+    )

@@ -1,0 +1,218 @@
+"""aiohttp adapters: parse the request, call the Broker, render the answer. No decisions here.
+
+Public listener (TCP, default 127.0.0.1:8443; every path below is under the issuer's path):
+
+* ``GET /.well-known/openid-configuration`` (and the RFC 8414 ``oauth-authorization-server``
+  twin): the metadata document.
+* ``GET /jwks.json``: the signing keys (``Cache-Control: public, max-age=N``, ETag).
+* ``POST /token``: RFC 8693 token exchange with a DPoP proof.
+* ``GET /revocations``: ``{"subjects": [...], "jtis": [...]}``, strong ETag, 304.
+
+Attestation socket (``attestation.socket``, mode 0666): ``POST /token`` with ``audience``
+(repeatable) and a DPoP proof whose ``htu`` is ``http://<Host>/token`` (``http://localhost/token``
+from aiohttp's UnixConnector). The caller is whoever holds the connection (SO_PEERCRED).
+
+Admin socket (``admin.socket``, mode 0600, callers with our uid or root only):
+``POST /admin/revoke`` with JSON ``{"sub": S}`` or ``{"jti": J}`` and optionally
+``"action": "restore"``; ``GET /admin/revocations``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.broker.attestation_unix import (
+    AttestationFailure,
+    PeerProtocol,
+    PeerTracker,
+    read_peer,
+)
+from sidecar.broker.oauth import MAX_FORM_BYTES, NO_STORE, OAuthError, TokenHttpRequest
+from sidecar.broker.revocation import etag_matches
+from sidecar.broker.service import Broker, Issued
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+def _json(
+    body: bytes, *, status: int = 200, headers: tuple[tuple[str, str], ...] = ()
+) -> web.Response:
+    resp = web.Response(body=body, status=status, content_type=JSON)
+    for name, value in headers:
+        resp.headers[name] = value
+    return resp
+
+
+def _oauth_error(exc: OAuthError) -> web.Response:
+    return _json(exc.body(), status=exc.status, headers=NO_STORE + exc.headers)
+
+
+def _issued(issued: Issued) -> web.Response:
+    return _json(issued.body, headers=NO_STORE)
+
+
+async def token_request(request: web.Request, scheme: str) -> TokenHttpRequest:
+    """Collect what the Broker decides on; nothing is judged here. The htu is the token
+    endpoint URL as the client addressed it (RFC 9449 §4.3 step 9): our scheme, the Host
+    header, the path without query (not ``request.host``: without a Host header it falls back
+    to ``socket.getfqdn()``, a blocking DNS call)."""
+    host = request.headers.get("Host")
+    body: bytes | None = None
+    if request.content_length is None or request.content_length <= MAX_FORM_BYTES:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            body = None
+    return TokenHttpRequest(
+        content_type=request.headers.get("Content-Type"),
+        body=body,
+        authorization=request.headers.get("Authorization"),
+        dpop=tuple(request.headers.getall("DPoP", ())),
+        htu=f"{scheme}://{host}{request.raw_path.split('?', 1)[0]}" if host else None,
+    )
+
+
+def make_public_app(broker: Broker) -> web.Application:
+    cfg = broker.cfg
+    base = cfg.base_path
+    scheme = cfg.scheme
+    discovery_headers = (("Cache-Control", "public, max-age=300"),)
+    jwks_cache = f"public, max-age={cfg.keys.jwks_max_age}"
+
+    async def discovery(_: web.Request) -> web.Response:
+        return _json(broker.discovery, headers=discovery_headers)
+
+    async def jwks(request: web.Request) -> web.Response:
+        body, etag = broker.jwks()
+        headers = (("Cache-Control", jwks_cache), ("ETag", etag))
+        if etag_matches(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers=dict(headers))
+        return _json(body, headers=headers)
+
+    async def token(request: web.Request) -> web.Response:
+        try:
+            return _issued(await broker.exchange(await token_request(request, scheme)))
+        except OAuthError as exc:
+            return _oauth_error(exc)
+
+    async def revocations(request: web.Request) -> web.Response:
+        published = broker.revocations.published()
+        headers = (("ETag", published.etag), ("Cache-Control", "no-cache"))
+        if etag_matches(request.headers.get("If-None-Match"), published.etag):
+            return web.Response(status=304, headers=dict(headers))
+        return _json(published.body, headers=headers)
+
+    app = web.Application(client_max_size=MAX_FORM_BYTES)
+    app.router.add_get(f"{base}/.well-known/openid-configuration", discovery)
+    app.router.add_get(f"{base}/.well-known/oauth-authorization-server", discovery)
+    if base:  # RFC 8414 §3.1: the well-known segment goes between host and issuer path
+        app.router.add_get(f"/.well-known/oauth-authorization-server{base}", discovery)
+    app.router.add_get(f"{base}/jwks.json", jwks)
+    app.router.add_post(f"{base}/token", token)
+    app.router.add_get(f"{base}/revocations", revocations)
+    return app
+
+
+def make_unix_app(broker: Broker, tracker: PeerTracker) -> web.Application:
+    async def token(request: web.Request) -> web.Response:
+        try:
+            peer: Any = tracker.peer(request.transport)
+        except AttestationFailure as exc:
+            peer = exc
+        try:
+            # Plain HTTP over the socket: the htu scheme is always http.
+            return _issued(await broker.attest_unix(peer, await token_request(request, "http")))
+        except OAuthError as exc:
+            return _oauth_error(exc)
+
+    app = web.Application(client_max_size=MAX_FORM_BYTES)
+    app.router.add_post("/token", token)
+    return app
+
+
+def make_admin_socket_app(broker: Broker) -> web.Application:
+    own_uid = os.geteuid()
+
+    def caller_uid(request: web.Request) -> int:
+        """Only our own user and root may change revocations (the socket is 0600 too)."""
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        try:
+            uid = read_peer(sock).uid
+        except (OSError, AttributeError):
+            raise web.HTTPForbidden(text="cannot identify the caller\n") from None
+        if uid not in (0, own_uid):
+            raise web.HTTPForbidden(text=f"uid {uid} may not administer this broker\n")
+        return uid
+
+    async def revoke(request: web.Request) -> web.Response:
+        uid = caller_uid(request)
+        try:
+            doc = json.loads(await request.read())
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or len({"sub", "jti"} & doc.keys()) != 1:
+            return _json(
+                b'{"error":"invalid_request","error_description":"send {\\"sub\\": ...} or '
+                b'{\\"jti\\": ...}"}',
+                status=400,
+            )
+        kind = "sub" if "sub" in doc else "jti"
+        action = doc.get("action", "revoke")
+        if action not in ("revoke", "restore"):
+            return _json(
+                b'{"error":"invalid_request","error_description":"bad action"}', status=400
+            )
+        try:
+            result = await broker.change_revocation(
+                kind, doc[kind], restore=action == "restore", actor_uid=uid
+            )
+        except OAuthError as exc:
+            return _oauth_error(exc)
+        except OSError as exc:
+            log.error("cannot save revocations: %s", exc)
+            return _json(
+                b'{"error":"server_error","error_description":"cannot write the state file"}',
+                status=500,
+            )
+        return _json(json.dumps(result).encode())
+
+    async def listing(request: web.Request) -> web.Response:
+        caller_uid(request)
+        published = broker.revocations.published()
+        return _json(published.body, headers=(("ETag", published.etag),))
+
+    app = web.Application(client_max_size=64 * 1024)
+    app.router.add_post("/admin/revoke", revoke)
+    app.router.add_get("/admin/revocations", listing)
+    return app
+
+
+class PeerUnixSite(web.SockSite):
+    """A SockSite whose connections record their peer's credentials when accepted."""
+
+    __slots__ = ("_tracker",)
+
+    def __init__(
+        self, runner: web.BaseRunner, sock: socket.socket, tracker: PeerTracker, *, backlog: int
+    ) -> None:
+        super().__init__(runner, sock, backlog=backlog)
+        self._tracker = tracker
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        tracker = self._tracker
+        self._server = await loop.create_unix_server(
+            lambda: PeerProtocol(server(), tracker), sock=self._sock, backlog=self._backlog
+        )

@@ -1,0 +1,79 @@
+"""Prometheus metrics of the broker, in its own registry. Label children are bound on first
+use and kept: ``labels()`` costs a dict look-up and a lock per call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Issuance takes ~0.2 ms (cached subject token) to tens of ms (first hash of a binary).
+ISSUANCE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+
+
+class BrokerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.issuance = Counter(
+            "sidecar_broker_issuance",
+            "Token requests by attestor and result ('issued' or the OAuth error code)",
+            ["attestor", "result"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "sidecar_broker_issuance_seconds",
+            "Time to answer one token request, by attestor",
+            ["attestor"],
+            buckets=ISSUANCE_BUCKETS,
+            registry=registry,
+        )
+        self.attestation_failures = Counter(
+            "sidecar_broker_attestation_failures",
+            "Callers that could not be attested or matched no entry, by attestor and reason",
+            ["attestor", "reason"],
+            registry=registry,
+        )
+        self.key_events = Counter(
+            "sidecar_broker_key_events",
+            "Signing key life-cycle events (published, activated, retired, removed)",
+            ["event"],
+            registry=registry,
+        )
+        self.revocations_total = Counter(
+            "sidecar_broker_revocation_changes",
+            "Revocations added or removed through the admin socket",
+            ["kind", "action"],
+            registry=registry,
+        )
+        self._issued: dict[tuple[str, str], Callable[[], None]] = {}
+        self._observe: dict[str, Callable[[float], None]] = {}
+
+    def gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
+        Gauge(name, doc, registry=self.registry).set_function(fn)
+
+    def record(self, attestor: str, result: str, seconds: float) -> None:
+        key = (attestor, result)
+        inc = self._issued.get(key)
+        if inc is None:
+            inc = self._issued[key] = self.issuance.labels(attestor, result).inc
+        inc()
+        observe = self._observe.get(attestor)
+        if observe is None:
+            observe = self._observe[attestor] = self.latency.labels(attestor).observe
+        observe(seconds)
+
+    def attestation_failed(self, attestor: str, reason: str) -> None:
+        self.attestation_failures.labels(attestor, reason).inc()
