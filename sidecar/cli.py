@@ -12,7 +12,9 @@ from sidecar.observability.logs import setup_logging
 # One line per subcommand module; each defines ``register(subparsers)``.
 COMMANDS = (
     "sidecar.authz.command",
+    "sidecar.broker.command",
     "sidecar.envoy_command",
+    "sidecar.run_command",
 )
 
 

@@ -1,0 +1,244 @@
+"""The ``egress`` section: local listeners, where they forward, and with which audience.
+
+Example::
+
+    egress:
+      upstreams:                          # one local listener per upstream
+        - name: orders                    # metric label (default: the listen address)
+          listen: 127.0.0.1:15001
+          upstream: http://127.0.0.1:10000          # may carry a base path: http://h:p/api
+          audience: spiffe://demo.local/ns/shop/sa/orders
+      forward_proxy:                      # optional, for apps that honour HTTP_PROXY
+        listen: 127.0.0.1:15080
+        destinations:
+          - match: orders.shop:80          # host[:port] of the absolute-form request target
+            audience: spiffe://demo.local/ns/shop/sa/orders
+            upstream: http://127.0.0.1:10000         # optional: connect here instead
+      on_existing_authorization: replace  # replace | keep | reject
+      x_forwarded: keep                   # keep | strip | append
+      via: true
+      timeouts: {connect: 5, total: 300, read: 60}   # seconds; 0 = no limit
+      nonce_retry_buffer: 65536           # replay a body this small after a nonce challenge
+      max_connections: 1024
+      keepalive_timeout: 30
+
+Every error names the offending key (``egress.upstreams[0].listen``) and what it expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from yarl import URL
+
+from sidecar.config_util import (
+    get_bool,
+    get_choice,
+    get_int,
+    get_num,
+    get_opt_str,
+    get_str,
+    known_keys,
+    parse_listen,
+    section,
+)
+from sidecar.errors import ConfigError
+
+AUTHORIZATION_MODES = ("replace", "keep", "reject")
+X_FORWARDED_MODES = ("keep", "strip", "append")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where requests go: ``origin`` is ``scheme://host[:port]`` (the DPoP ``htu`` prefix and
+    the nonce cache key), ``base_path`` is prepended to the request's path."""
+
+    name: str
+    origin: str
+    base_path: str
+    audience: str
+    on_existing_authorization: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamListener:
+    listen: tuple[str, int]
+    target: Target
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardDestination:
+    """A forward-proxy destination. ``target.origin`` is empty unless ``upstream`` was given:
+    then the request's own scheme, host and port are used (the common case)."""
+
+    host: str
+    port: int
+    target: Target
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardProxyConfig:
+    listen: tuple[str, int]
+    destinations: dict[tuple[str, int], ForwardDestination]
+
+
+@dataclass(frozen=True, slots=True)
+class EgressTimeouts:
+    connect: float | None
+    total: float | None
+    read: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class EgressConfig:
+    upstreams: tuple[UpstreamListener, ...]
+    forward_proxy: ForwardProxyConfig | None
+    on_existing_authorization: str
+    x_forwarded: str
+    via: bool
+    timeouts: EgressTimeouts
+    nonce_retry_buffer: int
+    max_connections: int
+    keepalive_timeout: float
+
+    @property
+    def audiences(self) -> list[str]:
+        auds = [u.target.audience for u in self.upstreams]
+        if self.forward_proxy is not None:
+            auds += [d.target.audience for d in self.forward_proxy.destinations.values()]
+        return list(dict.fromkeys(auds))
+
+
+def parse_origin(value: str, key: str) -> tuple[str, str]:
+    """``http(s)://host[:port][/base]`` → (origin, base path without trailing slash)."""
+    try:
+        url = URL(value)
+    except (ValueError, TypeError):
+        raise ConfigError(key, "an http(s) URL", value) from None
+    if url.scheme not in _DEFAULT_PORTS or not url.host:
+        raise ConfigError(key, "an http(s) URL with a host", value)
+    if url.user or url.password or url.query_string or url.fragment:
+        raise ConfigError(key, "an http(s) URL without userinfo, query or fragment", value)
+    host = url.raw_host or url.host
+    if ":" in host:
+        host = f"[{host}]"
+    port = url.port
+    authority = host if port is None or url.is_default_port() else f"{host}:{port}"
+    return f"{url.scheme}://{authority}", url.raw_path.rstrip("/")
+
+
+def _target(item: Mapping[str, Any], key: str, name: str, default_auth: str) -> Target:
+    origin, base = parse_origin(get_str(item, "upstream", key), f"{key}.upstream")
+    return Target(
+        name=name,
+        origin=origin,
+        base_path=base,
+        audience=get_str(item, "audience", key),
+        on_existing_authorization=get_choice(
+            item, "on_existing_authorization", key, AUTHORIZATION_MODES, default_auth
+        ),
+    )
+
+
+def _host_port(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or "]" in port:
+        host, port = value, "80"
+    host = host.strip("[]").lower()
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(key, "host[:port]", value)
+    return host, int(port)
+
+
+def _timeout(data: Mapping[str, Any], key: str, path: str, default: float) -> float | None:
+    value = get_num(data, key, path, default)
+    return None if value == 0 else value
+
+
+def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
+    root = section(data, path)
+    known_keys(
+        root,
+        path,
+        {"upstreams", "forward_proxy", "on_existing_authorization", "x_forwarded", "via",
+         "timeouts", "nonce_retry_buffer", "max_connections", "keepalive_timeout"},
+    )  # fmt: skip
+    default_auth = get_choice(
+        root, "on_existing_authorization", path, AUTHORIZATION_MODES, "replace"
+    )
+    raw_upstreams = root.get("upstreams", [])
+    if not isinstance(raw_upstreams, list):
+        raise ConfigError(f"{path}.upstreams", "a list of upstreams", raw_upstreams)
+    upstreams = []
+    names: set[str] = set()
+    for i, raw in enumerate(raw_upstreams):
+        key = f"{path}.upstreams[{i}]"
+        item = section(raw, key)
+        known_keys(
+            item, key, {"name", "listen", "upstream", "audience", "on_existing_authorization"}
+        )
+        listen_raw = get_str(item, "listen", key)
+        listen = parse_listen(listen_raw, f"{key}.listen")
+        name = get_opt_str(item, "name", key) or listen_raw
+        if name in names:
+            raise ConfigError(f"{key}.name", "a unique name", name)
+        names.add(name)
+        upstreams.append(UpstreamListener(listen, _target(item, key, name, default_auth)))
+    forward = None
+    if root.get("forward_proxy") is not None:
+        fkey = f"{path}.forward_proxy"
+        fp = section(root["forward_proxy"], fkey)
+        known_keys(fp, fkey, {"listen", "destinations"})
+        raw_dests = fp.get("destinations")
+        if not isinstance(raw_dests, list) or not raw_dests:
+            raise ConfigError(f"{fkey}.destinations", "a non-empty list", raw_dests)
+        dests: dict[tuple[str, int], ForwardDestination] = {}
+        for i, raw in enumerate(raw_dests):
+            key = f"{fkey}.destinations[{i}]"
+            item = section(raw, key)
+            known_keys(
+                item,
+                key,
+                {"match", "audience", "upstream", "name", "on_existing_authorization"},
+            )
+            host, port = _host_port(get_str(item, "match", key), f"{key}.match")
+            if (host, port) in dests:
+                raise ConfigError(f"{key}.match", "a destination listed once", f"{host}:{port}")
+            name = get_opt_str(item, "name", key) or f"{host}:{port}"
+            if "upstream" in item:
+                target = _target(item, key, name, default_auth)
+            else:
+                target = Target(
+                    name=name,
+                    origin="",
+                    base_path="",
+                    audience=get_str(item, "audience", key),
+                    on_existing_authorization=get_choice(
+                        item, "on_existing_authorization", key, AUTHORIZATION_MODES, default_auth
+                    ),
+                )
+            dests[(host, port)] = ForwardDestination(host=host, port=port, target=target)
+        forward = ForwardProxyConfig(
+            parse_listen(get_str(fp, "listen", fkey), f"{fkey}.listen"), dests
+        )
+    timeouts = section(root.get("timeouts"), f"{path}.timeouts")
+    known_keys(timeouts, f"{path}.timeouts", {"connect", "total", "read"})
+    tpath = f"{path}.timeouts"
+    return EgressConfig(
+        upstreams=tuple(upstreams),
+        forward_proxy=forward,
+        on_existing_authorization=default_auth,
+        x_forwarded=get_choice(root, "x_forwarded", path, X_FORWARDED_MODES, "keep"),
+        via=get_bool(root, "via", path, True),
+        timeouts=EgressTimeouts(
+            connect=_timeout(timeouts, "connect", tpath, 5.0),
+            total=_timeout(timeouts, "total", tpath, 300.0),
+            read=_timeout(timeouts, "read", tpath, 60.0),
+        ),
+        nonce_retry_buffer=get_int(root, "nonce_retry_buffer", path, 64 * 1024),
+        max_connections=get_int(root, "max_connections", path, 1024, minimum=1),
+        keepalive_timeout=get_num(root, "keepalive_timeout", path, 30.0),
+    )

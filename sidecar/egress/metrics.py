@@ -1,0 +1,82 @@
+"""Prometheus metrics of the egress proxy. Label children are bound once per label set
+(``labels()`` takes a lock and a dict look-up: too much to pay per request).
+
+* ``sidecar_egress_requests_total{upstream, status_class}`` — every request answered, by the
+  status class the app saw (``2xx``…``5xx``), the proxy's own answers included.
+* ``sidecar_egress_local_responses_total{upstream, reason}`` — answers the proxy gave itself
+  (``no_valid_token``, ``upstream_unreachable``, ``upstream_timeout``, ...).
+* ``sidecar_egress_added_latency_seconds{upstream}`` — time a request spends in the proxy
+  outside the upstream exchange: from accepting it to sending it upstream (token look-up,
+  proof, headers, small-body buffering), plus from the upstream's response headers to ours.
+* ``sidecar_egress_upstream_seconds{upstream}`` — from sending upstream to its response head.
+* ``sidecar_egress_nonce_retries_total{upstream, outcome}`` — nonce challenges: ``retried``,
+  or ``not_replayable`` (the body was streamed; the 401 went back to the app).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+ADDED_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+)  # fmt: skip
+UPSTREAM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class EgressMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "sidecar_egress_requests",
+            "Requests through the egress proxy by upstream and status class",
+            ["upstream", "status_class"],
+            registry=registry,
+        )
+        self.local = Counter(
+            "sidecar_egress_local_responses",
+            "Answers the egress proxy gave itself, by upstream and reason",
+            ["upstream", "reason"],
+            registry=registry,
+        )
+        self.added = Histogram(
+            "sidecar_egress_added_latency_seconds",
+            "Time a request spends in the egress proxy outside the upstream exchange",
+            ["upstream"],
+            buckets=ADDED_BUCKETS,
+            registry=registry,
+        )
+        self.upstream = Histogram(
+            "sidecar_egress_upstream_seconds",
+            "Time from sending a request upstream to its response headers",
+            ["upstream"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=registry,
+        )
+        self.nonce_retries = Counter(
+            "sidecar_egress_nonce_retries",
+            "DPoP nonce challenges from upstreams, by outcome (retried|not_replayable)",
+            ["upstream", "outcome"],
+            registry=registry,
+        )
+        self._requests: dict[tuple[str, int], Callable[[], None]] = {}
+        self._added: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
+
+    def request(self, upstream: str, status: int, added: float, upstream_time: float) -> None:
+        key = (upstream, status // 100)
+        inc = self._requests.get(key)
+        if inc is None:
+            inc = self._requests[key] = self.requests.labels(upstream, f"{key[1]}xx").inc
+        inc()
+        pair = self._added.get(upstream)
+        if pair is None:
+            pair = self._added[upstream] = (
+                self.added.labels(upstream).observe,
+                self.upstream.labels(upstream).observe,
+            )
+        pair[0](added)
+        if upstream_time >= 0:
+            pair[1](upstream_time)
+
+    def local_response(self, upstream: str, reason: str) -> None:
+        self.local.labels(upstream, reason).inc()

@@ -1,0 +1,263 @@
+"""``sidecar run -c sidecar.yaml`` and ``sidecar token --audience X -c sidecar.yaml``.
+
+``run`` starts, in ONE uvloop process: the token source (one refresher per audience), the
+egress proxy (one listener per upstream, plus the optional forward proxy), the ingress
+ext_authz servers when an ``authz`` section is present, and the admin server:
+
+* ``/healthz`` — the process is up;
+* ``/readyz`` — every prefetched audience has had a token, and the authorizer has its keys;
+* ``/metrics`` — Prometheus;
+* ``/tokens`` — per audience: the cached token's claims (decoded, NOT verified), expiry, last
+  error. Never the token itself.
+
+``token`` prints the claims and expiry of the token for an audience: the running sidecar's
+(asked on its admin port), or — if none answers, with ``--fresh``, or with ``--show-token`` — a
+token fetched just now by this command with its own throw-away key. Only ``--show-token``
+prints a token, and only such a fresh one: the running sidecar never hands out its tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from sidecar.config_util import load_yaml_file, parse_listen, section
+from sidecar.errors import ConfigError
+
+TOP_LEVEL = ("identity", "egress", "authz", "admin")
+DEFAULT_ADMIN = "127.0.0.1:15020"
+TOKENS_KEY = web.AppKey("token_status", object)
+
+
+def _check_top_level(data: dict[str, Any]) -> None:
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise ConfigError(key, f"one of the top-level sections {list(TOP_LEVEL)}")
+
+
+async def serve(data: dict[str, Any]) -> None:
+    from sidecar.egress.config import parse_egress_config
+    from sidecar.egress.proxy import EgressProxy
+    from sidecar.identity.config import parse_identity_config
+    from sidecar.identity.key import generate_signer, write_public_jwk
+    from sidecar.identity.metrics import IdentityMetrics
+    from sidecar.identity.source import TokenSource
+    from sidecar.observability.admin import make_admin_app
+    from sidecar.runtime import announce, start_site, wait_for_stop_signal
+
+    _check_top_level(data)
+    egress_cfg = parse_egress_config(data.get("egress")) if data.get("egress") else None
+    egress_audiences = egress_cfg.audiences if egress_cfg is not None else []
+    identity_cfg = None
+    if data.get("identity") is not None:
+        identity_cfg = parse_identity_config(data["identity"], extra_audiences=egress_audiences)
+    elif egress_audiences:
+        raise ConfigError("identity", "an identity section (the egress upstreams need tokens)")
+    authz_cfg = None
+    if data.get("authz") is not None:
+        from sidecar.authz.config import parse_authz_config
+
+        authz_cfg = parse_authz_config(data["authz"])
+    if identity_cfg is None and authz_cfg is None:
+        raise ConfigError("egress", "an egress (with identity) or an authz section to run")
+    admin = section(data.get("admin"), "admin")
+    admin_host, admin_port = parse_listen(admin.get("listen", DEFAULT_ADMIN), "admin.listen")
+
+    registry = CollectorRegistry()
+    signer = generate_signer()  # in memory only; never written anywhere
+    tokens: TokenSource | None = None
+    proxy: EgressProxy | None = None
+    service: Any = None
+    runner: web.AppRunner | None = None
+    try:
+        if identity_cfg is not None:
+            if identity_cfg.public_jwk_file:
+                write_public_jwk(signer, identity_cfg.public_jwk_file)
+            tokens = TokenSource(
+                identity_cfg.build_attestor(signer),
+                identity_cfg.policy,
+                list(identity_cfg.audiences),
+                metrics=IdentityMetrics(registry),
+            )
+            await tokens.start()
+        if egress_cfg is not None and tokens is not None:
+            proxy = EgressProxy(egress_cfg, tokens=tokens, signer=signer, registry=registry)
+            await proxy.start()
+        if authz_cfg is not None:
+            from sidecar.authz.service import AuthzService
+
+            service = AuthzService(authz_cfg, registry)
+            await service.start()
+
+        def readiness() -> tuple[bool, str]:
+            reasons = []
+            for part in (tokens, service):
+                if part is not None:
+                    ok, why = part.readiness()
+                    if not ok:
+                        reasons.append(why)
+            return (False, "; ".join(reasons)) if reasons else (True, "ready")
+
+        app = make_admin_app(registry, readiness)
+        app[TOKENS_KEY] = tokens
+        app.router.add_get("/tokens", _tokens_handler)
+        runner, admin_bound = await start_site(app, admin_host, admin_port)
+        egress_ports = ",".join(str(p) for p in proxy.ports.values()) if proxy else ""
+        announce(
+            "sidecar",
+            egress=egress_ports or None,
+            forward=proxy.forward_port if proxy else None,
+            grpc=service.grpc_port if service else None,
+            http=service.http_port if service else None,
+            admin=admin_bound,
+            jkt=signer.thumbprint if tokens is not None else None,
+        )
+        await wait_for_stop_signal()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if proxy is not None:
+            await proxy.stop()
+        if service is not None:
+            await service.stop()
+        if tokens is not None:
+            await tokens.close()
+
+
+async def _tokens_handler(request: web.Request) -> web.Response:
+    tokens = request.app[TOKENS_KEY]
+    status = tokens.status() if tokens is not None else []  # type: ignore[attr-defined]
+    return web.json_response({"now": time.time(), "audiences": status})
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sidecar.runtime import run
+
+    data = load_yaml_file(args.config)
+    run(lambda: serve(data))
+    return 0
+
+
+# -- sidecar token ---------------------------------------------------------------------------
+
+
+def _from_running_sidecar(data: dict[str, Any], audience: str) -> dict[str, Any] | None:
+    admin = section(data.get("admin"), "admin")
+    host, port = parse_listen(admin.get("listen", DEFAULT_ADMIN), "admin.listen")
+    if port == 0:
+        return None
+    authority = f"[{host}]" if ":" in host else host
+    url = f"http://{authority}:{port}/tokens"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2.0) as resp:
+            doc = json.loads(resp.read())
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    for entry in doc.get("audiences", []) if isinstance(doc, dict) else []:
+        if isinstance(entry, dict) and entry.get("audience") == audience and "claims" in entry:
+            return {**entry, "source": f"running sidecar ({url})"}
+    return None
+
+
+async def _fresh(data: dict[str, Any], audience: str) -> dict[str, Any]:
+    from sidecar.identity.config import parse_identity_config
+    from sidecar.identity.key import generate_signer
+
+    cfg = parse_identity_config(data.get("identity"))
+    signer = generate_signer()
+    attestor = cfg.build_attestor(signer)
+    try:
+        token = await attestor.fetch(audience)
+    finally:
+        await attestor.close()
+    return {
+        "audience": audience,
+        "source": f"fresh {cfg.attestor.kind} fetch by this command (throw-away DPoP key "
+        f"{signer.thumbprint})",
+        "token_type": token.token_type,
+        "issued_at": token.issued_at,
+        "expires_at": token.expires_at,
+        "claims": token.claims,
+        "token": token.token,
+    }
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _token(args: argparse.Namespace) -> int:
+    from sidecar.identity.errors import IdentityError
+    from sidecar.runtime import install_uvloop
+
+    data = load_yaml_file(args.config)
+    _check_top_level(data)
+    if data.get("identity") is None:
+        raise ConfigError("identity", "an identity section")
+    info = None
+    if not (args.fresh or args.show_token):
+        info = _from_running_sidecar(data, args.audience)
+    if info is None:
+        install_uvloop()
+        try:
+            info = asyncio.run(_fresh(data, args.audience))
+        except IdentityError as exc:
+            print(f"sidecar token: no token for {args.audience}: {exc}", file=sys.stderr)
+            return 1
+    token = info.pop("token", None)
+    now = time.time()
+    expires_at = info.get("expires_at")
+    if args.json:
+        if args.show_token and token is not None:
+            info["token"] = token
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(f"audience:   {info['audience']}")
+    print(f"source:     {info['source']}")
+    print(f"token_type: {info.get('token_type')}")
+    if isinstance(expires_at, int | float):
+        left = expires_at - now
+        state = f"in {left:.1f}s" if left > 0 else f"EXPIRED {-left:.1f}s ago"
+        print(f"expires_at: {_when(expires_at)} ({state})")
+    print("claims (decoded, not verified):")
+    print(json.dumps(info.get("claims"), indent=2, sort_keys=True))
+    if args.show_token and token is not None:
+        print(f"token:      {token}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "run", help="run the sidecar: egress proxy, token refresher, ext_authz (optional), admin"
+    )
+    p.add_argument("-c", "--config", required=True, help="YAML file (see examples/sidecar.yaml)")
+    p.set_defaults(func=_run)
+
+    t = sub.add_parser(
+        "token",
+        help="print the claims and expiry of the token for an audience (not the token)",
+        description=(
+            "Ask the running sidecar (admin /tokens) for the claims and expiry of its token for "
+            "AUDIENCE; if none answers, fetch one now with a throw-away key. Claims are decoded, "
+            "not verified. The token itself is printed only with --show-token, and then it is a "
+            "freshly fetched one: the running sidecar never hands out its tokens."
+        ),
+    )
+    t.add_argument("-c", "--config", required=True, help="the sidecar's YAML file")
+    t.add_argument("--audience", required=True, help="the audience (e.g. a SPIFFE ID)")
+    t.add_argument("--fresh", action="store_true", help="fetch a new token instead of asking")
+    t.add_argument(
+        "--show-token", action="store_true", help="also print the (freshly fetched) token"
+    )
+    t.add_argument("--json", action="store_true", help="machine-readable output")
+    t.set_defaults(func=_token)
