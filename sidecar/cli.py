@@ -13,6 +13,7 @@ from sidecar.observability.logs import setup_logging
 COMMANDS = (
     "sidecar.authz.command",
     "sidecar.broker.command",
+    "sidecar.demo.command",
     "sidecar.envoy_command",
     "sidecar.run_command",
 )

@@ -1,0 +1,342 @@
+"""``sidecar demo``: the whole story on one machine, as local processes.
+
+    broker ─ issuer/STS: verifies the demo cluster's service-account tokens and unix peers
+    orders ─ a legacy app that echoes what it receives, behind the real Envoy, whose ext_authz
+             goes to orders' sidecar
+    frontend's sidecar ─ k8s attestor: a simulated kubelet writes its projected SA token
+    reports' sidecar   ─ unix attestor: the broker reads its peer credentials
+
+Then a walkthrough as the legacy clients would do it (plain HTTP to 127.0.0.1), a table of the
+outcomes, and exit 0 only when every step behaved as expected. ``--keep-running`` leaves the
+topology up; Ctrl-C (or SIGTERM) tears everything down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+
+from sidecar.demo import topology as topo
+from sidecar.demo.kubelet import SimulatedKubelet
+from sidecar.demo.report import Report, print_table
+from sidecar.demo.supervisor import StartupError, Supervisor, free_port
+from sidecar.demo.tap import WireTap
+from sidecar.demo.walkthrough import Walkthrough
+
+FRONTEND_ATTESTOR = "k8s attestor"
+REPORTS_ATTESTOR = "unix attestor"
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _pick_ports() -> topo.Placement:
+    """The defaults where they are free, any free port otherwise (and say so)."""
+    ports: dict[str, dict[str, int]] = {}
+    taken: set[int] = set()
+    for service, roles in topo.DEFAULT_PORTS.items():
+        ports[service] = {}
+        for role, default in roles.items():
+            port = free_port(default if default not in taken else None)
+            while port in taken:
+                port = free_port()
+            if port != default:
+                _say(f"  port {default} ({service} {role}) is taken: using {port}")
+            ports[service][role] = port
+            taken.add(port)
+    return topo.Placement(ports=ports)
+
+
+def _write(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class _Stop(Exception):
+    """SIGTERM/SIGHUP: unwind through the same teardown as Ctrl-C."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Demo:
+    def __init__(self, workdir: Path, token_ttl: int) -> None:
+        self.workdir = workdir
+        self.token_ttl = token_ttl
+        # Unix socket paths are limited to 108 bytes: keep the broker's run dir short.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="wis-", dir="/tmp"))
+        self.supervisor = Supervisor(workdir)
+        self.kubelet: SimulatedKubelet | None = None
+        self.tap: WireTap | None = None
+        self.placement = topo.Placement()
+        self.exe = os.path.realpath(sys.executable)
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        p = self.placement = _pick_ports()
+        py = [sys.executable, "-m"]
+        steps = 7
+        t0 = time.monotonic()
+
+        def progress(n: int, what: str) -> float:
+            _say(f"[{n}/{steps}] {what} …")
+            return time.monotonic()
+
+        def ready(since: float, where: str) -> None:
+            _say(f"      ready in {time.monotonic() - since:.1f}s — {where}")
+
+        t = progress(1, "simulated kubelet: demo cluster key, projected token for shop/frontend")
+        self.kubelet = SimulatedKubelet(self.workdir, audience=topo.BROKER_SA_AUDIENCE, ttl=600)
+        token_file = self.kubelet.write_token(topo.NAMESPACE, topo.FRONTEND_SA)
+        self.kubelet.run_rotation(topo.NAMESPACE, topo.FRONTEND_SA, every=60)
+        ready(t, f"token at {token_file}")
+
+        t = progress(2, "broker (issuer, token exchange, unix attestation socket)")
+        broker_cfg = _write(
+            self.workdir / "broker.yaml",
+            topo.broker_config(
+                p,
+                run_dir=str(self.run_dir),
+                cluster_jwks_file=str(self.kubelet.jwks_path),
+                unix_selectors={
+                    topo.REPORTS_ID: [f"unix:uid:{os.getuid()}", f"unix:path:{self.exe}"]
+                },
+                token_ttl=self.token_ttl,
+                audit_path=str(self.workdir / "broker-audit.jsonl"),
+            ),
+        )
+        self.broker_config = broker_cfg
+        broker = self.supervisor.start("broker", [*py, "sidecar", "broker", "-c", str(broker_cfg)])
+        self.supervisor.wait_http(broker, f"{topo.issuer(p)}/.well-known/openid-configuration")
+        ready(t, topo.issuer(p))
+
+        t = progress(3, "orders: the legacy app (knows nothing about tokens)")
+        orders = self.supervisor.start(
+            "orders",
+            [*py, "sidecar.apps.echo", "--host", "127.0.0.1", "--port",
+             str(p.port("orders", "http")), "--name", "orders"],
+        )  # fmt: skip
+        self.supervisor.wait_http(orders, f"{p.url('orders', 'http')}/__health")
+        ready(t, p.url("orders", "http"))
+
+        t = progress(4, "orders' sidecar (ext_authz gRPC, policy, replay and nonce checks)")
+        cfg = _write(self.workdir / "orders-sidecar.yaml", topo.orders_sidecar_config(p))
+        sidecar = self.supervisor.start("orders-sidecar", [*py, "sidecar", "run", "-c", str(cfg)])
+        self.supervisor.wait_http(sidecar, f"{p.url('orders-sidecar', 'admin')}/readyz")
+        ready(t, f"ext_authz on 127.0.0.1:{p.port('orders-sidecar', 'grpc')}")
+
+        t = progress(5, "Envoy in front of orders (ext_authz over gRPC, failure mode closed)")
+        from sidecar.envoy_command import envoy_binary
+        from sidecar.envoy_config import dump_yaml
+
+        envoy_cfg = self.workdir / "envoy.yaml"
+        envoy_cfg.write_text(dump_yaml(topo.envoy_bootstrap(p)))
+        admin = p.port("envoy", "admin")
+        envoy = self.supervisor.start(
+            "envoy",
+            [envoy_binary(), "-c", str(envoy_cfg), "--concurrency", "1", "--base-id",
+             str(admin), "--disable-hot-restart", "-l", "warning"],
+        )  # fmt: skip
+        self.supervisor.wait_http(envoy, f"{p.url('envoy', 'admin')}/ready")
+        ready(t, p.url("envoy", "ingress"))
+
+        t = progress(6, "frontend's sidecar (k8s attestor; egress through a wire tap)")
+        # The tap sits on the wire between frontend's sidecar and Envoy, forwarding verbatim:
+        # the place an attacker who can read traffic (but holds no key) would be.
+        self.tap = WireTap(p.port("envoy", "ingress"))
+        tap_port = self.tap.start()
+        cfg = _write(
+            self.workdir / "frontend-sidecar.yaml",
+            topo.caller_sidecar_config(
+                p, "frontend-sidecar", topo.k8s_attestor(str(token_file)),
+                upstream=f"http://127.0.0.1:{tap_port}",
+            ),
+        )  # fmt: skip
+        frontend = self.supervisor.start("frontend-sidecar",
+                                         [*py, "sidecar", "run", "-c", str(cfg)])  # fmt: skip
+        self.supervisor.wait_http(frontend, f"{p.url('frontend-sidecar', 'admin')}/readyz")
+        ready(t, f"egress on 127.0.0.1:{p.port('frontend-sidecar', 'egress')} → tap "
+                 f"127.0.0.1:{tap_port} → Envoy")  # fmt: skip
+
+        t = progress(7, "reports' sidecar (unix attestor over the broker's socket)")
+        cfg = _write(
+            self.workdir / "reports-sidecar.yaml",
+            topo.caller_sidecar_config(p, "reports-sidecar", topo.unix_attestor(str(self.run_dir))),
+        )
+        reports = self.supervisor.start("reports-sidecar", [*py, "sidecar", "run", "-c", str(cfg)])
+        self.supervisor.wait_http(reports, f"{p.url('reports-sidecar', 'admin')}/readyz")
+        ready(t, f"egress on 127.0.0.1:{p.port('reports-sidecar', 'egress')} → Envoy")
+        _say(f"topology up in {time.monotonic() - t0:.1f}s; logs and configs in {self.workdir}\n")
+
+    # -- walkthrough -------------------------------------------------------------------------
+
+    def walkthrough(self) -> Report:
+        assert self.tap is not None
+        _say(
+            "who vouched for whom:\n"
+            f"  frontend = {topo.FRONTEND_ID}\n"
+            "      k8s attestor: its sidecar exchanged (RFC 8693) the projected service-account\n"
+            f"      token for {topo.NAMESPACE}/{topo.FRONTEND_SA} that the simulated kubelet "
+            "signed with the demo cluster key\n"
+            f"  reports  = {topo.REPORTS_ID}\n"
+            f"      unix attestor: the broker read its sidecar's peer credentials (uid "
+            f"{os.getuid()}, executable {self.exe})\n"
+            "  Peer credentials cannot tell two processes of one user and one binary apart, so\n"
+            "  on this one machine only one identity is vouched for that way; frontend's comes\n"
+            "  from the cluster. In production each workload has its own uid, pod or node.\n"
+        )
+        _say("walkthrough (the legacy clients speak plain HTTP to 127.0.0.1 only):")
+        walk = Walkthrough(
+            placement=self.placement,
+            tap=self.tap,
+            broker_config=self.broker_config,
+            token_ttl=self.token_ttl,
+            frontend_attestor=FRONTEND_ATTESTOR,
+            reports_attestor=REPORTS_ATTESTOR,
+            say=_say,
+        )
+        report = walk.run()
+        report.topology = {
+            "ports": self.placement.ports,
+            "identities": {
+                topo.FRONTEND_ID: "k8s",
+                topo.REPORTS_ID: "unix",
+            },
+            "workdir": str(self.workdir),
+            "processes": {
+                c.name: c.popen.pid for c in self.supervisor.children if c.popen is not None
+            },
+        }
+        return report
+
+    def keep_running(self) -> None:
+        p = self.placement
+        egress_f = p.port("frontend-sidecar", "egress")
+        egress_r = p.port("reports-sidecar", "egress")
+        _say(
+            "\nThe topology stays up. Try, from another terminal:\n"
+            f"  curl -s  http://127.0.0.1:{egress_f}/orders/42     # as frontend: allowed\n"
+            f"  curl -si http://127.0.0.1:{egress_r}/orders/42     # as reports: 403\n"
+            f"  curl -si http://127.0.0.1:{p.port('envoy', 'ingress')}/orders/42"
+            "     # skipping the sidecar: 401\n"
+            f"  curl -s  {p.url('frontend-sidecar', 'admin')}/tokens       # frontend's token "
+            "claims (never the token)\n"
+            f"  curl -s  {p.url('orders-sidecar', 'admin')}/metrics      # orders' decisions\n"
+            f"  sidecar broker revoke -c {self.broker_config} --sub {topo.FRONTEND_ID}\n"
+            f"logs: {self.workdir}/*.log — Ctrl-C stops everything."
+        )
+        while True:
+            dead = [c.name for c in self.supervisor.children if not c.alive()]
+            if dead:
+                raise StartupError(f"{', '.join(dead)} exited; see {self.workdir}")
+            time.sleep(1.0)
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def stop(self) -> list[str]:
+        if self.tap is not None:
+            self.tap.stop()
+        if self.kubelet is not None:
+            self.kubelet.stop()
+        self.supervisor.stop_all()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return self.supervisor.survivors()
+
+
+def _run(args: argparse.Namespace) -> int:
+    keep = args.workdir is not None
+    workdir = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    demo = Demo(workdir, args.token_ttl)
+    code = 1
+    report: Report | None = None
+    try:
+        with _stop_signals():
+            try:
+                demo.start()
+                report = demo.walkthrough()
+                _say("")
+                print_table(report.steps, sys.stdout)
+                passed = sum(s.ok for s in report.steps)
+                _say(f"{passed} of {len(report.steps)} steps behaved as expected.")
+                code = 0 if report.ok else 1
+                if args.report:
+                    report.write_json(Path(args.report))
+                if args.keep_running:
+                    demo.keep_running()
+            except StartupError as err:
+                _say(f"\ndemo failed: {err}")
+                code = 2
+            except (KeyboardInterrupt, _Stop):
+                _say("\nstopping …")
+                code = code if report is not None else 130
+    finally:
+        # Signals during teardown must not leave children behind: ignore them until done.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        survivors = demo.stop()
+        if survivors:
+            _say(f"WARNING: still running after teardown: {', '.join(survivors)}")
+            code = code or 1
+        else:
+            _say("all demo processes stopped.")
+        if code == 0 and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        elif code != 0:
+            _say(f"logs kept in {workdir}")
+    return code
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the one-machine demo: broker, Envoy, three sidecars, and a walkthrough",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave the topology up after the walkthrough (Ctrl-C stops it)")
+    p.add_argument("--token-ttl", type=_ttl, default=10, metavar="SECONDS",
+                   help="lifetime of the tokens the broker issues (default 10: short, so a "
+                        "refresh happens during the walkthrough)")
+    p.add_argument("--workdir", default=None,
+                   help="keep configs and logs here (default: a temporary directory, removed "
+                        "after a green run)")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="also write the outcome of every step as JSON to FILE")
+    p.set_defaults(func=_run)  # fmt: skip
+
+
+def _ttl(value: str) -> int:
+    try:
+        ttl = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole seconds, got {value!r}") from None
+    if not 4 <= ttl <= 3600:
+        raise argparse.ArgumentTypeError(f"expected 4..3600 seconds, got {ttl}")
+    return ttl

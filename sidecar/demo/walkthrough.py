@@ -1,0 +1,288 @@
+"""The scripted walkthrough: what a legacy frontend (plain HTTP to 127.0.0.1), an on-path
+observer and an operator do, and what each should see.
+
+Every step states what it expects and records what it observed; nothing here decides an
+outcome except the comparison of the two, so a broken component shows up as a FAIL row.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.demo.report import Report, Step
+from sidecar.demo.tap import Captured, WireTap
+from sidecar.demo.topology import FRONTEND_ID, REPORTS_ID, Placement
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]  # lower-cased names; repeated ones comma-joined
+    body: bytes
+
+    def json(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.body)
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def reason(self) -> str:
+        return self.headers.get("x-authz-reason", "")
+
+    def seen_identity(self) -> str:
+        headers = self.json().get("headers", {})
+        return str(headers.get("x-workload-id", "")) if isinstance(headers, dict) else ""
+
+
+def call(
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 10.0,
+) -> Reply:
+    """One plain HTTP/1.1 request to 127.0.0.1, as a legacy client makes it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        merged: dict[str, str] = {}
+        for name, value in resp.getheaders():
+            key = name.lower()
+            merged[key] = f"{merged[key]}, {value}" if key in merged else value
+        return Reply(resp.status, merged, data)
+    finally:
+        conn.close()
+
+
+def metric(port: int, name: str) -> float:
+    """Sum of a Prometheus metric's samples on an admin port (0 if absent)."""
+    text = call(port, "GET", "/metrics").body.decode()
+    pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.M)
+    return sum(float(v) for v in pattern.findall(text))
+
+
+def current_token(admin_port: int) -> dict[str, Any]:
+    """The claims of a sidecar's cached token (its admin /tokens: never the token itself)."""
+    audiences = call(admin_port, "GET", "/tokens").json().get("audiences", [])
+    if not audiences or not isinstance(audiences[0], dict):
+        return {}
+    claims = audiences[0].get("claims") or {}
+    return claims if isinstance(claims, dict) else {}
+
+
+@dataclass
+class Walkthrough:
+    placement: Placement
+    tap: WireTap
+    broker_config: Path
+    token_ttl: float
+    frontend_attestor: str
+    reports_attestor: str
+    say: Callable[[str], None]
+
+    def __post_init__(self) -> None:
+        self.report = Report()
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _port(self, service: str, role: str) -> int:
+        return self.placement.port(service, role)
+
+    def _step(self, title: str, expected: str) -> Step:
+        step = Step(len(self.report.steps) + 1, title, expected)
+        self.report.steps.append(step)
+        self.say(f"  step {step.number}: {title}")
+        return step
+
+    def _run(self, step: Step, body: Callable[[Step], None]) -> None:
+        try:
+            body(step)
+        except (OSError, http.client.HTTPException, subprocess.SubprocessError) as exc:
+            step.ok = False
+            step.observed = f"error: {type(exc).__name__}: {exc}"
+
+    def run(self) -> Report:
+        self._run(self._step("frontend calls orders: GET /orders/42 on 127.0.0.1:"
+                             f"{self._port('frontend-sidecar', 'egress')}",
+                             "200; orders sees frontend's SPIFFE ID, no token"), self.allowed)
+        self._run(self._step("an on-path observer replays that exact request to Envoy",
+                             "401 replayed"), self.replayed)
+        self._run(self._step("the observer takes the captured token and proof to GET "
+                             "/orders/43", "401 htu_mismatch"), self.other_url)
+        self._run(self._step("reports calls orders (its sidecar, unix-attested)",
+                             "403 policy_denied"), self.forbidden)
+        self._run(self._step("a client skips its sidecar and calls Envoy directly",
+                             "401 missing_credentials"), self.no_credentials)
+        self._run(self._step("frontend POSTs /checkout/7, a route that demands a DPoP nonce",
+                             "200 after one use_dpop_nonce challenge answered by the sidecar"),
+                  self.nonce)
+        self._run(self._step("calls continue while frontend's token is refreshed",
+                             "every call 200; a new token (new jti) is in use"), self.refresh)
+        self._run(self._step("an operator revokes frontend at the broker, then restores it",
+                             "401 revoked within seconds; 200 again after restore"),
+                  self.revocation)  # fmt: skip
+        return self.report
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def allowed(self, step: Step) -> None:
+        reply = call(self._port("frontend-sidecar", "egress"), "GET", "/orders/42")
+        seen = reply.json().get("headers", {})
+        leaked = sorted({"authorization", "dpop"} & set(seen)) if isinstance(seen, dict) else []
+        identity = reply.seen_identity()
+        step.ok = reply.status == 200 and identity == FRONTEND_ID and not leaked
+        step.observed = (
+            f"{reply.status}; orders saw x-workload-id={identity or '(none)'} "
+            f"({self.frontend_attestor})"
+            + (f"; LEAKED {', '.join(leaked)}" if leaked else "; no authorization/dpop header")
+        )
+        step.details = {"status": reply.status, "x-workload-id": identity, "leaked": leaked}
+
+    def _captured(self, path: str) -> Captured:
+        captured = self.tap.last
+        if captured is None or captured.path != path:
+            raise OSError(f"the wire tap saw no request for {path}")
+        return captured
+
+    def replayed(self, step: Step) -> None:
+        captured = self._captured("/orders/42")
+        reply = call(self._port("envoy", "ingress"), captured.method, captured.path,
+                     captured.headers)  # fmt: skip
+        step.ok = reply.status == 401 and reply.reason == "replayed"
+        step.observed = f"{reply.status} {reply.reason or '(no reason)'}"
+        step.details = {"status": reply.status, "reason": reply.reason}
+
+    def other_url(self, step: Step) -> None:
+        captured = self._captured("/orders/42")
+        reply = call(self._port("envoy", "ingress"), "GET", "/orders/43", captured.headers)
+        step.ok = reply.status == 401 and reply.reason == "htu_mismatch"
+        step.observed = f"{reply.status} {reply.reason or '(no reason)'}"
+        step.details = {"status": reply.status, "reason": reply.reason}
+
+    def forbidden(self, step: Step) -> None:
+        reply = call(self._port("reports-sidecar", "egress"), "GET", "/orders/42")
+        step.ok = reply.status == 403 and reply.reason == "policy_denied"
+        step.observed = (
+            f"{reply.status} {reply.reason or '(no reason)'}: {REPORTS_ID} "
+            f"({self.reports_attestor}) is not in orders' policy"
+        )
+        step.details = {"status": reply.status, "reason": reply.reason}
+
+    def no_credentials(self, step: Step) -> None:
+        reply = call(self._port("envoy", "ingress"), "GET", "/orders/42")
+        challenge = reply.headers.get("www-authenticate", "")
+        step.ok = reply.status == 401 and reply.reason == "missing_credentials" and bool(challenge)
+        step.observed = f"{reply.status} {reply.reason or '(no reason)'}; WWW-Authenticate: " + (
+            challenge.split(",")[0] if challenge else "(none)"
+        )
+        step.details = {"status": reply.status, "reason": reply.reason}
+
+    def nonce(self, step: Step) -> None:
+        admin = self._port("frontend-sidecar", "admin")
+        before = metric(admin, "sidecar_egress_nonce_retries_total")
+        body = json.dumps({"order": 7, "items": 2}).encode()
+        reply = call(self._port("frontend-sidecar", "egress"), "POST", "/checkout/7",
+                     {"content-type": "application/json"}, body)  # fmt: skip
+        retries = metric(admin, "sidecar_egress_nonce_retries_total") - before
+        arrived = reply.json().get("body_bytes")
+        step.ok = (
+            reply.status == 200
+            and reply.seen_identity() == FRONTEND_ID
+            and retries == 1
+            and arrived == len(body)
+        )
+        step.observed = (
+            f"{reply.status}; {retries:.0f} challenge(s) answered by the sidecar; "
+            f"orders got the {arrived}-byte body once, from {reply.seen_identity() or '(none)'}"
+        )
+        step.details = {"status": reply.status, "nonce_retries": retries, "body_bytes": arrived}
+
+    def refresh(self, step: Step) -> None:
+        egress = self._port("frontend-sidecar", "egress")
+        admin = self._port("frontend-sidecar", "admin")
+        first = current_token(admin)
+        jtis = [first.get("jti")]
+        statuses: dict[int, int] = {}
+        deadline = time.monotonic() + self.token_ttl * 1.5 + 5
+        settle_until: float | None = None
+        calls = 0
+        while time.monotonic() < deadline:
+            reply = call(egress, "GET", f"/orders/{100 + calls}")
+            calls += 1
+            ok = reply.status == 200 and reply.seen_identity() == FRONTEND_ID
+            statuses[reply.status if ok else -reply.status] = (
+                statuses.get(reply.status if ok else -reply.status, 0) + 1
+            )
+            jti = current_token(admin).get("jti")
+            if jti != jtis[-1]:
+                jtis.append(jti)
+                settle_until = settle_until or time.monotonic() + 1.0  # keep calling a moment
+            if settle_until is not None and time.monotonic() >= settle_until:
+                break
+            time.sleep(0.02)
+        good = statuses.get(200, 0)
+        step.ok = len(jtis) >= 2 and good == calls and calls > 0
+        step.observed = (
+            f"{good} of {calls} calls 200; token jti {_short(jtis[0])} → "
+            + " → ".join(_short(j) for j in jtis[1:])
+            if len(jtis) > 1
+            else f"{good} of {calls} calls 200; the token was NOT refreshed"
+        )
+        step.details = {"calls": calls, "ok_calls": good, "jtis": jtis, "statuses": statuses}
+
+    def revocation(self, step: Step) -> None:
+        egress = self._port("frontend-sidecar", "egress")
+        started = time.monotonic()
+        self._revoke("--sub", FRONTEND_ID)
+        denied_after, reply = self._until(egress, lambda r: r.status != 200, 15.0)
+        reason = reply.reason
+        self._revoke("--sub", FRONTEND_ID, "--restore")
+        restored_at = time.monotonic()
+        back_after, back = self._until(egress, lambda r: r.status == 200, 15.0)
+        step.ok = (
+            reply.status == 401 and reason == "revoked" and back.status == 200
+            and back.seen_identity() == FRONTEND_ID
+        )  # fmt: skip
+        step.observed = (
+            f"{reply.status} {reason or '(no reason)'} {denied_after - started:.1f}s after "
+            f"`sidecar broker revoke --sub`; {back.status} again {back_after - restored_at:.1f}s "
+            "after --restore"
+        )
+        step.details = {"denied": reply.status, "reason": reason, "restored": back.status}
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _revoke(self, *args: str) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "sidecar", "broker", "revoke", "-c", str(self.broker_config),
+             *args],
+            check=True, capture_output=True, timeout=20,
+        )  # fmt: skip
+
+    @staticmethod
+    def _until(port: int, done: Callable[[Reply], bool], timeout: float) -> tuple[float, Reply]:
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = call(port, "GET", "/orders/42")
+            if done(reply) or time.monotonic() > deadline:
+                return time.monotonic(), reply
+            time.sleep(0.1)
+
+
+def _short(jti: object) -> str:
+    text = str(jti)
+    return text if len(text) <= 10 else text[:8] + "…"
