@@ -259,11 +259,13 @@ class Demo:
     # -- teardown ----------------------------------------------------------------------------
 
     def stop(self) -> list[str]:
-        if self.tap is not None:
-            self.tap.stop()
-        if self.kubelet is not None:
-            self.kubelet.stop()
-        self.supervisor.stop_all()
+        try:
+            if self.tap is not None:
+                self.tap.stop()
+            if self.kubelet is not None:
+                self.kubelet.stop()
+        finally:  # whatever happened above, the child processes go
+            self.supervisor.stop_all()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.supervisor.survivors()
 

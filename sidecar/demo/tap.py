@@ -5,6 +5,7 @@ request — the position of an attacker who can read traffic but holds no key.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -85,6 +86,12 @@ class WireTap:
         loop = self._loop
         if loop is None or self._thread is None:
             return
-        for task in asyncio.all_tasks(loop):
-            loop.call_soon_threadsafe(task.cancel)
+        def cancel_all() -> None:
+            # In the loop's own thread: cancelling one task by one from outside races with
+            # the loop closing as soon as the main task ends.
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+
+        with contextlib.suppress(RuntimeError):  # already closed: nothing left to stop
+            loop.call_soon_threadsafe(cancel_all)
         self._thread.join(timeout=5)
