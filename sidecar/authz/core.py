@@ -348,8 +348,16 @@ class Authorizer:
             error = "insufficient_scope"
         else:
             error = ""
+        desc = _quoted(detail)
+        if status == 403 and meta.get("sub"):
+            # RFC 6750 §3.1 / RFC 9449 §7.1: the caller authenticated but may not do this
+            # (a path refused before any credential was checked gets no challenge).
+            challenge = "Bearer" if scheme == "bearer" else self._dpop_challenge
+            sep = " " if scheme == "bearer" else ", "
+            headers.append(
+                ("www-authenticate", f'{challenge}{sep}error="{error}", error_description="{desc}"')
+            )
         if status == 401:
-            desc = _quoted(detail)
             if reason is Reason.MISSING_CREDENTIALS:
                 challenges = [self._dpop_challenge]
                 if route.auth == "bearer":

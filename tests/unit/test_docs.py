@@ -514,8 +514,10 @@ def test_every_deny_reason_documented() -> None:
     wrong = []
     for reason in Reason:
         status_cell, error_cell = documented[reason.value][:2]
-        # The deny the core builds for a request that used the DPoP scheme on a DPoP route.
-        deny = authorizer._deny(reason, "x", authorizer.policy.default_route, "dpop", 0.0, {})
+        # The deny the core builds for a request that used the DPoP scheme on a DPoP route,
+        # from a caller whose token was verified (``sub`` known).
+        meta = {"sub": "spiffe://example.org/caller"}
+        deny = authorizer._deny(reason, "x", authorizer.policy.default_route, "dpop", 0.0, meta)
         headers = dict(deny.headers)
         if status_cell != str(deny.status):
             wrong.append(f"{reason.value}: status {status_cell}, the core answers {deny.status}")

@@ -460,27 +460,25 @@ CASES = [
     # revoked
     Case("revoked-subject", Reason.REVOKED, revoked_subject),
     Case("revoked-jti", Reason.REVOKED, revoked_jti),
-    # policy_denied: 403, no challenge
+    # policy_denied: 403; an authenticated caller gets insufficient_scope (RFC 6750 §3.1),
+    # a path refused before any credential is looked at gets no challenge
     Case(
         "forbidden-caller",
         Reason.POLICY_DENIED,
         lambda h: dpop(h, h.token(sub=INTRUDER)),
-        scheme=None,
-        error=None,
+        error="insufficient_scope",
     ),
     Case(
         "forbidden-method",
         Reason.POLICY_DENIED,
         lambda h: dpop(h, h.token(), method="DELETE"),
-        scheme=None,
-        error=None,
+        error="insufficient_scope",
     ),
     Case(
         "prefix-is-not-a-string-prefix",
         Reason.POLICY_DENIED,
         lambda h: dpop(h, h.token(), path="/ordersX"),
-        scheme=None,
-        error=None,
+        error="insufficient_scope",
     ),
     Case(
         "dot-dot-segment",
