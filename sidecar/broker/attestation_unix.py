@@ -220,7 +220,14 @@ class UnixAttestor:
 
     async def attest(self, peer: PeerCreds) -> UnixEvidence:
         if peer.pid <= 0:
-            raise AttestationFailure("no_peer_credentials", "the peer has no pid")
+            # SO_PEERCRED reports pid 0 for a process outside our pid namespace (another
+            # container): with no /proc/<pid> to check we refuse rather than attest on
+            # uid/gid alone, and say how to fix it: that is the mistake containers make.
+            raise AttestationFailure(
+                "no_peer_credentials",
+                "the peer has no pid in the broker's pid namespace (a process in another "
+                "container? run it in the broker's pid namespace, e.g. pid: service:broker)",
+            )
         if peer.starttime is None:
             raise AttestationFailure("peer_gone", f"process {peer.pid} exited before attestation")
         exe_link = f"{self.proc}/{peer.pid}/exe"

@@ -1,9 +1,11 @@
 """The demo's topology as data: who runs, on which port, with which configuration.
 
-One description serves two renderings: ``sidecar demo`` (local processes on 127.0.0.1, ports
-picked at start) and the docker-compose files under ``deploy/compose/`` (service names as hosts,
-fixed ports). Keeping the configs here, built from one function per component, is what makes
-"the compose file has the demo's topology" checkable by a test instead of a promise.
+One description serves several renderings: ``sidecar demo`` (local processes on 127.0.0.1, ports
+picked at start), the docker-compose files under ``deploy/compose/`` and the Kubernetes example
+under ``deploy/kubernetes/`` (both :func:`pod_placement`: fixed ports, pods reached by name;
+``sidecar.demo.compose`` and ``sidecar.demo.kubernetes`` render them). Keeping the configs
+here, built from one function per component, is what makes "the compose file has the demo's
+topology" checkable by a test instead of a promise.
 
     legacy frontend ──► frontend's sidecar (egress, k8s attestor) ──► Envoy ──► orders (app)
     legacy reports  ──► reports' sidecar  (egress, unix attestor) ──┘    │
@@ -52,6 +54,9 @@ class Placement:
     hosts: dict[str, str] = field(default_factory=dict)
     #: the address services bind ("127.0.0.1" locally, "0.0.0.0" in containers)
     bind: str = "127.0.0.1"
+    #: per-listener exceptions to ``bind``, keyed "service.role" or "service" (pods: see
+    #: :func:`pod_placement`)
+    binds: dict[str, str] = field(default_factory=dict)
 
     def host(self, service: str) -> str:
         return self.hosts.get(service, "127.0.0.1")
@@ -59,8 +64,13 @@ class Placement:
     def port(self, service: str, role: str) -> int:
         return self.ports[service][role]
 
+    def bind_address(self, service: str, role: str) -> str:
+        """The address ``service`` binds for ``role``: "service.role", then "service", then
+        ``bind``."""
+        return self.binds.get(f"{service}.{role}", self.binds.get(service, self.bind))
+
     def listen(self, service: str, role: str) -> str:
-        return f"{self.bind}:{self.port(service, role)}"
+        return f"{self.bind_address(service, role)}:{self.port(service, role)}"
 
     def url(self, service: str, role: str) -> str:
         return f"http://{self.host(service)}:{self.port(service, role)}"
@@ -71,8 +81,44 @@ def _copy(ports: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
 
 
 def compose_placement() -> Placement:
-    """Containers: every service binds all interfaces and is reached by its service name."""
+    """Containers: every service binds all interfaces and is reached by its service name.
+
+    (The committed compose setup under ``deploy/compose/`` uses :func:`pod_placement` instead:
+    there, egress listeners and the app must not be reachable from other containers.)"""
     return Placement(hosts={name: name for name in DEFAULT_PORTS}, bind="0.0.0.0")
+
+
+#: Pods: the services that share one network namespace (a Kubernetes pod; ``network_mode:
+#: service:…`` in compose), each pod with its legacy app. Inside a pod they talk over
+#: 127.0.0.1. "frontend" and "reports" are the legacy clients (``sidecar.apps.legacy_client``).
+PODS: dict[str, tuple[str, ...]] = {
+    "broker": ("broker",),
+    "orders": ("orders", "orders-sidecar", "envoy"),
+    "frontend": ("frontend", "frontend-sidecar"),
+    "reports": ("reports", "reports-sidecar"),
+}
+#: The listeners other pods connect to: in pods, the only ones bound to all interfaces.
+EXPOSED: frozenset[tuple[str, str]] = frozenset({("broker", "http"), ("envoy", "ingress")})
+#: The legacy client of each caller pod → its sidecar.
+LEGACY_CLIENTS: dict[str, str] = {"frontend": "frontend-sidecar", "reports": "reports-sidecar"}
+
+
+def pod_of(service: str) -> str:
+    return next(pod for pod, members in PODS.items() if service in members)
+
+
+def pod_placement(pod_hosts: dict[str, str]) -> Placement:
+    """Services grouped in :data:`PODS`; pod ``x`` is reached at ``pod_hosts[x]`` (a compose
+    service, a cluster DNS name).
+
+    Only :data:`EXPOSED` listeners bind all interfaces; everything else binds 127.0.0.1 and
+    is reached only from inside its pod. That is the point: an egress listener other pods
+    could reach would lend them its workload's identity, and an app reachable directly would
+    let callers skip Envoy and its ext_authz.
+    """
+    hosts = {service: pod_hosts[pod_of(service)] for service, _ in EXPOSED}
+    binds = {f"{service}.{role}": "0.0.0.0" for service, role in EXPOSED}
+    return Placement(hosts=hosts, bind="127.0.0.1", binds=binds)
 
 
 def issuer(p: Placement) -> str:
@@ -202,7 +248,7 @@ def envoy_bootstrap(p: Placement) -> dict[str, Any]:
         admin_port=p.port("envoy", "admin"),
         mode="grpc",
         authz_port=p.port("orders-sidecar", "grpc"),
-        listen_host=p.bind,
+        listen_host=p.bind_address("envoy", "ingress"),
         upstream_host=p.host("orders"),
         authz_host=p.host("orders-sidecar"),
     )

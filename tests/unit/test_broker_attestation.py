@@ -95,6 +95,16 @@ def test_a_gone_peer_is_refused(proc: tuple[Path, Path]) -> None:
     assert err.value.reason == "no_peer_credentials"
 
 
+def test_a_peer_in_another_pid_namespace_is_refused_with_a_hint(tmp_path: Path) -> None:
+    """SO_PEERCRED gives pid 0 for a process in another pid namespace (another container,
+    even with a uid an entry selects): refused, and the detail says how to fix the setup."""
+    attestor = UnixAttestor(needs_sha256=False, proc=str(tmp_path))
+    with pytest.raises(AttestationFailure) as err:
+        asyncio.run(attestor.attest(PeerCreds(0, 1001, 1001, None, None)))
+    assert err.value.reason == "no_peer_credentials"
+    assert "pid namespace" in err.value.detail and "pid: service:broker" in err.value.detail
+
+
 def test_unreadable_exe_leaves_only_uid_and_gid(tmp_path: Path) -> None:
     root = tmp_path / "proc"
     (root / str(PID)).mkdir(parents=True)

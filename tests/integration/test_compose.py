@@ -1,0 +1,370 @@
+"""docker-compose.yml and deploy/compose/ against the demo's topology, without Docker.
+
+There is no Docker engine on the build machines, so instead of ``docker compose up`` this
+parses the compose file and checks everything it refers to: the services (the topology's, no
+more), pods (shared network namespaces), published ports, mounts and the generated config
+files, volumes, users and the broker's selectors, health checks and start order. The config
+files are parsed with the parsers the real commands use and must agree with each other, and
+real Envoy validates its bootstrap.
+"""
+
+from __future__ import annotations
+
+import re
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.broker.registry import unix_selectors
+from sidecar.demo import compose
+from sidecar.demo import topology as topo
+from tests.integration import deploy_checks as checks
+from tests.integration.harness import REPO_ROOT, validate_envoy_config
+
+COMPOSE_PATH = REPO_ROOT / compose.COMPOSE_FILE
+COMPOSE_DIR = COMPOSE_PATH.parent
+OUT_DIR = REPO_ROOT / compose.OUT_DIR
+DOC: dict[str, Any] = yaml.safe_load(COMPOSE_PATH.read_text())
+SERVICES: dict[str, dict[str, Any]] = DOC["services"]
+TOPOLOGY_SERVICES = {service for members in topo.PODS.values() for service in members}
+P = compose.placement()
+#: What each listening service's health check must probe: (port role, path).
+HEALTH = {
+    "broker": ("admin", "/readyz"),
+    "orders": ("http", "/__health"),
+    "envoy": ("admin", "/ready"),
+    "orders-sidecar": ("admin", "/readyz"),
+    "frontend-sidecar": ("admin", "/readyz"),
+    "reports-sidecar": ("admin", "/readyz"),
+}
+
+
+def _owner(pod: str) -> str:
+    """The service holding a pod's network namespace: its app (listed first in PODS)."""
+    return topo.PODS[pod][0]
+
+
+def _volumes(service: str) -> list[tuple[str, str, bool]]:
+    """(source, target, read-only) of the short-syntax volumes of ``service``."""
+    out = []
+    for spec in SERVICES[service].get("volumes", []):
+        assert isinstance(spec, str), f"{service}: use the short volume syntax: {spec!r}"
+        source, target, *mode = spec.split(":")
+        out.append((source, target, mode == ["ro"]))
+    return out
+
+
+def _is_bind(source: str) -> bool:
+    return source.startswith(("./", "../", "/"))
+
+
+def _mounted_file(service: str, path: str) -> Path:
+    """The host file behind ``path`` inside ``service`` (bind mounts only)."""
+    for source, target, read_only in _volumes(service):
+        if _is_bind(source) and target == path:
+            assert read_only, f"{service}: {target} must be mounted read-only"
+            return (COMPOSE_DIR / source).resolve()
+    raise AssertionError(f"{service}: nothing is mounted at {path}")
+
+
+def _config(name: str) -> Path:
+    return OUT_DIR / name
+
+
+def _generated() -> dict[str, dict[str, Any]]:
+    return compose.configs()
+
+
+# -- the generated files ---------------------------------------------------------------------
+
+
+def test_committed_configs_are_exactly_what_the_generator_renders() -> None:
+    rendered = compose.render_all()
+    assert set(rendered) == set(compose.FILES)
+    on_disk = {p.name for p in OUT_DIR.iterdir() if p.is_file()}
+    assert on_disk == set(rendered), f"unexpected or missing files in {OUT_DIR}"
+    stale = sorted(n for n, text in rendered.items() if _config(n).read_text() != text)
+    assert not stale, f"stale {stale}: run `{compose.COMMAND}`"
+    for name in rendered:
+        assert _config(name).read_text().startswith("# GENERATED FILE"), name
+
+
+def test_generator_check_mode_detects_a_stale_file(tmp_path: Path) -> None:
+    assert compose.main(["--check"]) == 0
+    assert compose.main(["--write", "--out-dir", str(tmp_path)]) == 0
+    assert compose.main(["--check", "--out-dir", str(tmp_path)]) == 0
+    edited = tmp_path / "broker.yaml"
+    edited.write_text(edited.read_text().replace("ttl: 300", "ttl: 301"))
+    assert compose.main(["--check", "--out-dir", str(tmp_path)]) == 1
+    assert "ttl: 301" in edited.read_text(), "--check must not rewrite anything"
+
+
+# -- services and pods -----------------------------------------------------------------------
+
+
+def test_services_are_exactly_the_topology() -> None:
+    assert set(SERVICES) == TOPOLOGY_SERVICES
+    assert set(topo.DEFAULT_PORTS) <= TOPOLOGY_SERVICES
+    assert set(DOC) <= {"name", "services", "volumes", "x-image", "x-probe", "x-health"}
+
+
+def test_every_service_runs_the_one_image_non_root_and_read_only() -> None:
+    dockerfile = REPO_ROOT / "Dockerfile"
+    for name, service in SERVICES.items():
+        assert service["build"] == ".", name
+        assert (COMPOSE_DIR / service["build"] / "Dockerfile").resolve() == dockerfile, name
+        assert service["image"] == "workload-identity-sidecar:local", name
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        assert str(service.get("user", "")).split(":")[0] not in ("0", "root"), name
+
+
+def test_pods_share_their_apps_network_namespace() -> None:
+    for pod, members in topo.PODS.items():
+        owner = _owner(pod)
+        assert "network_mode" not in SERVICES[owner], f"{owner} owns pod {pod}'s namespace"
+        for member in members[1:]:
+            assert SERVICES[member].get("network_mode") == f"service:{owner}", member
+    for name, service in SERVICES.items():
+        mode = service.get("network_mode")
+        if mode is not None:
+            target = mode.removeprefix("service:")
+            assert target in SERVICES and "network_mode" not in SERVICES[target], name
+            assert "ports" not in service, f"{name}: ports belong to the pod's owner {target}"
+
+
+def test_only_exposed_listeners_bind_all_interfaces() -> None:
+    """In pods, everything but the broker's HTTP port and Envoy's ingress is loopback-only:
+    nobody on the compose network can borrow an egress identity or skip Envoy."""
+    for service, roles in topo.DEFAULT_PORTS.items():
+        for role in roles:
+            expected = "0.0.0.0" if (service, role) in topo.EXPOSED else "127.0.0.1"
+            assert P.bind_address(service, role) == expected, (service, role)
+    for caller in compose.CALLER_UIDS:
+        (upstream,) = checks.load_sidecar_config(_config(f"{caller}.yaml")).egress.upstreams
+        assert upstream.listen == ("127.0.0.1", topo.DEFAULT_PORTS[caller]["egress"]), caller
+
+
+def test_published_ports_are_the_exposed_listeners_on_loopback() -> None:
+    published: set[tuple[str, str]] = set()
+    for name, service in SERVICES.items():
+        for spec in service.get("ports", []):
+            match = re.fullmatch(r"127\.0\.0\.1:(\d+):(\d+)", str(spec))
+            assert match, f"{name}: publish on 127.0.0.1 only, as HOST:CONTAINER ({spec!r})"
+            host_port, port = int(match[1]), int(match[2])
+            assert host_port == port, f"{name}: {spec} (the demo's default port on both sides)"
+            pod = topo.pod_of(name)
+            found = [(s, r) for s, r in topo.EXPOSED
+                     if topo.pod_of(s) == pod and topo.DEFAULT_PORTS[s][r] == port]  # fmt: skip
+            assert len(found) == 1, f"{name}: port {port} is no exposed listener of pod {pod}"
+            published |= set(found)
+    assert published == set(topo.EXPOSED)
+
+
+# -- commands, mounts, volumes ---------------------------------------------------------------
+
+
+def test_commands_read_the_generated_configs_through_read_only_mounts() -> None:
+    by_service = {service: name for name, service in compose.FILES.items()}
+    for name, service in SERVICES.items():
+        command = service["command"]
+        if name not in by_service:
+            assert "-c" not in command, name
+            continue
+        path = checks.config_arg(command)
+        assert PurePosixPath(path).parent == PurePosixPath(compose.CONFIG_DIR), name
+        host_file = _mounted_file(name, path)
+        assert host_file == _config(by_service[name]).resolve(), f"{name} reads {host_file}"
+        assert host_file.is_file(), host_file
+    for name in SERVICES:
+        for source, _, _ in _volumes(name):
+            if _is_bind(source):
+                assert (COMPOSE_DIR / source).exists(), f"{name}: {source} does not exist"
+
+
+def test_the_commands_are_the_topologys() -> None:
+    assert SERVICES["broker"]["command"][:2] == ["sidecar", "broker"]
+    assert SERVICES["envoy"]["command"][0] == "envoy"
+    assert "--disable-hot-restart" in SERVICES["envoy"]["command"]
+    for name in ("orders-sidecar", "frontend-sidecar", "reports-sidecar"):
+        assert SERVICES[name]["command"][:2] == ["sidecar", "run"], name
+    orders = SERVICES["orders"]["command"]
+    assert orders[:3] == ["python", "-m", "sidecar.apps.echo"]
+    assert checks.option(orders, "--host") == "127.0.0.1"  # only Envoy, in the pod, calls it
+    assert int(checks.option(orders, "--port")) == P.port("orders", "http")
+    assert checks.option(orders, "--name") == "orders"
+    for client, sidecar in topo.LEGACY_CLIENTS.items():
+        command = SERVICES[client]["command"]
+        assert command[:3] == ["python", "-m", "sidecar.apps.legacy_client"], client
+        host, port, path = checks.url_parts(checks.option(command, "--url"))
+        assert (host, port) == ("127.0.0.1", P.port(sidecar, "egress")), client
+        assert path.startswith(topo.ORDERS_PREFIX + "/"), client
+        assert checks.option(command, "--name") == client
+
+
+def test_named_volumes_are_declared_and_only_the_attestation_parties_mount_the_socket() -> None:
+    declared = set(DOC.get("volumes") or {})
+    used = {src for name in SERVICES for src, _, _ in _volumes(name) if not _is_bind(src)}
+    assert used == declared == {compose.RUN_VOLUME}
+    mounts = {
+        name: (target, read_only)
+        for name in SERVICES
+        for source, target, read_only in _volumes(name)
+        if source == compose.RUN_VOLUME
+    }
+    assert mounts == {
+        "broker": (compose.RUN_DIR, False),
+        "frontend-sidecar": (compose.RUN_DIR, True),
+        "reports-sidecar": (compose.RUN_DIR, True),
+    }
+
+
+def test_callers_are_attested_by_uid_over_the_shared_socket() -> None:
+    broker = checks.load_broker_config(_config("broker.yaml"))
+    socket = broker.attestation_socket
+    assert socket is not None and PurePosixPath(socket).parent == PurePosixPath(compose.RUN_DIR)
+    assert PurePosixPath(broker.admin_socket).parent == PurePosixPath(compose.RUN_DIR)
+    assert len(set(compose.CALLER_UIDS.values())) == len(compose.CALLER_UIDS)
+    for name, uid in compose.CALLER_UIDS.items():
+        service = SERVICES[name]
+        assert str(service["user"]) == f"{uid}:{uid}", name
+        # A peer outside the broker's pid namespace shows pid 0 and is refused.
+        assert service["pid"] == "service:broker", name
+        attestor = checks.load_sidecar_config(_config(f"{name}.yaml")).identity.attestor
+        assert (attestor.kind, attestor.socket) == ("unix", socket), name
+        # What the broker sees of this caller: uid/gid only (its executable belongs to another
+        # uid, so /proc/<pid>/exe is unreadable to the broker).
+        entry = broker.registry.match(unix_selectors(uid=uid, gid=uid, path=None, sha256=None))
+        assert entry is not None and entry.spiffe_id == compose.CALLER_IDS[name], name
+    others = {str(s.get("user", "")).split(":")[0] for n, s in SERVICES.items()
+              if n not in compose.CALLER_UIDS}  # fmt: skip
+    assert not others & {str(uid) for uid in compose.CALLER_UIDS.values()}
+    for name in SERVICES:  # only the callers need the broker's pid namespace
+        assert ("pid" in SERVICES[name]) == (name in compose.CALLER_UIDS), name
+
+
+def test_dockerfile_prepares_the_run_directory_for_a_non_root_broker() -> None:
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    assert re.search(r"^RUN pip install .*\s\.\s", text, re.M), "the image installs the package"
+    (user,) = re.findall(r"^USER (\S+)", text, re.M)
+    uid = user.split(":")[0]
+    assert uid not in ("0", "root")
+    # A fresh named volume copies this directory's owner and mode: the broker's, 0755.
+    assert re.search(rf"install -d -o {uid} -g \d+ -m 0755 {re.escape(compose.RUN_DIR)}\b", text)
+    ignore = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert {"*", "!pyproject.toml", "!README.md", "!sidecar"} <= set(ignore)
+
+
+# -- health and start order ------------------------------------------------------------------
+
+
+def test_every_listening_service_has_a_health_check_on_its_own_loopback() -> None:
+    assert set(HEALTH) == set(topo.DEFAULT_PORTS)
+    for name, service in SERVICES.items():
+        if name not in HEALTH:
+            assert "healthcheck" not in service, f"{name} listens on nothing to probe"
+            continue
+        check = service["healthcheck"]
+        assert check["test"][0] == "CMD", name
+        url = checks.probe_url(check["test"][1:], name)
+        role, path = HEALTH[name]
+        assert checks.url_parts(url) == ("127.0.0.1", P.port(name, role), path), name
+        assert check["retries"] >= 3 and check["interval"] and check["timeout"], name
+
+
+def test_depends_on_targets_exist_and_start_in_order() -> None:
+    graph: dict[str, set[str]] = {}
+    for name, service in SERVICES.items():
+        deps: dict[str, Any] = service.get("depends_on", {})
+        assert isinstance(deps, dict), f"{name}: depends_on with conditions"
+        for target, how in deps.items():
+            assert target in SERVICES, f"{name} depends on unknown {target}"
+            condition = how["condition"]
+            assert condition in ("service_healthy", "service_started"), (name, target)
+            if condition == "service_healthy":
+                assert "healthcheck" in SERVICES[target], f"{target} has no health check"
+        # Joined namespaces are dependencies too: say so explicitly.
+        for key in ("network_mode", "pid"):
+            if key in service:
+                assert service[key].removeprefix("service:") in deps, (name, key)
+        graph[name] = set(deps)
+    try:
+        tuple(TopologicalSorter(graph).static_order())
+    except CycleError as exc:
+        raise AssertionError(f"depends_on has a cycle: {exc.args[1]}") from None
+
+    def healthy(name: str, target: str) -> bool:
+        return bool(SERVICES[name]["depends_on"].get(target, {}).get("condition")
+                    == "service_healthy")  # fmt: skip
+
+    assert healthy("orders-sidecar", "broker")  # its issuer's keys come from the broker
+    assert healthy("envoy", "orders-sidecar") and healthy("envoy", "orders")
+    for client, sidecar in topo.LEGACY_CLIENTS.items():
+        assert healthy(sidecar, "broker"), sidecar
+        assert healthy(client, "envoy"), client
+
+
+# -- the configuration files agree with each other -------------------------------------------
+
+
+def test_configs_parse_and_reference_each_other() -> None:
+    broker = checks.load_broker_config(_config("broker.yaml"))
+    issuer = f"http://broker:{P.port('broker', 'http')}"
+    assert broker.issuer == issuer == topo.issuer(P)
+    assert broker.listen == ("0.0.0.0", P.port("broker", "http"))
+    assert broker.admin_listen == ("127.0.0.1", P.port("broker", "admin"))
+    assert broker.clusters == ()  # unix attestation only
+    assert {e.spiffe_id for e in broker.registry.entries} == set(compose.CALLER_IDS.values())
+    for entry in broker.registry.entries:
+        assert entry.allows_audience(topo.ORDERS_ID), entry.spiffe_id
+
+    envoy: dict[str, Any] = yaml.safe_load(_config("envoy.yaml").read_text())
+    ingress = checks.envoy_listener(envoy)
+    assert ingress == ("0.0.0.0", P.port("envoy", "ingress"))
+    endpoints = checks.envoy_endpoints(envoy)
+    assert endpoints["app"] == ("127.0.0.1", P.port("orders", "http"))
+    assert checks.envoy_admin(envoy) == ("127.0.0.1", P.port("envoy", "admin"))
+
+    orders = checks.load_sidecar_config(_config("orders-sidecar.yaml"))
+    assert orders.identity is None and orders.egress is None
+    assert topo.ORDERS_ID in orders.authz.settings.audiences
+    assert [s.location.issuer for s in orders.authz.sources] == [issuer]
+    assert orders.authz.revocation_url == f"{issuer}/revocations"
+    assert endpoints["ext_authz"] == orders.authz.grpc_listen == ("127.0.0.1", 9191)
+    assert orders.admin == ("127.0.0.1", P.port("orders-sidecar", "admin"))
+    policy = orders.authz.policy
+    assert policy.allowing_rule(topo.FRONTEND_ID, "GET", "/orders/1") is not None
+    assert policy.allowing_rule(topo.REPORTS_ID, "GET", "/orders/1") is None
+
+    # Callers reach Envoy by the name of the pod it runs in: the service owning that namespace.
+    envoy_host = SERVICES["envoy"]["network_mode"].removeprefix("service:")
+    for name in compose.CALLER_UIDS:
+        cfg = checks.load_sidecar_config(_config(f"{name}.yaml"))
+        assert cfg.identity.issuer == issuer, name
+        assert topo.ORDERS_ID in cfg.identity.audiences, name
+        (upstream,) = cfg.egress.upstreams
+        assert upstream.target.origin == f"http://{envoy_host}:{ingress[1]}", name
+        assert upstream.target.audience == topo.ORDERS_ID, name
+        assert upstream.listen == ("127.0.0.1", P.port(name, "egress")), name
+        assert cfg.admin == ("127.0.0.1", P.port(name, "admin")), name
+        assert cfg.authz is None, name
+
+
+def test_generated_data_round_trips_through_the_files() -> None:
+    """What the files say is what the generator meant (no YAML surprises on the way)."""
+    for name, data in _generated().items():
+        assert yaml.safe_load(_config(name).read_text()) == data, name
+
+
+@pytest.mark.integration
+def test_envoy_bootstrap_passes_envoy_validate() -> None:
+    result = validate_envoy_config(_config("envoy.yaml"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"envoy --mode validate failed:\n{output}"
+    assert "OK" in output, output
+    assert "deprecated" not in output.lower(), output
