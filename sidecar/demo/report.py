@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import textwrap
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,10 @@ class Report:
         return {"ok": self.ok, "steps": [asdict(s) for s in self.steps], **self.topology}
 
     def write_json(self, path: Path) -> None:
-        path.write_text(json.dumps(self.as_dict(), indent=2, sort_keys=True) + "\n")
+        # Atomically: a reader polling for the file never sees half of it.
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.as_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
 
 def _wrap(text: str, width: int) -> list[str]:

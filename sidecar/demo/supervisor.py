@@ -13,9 +13,11 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -36,16 +38,72 @@ def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the demo dies, even by SIGKILL (Linux only).
-
-    Without it a killed demo (no chance to run its teardown) would orphan six servers
-    holding the default ports."""
+def _load_prctl() -> Any:
+    # Resolved here, in the parent: dlopen between fork and exec is unsafe once threads run.
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # pragma: no cover - not Linux: teardown still runs
-        pass
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    def hook() -> None:
+        """In the child before exec: SIGTERM when the demo dies, even by SIGKILL (Linux).
+
+        Without it a killed demo (no chance to run its teardown) would orphan six servers
+        holding the default ports."""
+        if _PRCTL is not None:
+            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the demo died before prctl took effect
+            os._exit(1)
+
+    return hook
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGHUP: unwind through the same teardown as Ctrl-C."""
+
+
+_deferring = False
+_pending: int | None = None
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    global _pending
+    if _deferring:
+        _pending = signum  # raised once the spawn is complete
+        return
+    _raise_for(signum)
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Stopped(signal.Signals(signum).name)
+
+
+def install_stop_handlers() -> None:
+    """Ctrl-C, SIGTERM and SIGHUP raise in the main thread — except while a child is being
+    spawned: an exception raised inside fork's at-fork callbacks is swallowed by CPython and
+    can leave the logging module's lock held (seen as a hung thread later)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_stop_signal)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    global _deferring, _pending
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        if _pending is not None:
+            signum, _pending = _pending, None
+            _raise_for(signum)
 
 
 class StartupError(RuntimeError):
@@ -78,7 +136,8 @@ class Supervisor:
     def start(self, name: str, args: Sequence[str], env: dict[str, str] | None = None) -> Child:
         child = Child(name, [str(a) for a in args], self.workdir / f"{name}.log")
         merged = {**self.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        with open(child.log_path, "ab") as log:
+        # Deferred signals: a Ctrl-C lands after the child is recorded, so teardown stops it.
+        with _signals_deferred(), open(child.log_path, "wb") as log:  # a fresh log per run
             child.popen = subprocess.Popen(
                 child.args,
                 stdin=subprocess.DEVNULL,
@@ -86,9 +145,9 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 env=merged,
                 start_new_session=True,  # its own group: stop() reaches its children too
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent(os.getpid()),
             )
-        self.children.append(child)
+            self.children.append(child)
         return child
 
     def wait_http(self, child: Child, url: str, timeout: float = 30.0) -> None:
@@ -111,8 +170,24 @@ class Supervisor:
                            f"{child.log_tail()}")  # fmt: skip
 
     def stop_all(self, timeout: float = 5.0) -> None:
-        for child in reversed(self.children):
-            _stop(child, timeout)
+        """SIGTERM to every group at once, one shared deadline, then SIGKILL what is left."""
+        running = [c.popen for c in reversed(self.children) if c.popen is not None]
+        for popen in running:
+            _signal_group(popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for popen in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for popen in running:
+            _kill_group(popen)
+
+    def dead(self) -> str:
+        """Children that exited, with their exit code and log ("" when all run)."""
+        return ", ".join(
+            f"{c.name} (exit {c.popen.returncode}, log {c.log_path})"
+            for c in self.children
+            if c.popen is not None and c.popen.poll() is not None
+        )
 
     def survivors(self) -> list[str]:
         out = []
@@ -125,24 +200,21 @@ class Supervisor:
         return out
 
 
-def _stop(child: Child, timeout: float) -> None:
-    popen = child.popen
-    if popen is None:
-        return
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(popen.pid, sig)
-        try:
-            popen.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    # The group may outlive its leader briefly (e.g. Envoy's threads are not separate
-    # processes, but a shell wrapper's children would be): make sure it is gone.
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _kill_group(popen: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the group until it is gone (the leader may be reaped before its group ends)."""
+    if popen.poll() is None:
+        _signal_group(popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(timeout=2.0)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         try:
             os.killpg(popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             return
         time.sleep(0.05)

@@ -187,7 +187,7 @@ def orders_sidecar_config(p: Placement) -> dict[str, Any]:
             "grpc": {"listen": p.listen("orders-sidecar", "grpc")},
             "http": {"enabled": False},
             "nonce": {"secret": DEMO_NONCE_SECRET},
-            "revocation": {"url": f"{issuer(p)}/revocations", "interval": 2},
+            "revocation": {"url": f"{issuer(p)}/revocations", "interval": 1},
             "routes": [{"prefix": CHECKOUT_PREFIX, "auth": "dpop", "nonce": True}],
             "rules": [
                 {

@@ -21,6 +21,7 @@ from typing import Any
 from sidecar.demo.report import Report, Step
 from sidecar.demo.tap import Captured, WireTap
 from sidecar.demo.topology import FRONTEND_ID, REPORTS_ID, Placement
+from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,44 @@ def current_token(admin_port: int) -> dict[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
+def wire_jti(captured: Captured | None) -> str | None:
+    """The ``jti`` of the access token a captured request carried (read, not verified: the
+    demo only wants to know WHICH token was on the wire)."""
+    if captured is None:
+        return None
+    auth = next((v for k, v in captured.headers.items() if k.lower() == "authorization"), "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "dpop" or not token:
+        return None
+    try:
+        jti = parse_compact(token.strip(), max_bytes=16384).payload.get("jti")
+    except JWSFormatError:
+        return None
+    return jti if isinstance(jti, str) and jti else None
+
+
+def describe(record: dict[str, Any], *, short: bool = False) -> str:
+    """What the broker's audit record says vouched for a token, in a few words."""
+    attestor = record.get("attestor")
+    if attestor == "k8s":
+        account = f"{record.get('namespace')}/{record.get('service_account')}"
+        if short:
+            return f"k8s attestor ({account})"
+        return f"k8s attestor: service account {account} of {record.get('cluster')}"
+    if attestor == "unix":
+        if short:
+            return f"unix attestor (uid {record.get('uid')})"
+        return f"unix attestor: uid {record.get('uid')}, executable {record.get('exe')}"
+    return "no issuance record found in the broker's audit log"
+
+
 @dataclass
 class Walkthrough:
     placement: Placement
     tap: WireTap
     broker_config: Path
+    audit_log: Path
     token_ttl: float
-    frontend_attestor: str
-    reports_attestor: str
     say: Callable[[str], None]
 
     def __post_init__(self) -> None:
@@ -111,9 +142,31 @@ class Walkthrough:
     def _run(self, step: Step, body: Callable[[Step], None]) -> None:
         try:
             body(step)
-        except (OSError, http.client.HTTPException, subprocess.SubprocessError) as exc:
+        except Exception as exc:  # one broken step is a FAIL row, not a lost table
             step.ok = False
             step.observed = f"error: {type(exc).__name__}: {exc}"
+
+    def vouched(self, service: str) -> dict[str, Any]:
+        """The broker's audit record of the token ``service``'s sidecar holds now: who the
+        broker issued it to and which attestor vouched (observed, not assumed)."""
+        jti = current_token(self._port(service, "admin")).get("jti")
+        deadline = time.monotonic() + 3.0
+        while jti:
+            try:
+                lines = self.audit_log.read_text().splitlines()
+            except FileNotFoundError:
+                lines = []
+            for line in reversed(lines):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("event") == "issuance" and record.get("jti") == jti:
+                    return dict(record)
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return {}
 
     def run(self) -> Report:
         self._run(self._step("frontend calls orders: GET /orders/42 on 127.0.0.1:"
@@ -144,13 +197,25 @@ class Walkthrough:
         seen = reply.json().get("headers", {})
         leaked = sorted({"authorization", "dpop"} & set(seen)) if isinstance(seen, dict) else []
         identity = reply.seen_identity()
-        step.ok = reply.status == 200 and identity == FRONTEND_ID and not leaked
+        record = self.vouched("frontend-sidecar")
+        step.ok = (
+            reply.status == 200
+            and identity == FRONTEND_ID
+            and not leaked
+            and record.get("sub") == FRONTEND_ID
+            and record.get("attestor") == "k8s"
+        )
         step.observed = (
-            f"{reply.status}; orders saw x-workload-id={identity or '(none)'} "
-            f"({self.frontend_attestor})"
+            f"{reply.status}; orders saw x-workload-id={identity or '(none)'}, vouched for by "
+            f"the {describe(record, short=True)}"
             + (f"; LEAKED {', '.join(leaked)}" if leaked else "; no authorization/dpop header")
         )
-        step.details = {"status": reply.status, "x-workload-id": identity, "leaked": leaked}
+        step.details = {
+            "status": reply.status,
+            "x-workload-id": identity,
+            "leaked": leaked,
+            "attestor": record.get("attestor"),
+        }
 
     def _captured(self, path: str) -> Captured:
         captured = self.tap.last
@@ -175,12 +240,25 @@ class Walkthrough:
 
     def forbidden(self, step: Step) -> None:
         reply = call(self._port("reports-sidecar", "egress"), "GET", "/orders/42")
-        step.ok = reply.status == 403 and reply.reason == "policy_denied"
-        step.observed = (
-            f"{reply.status} {reply.reason or '(no reason)'}: {REPORTS_ID} "
-            f"({self.reports_attestor}) is not in orders' policy"
+        record = self.vouched("reports-sidecar")
+        step.ok = (
+            reply.status == 403
+            and reply.reason == "policy_denied"
+            and record.get("sub") == REPORTS_ID
+            and record.get("attestor") == "unix"
         )
-        step.details = {"status": reply.status, "reason": reply.reason}
+        step.observed = (
+            f"{reply.status} {reply.reason or '(no reason)'}: the caller is "
+            f"{record.get('sub', '(unknown)')}, vouched for by the "
+            f"{describe(record, short=True)}; "
+            "orders' policy does not list it"
+        )
+        step.details = {
+            "status": reply.status,
+            "reason": reply.reason,
+            "sub": record.get("sub"),
+            "attestor": record.get("attestor"),
+        }
 
     def no_credentials(self, step: Step) -> None:
         reply = call(self._port("envoy", "ingress"), "GET", "/orders/42")
@@ -213,9 +291,8 @@ class Walkthrough:
 
     def refresh(self, step: Step) -> None:
         egress = self._port("frontend-sidecar", "egress")
-        admin = self._port("frontend-sidecar", "admin")
-        first = current_token(admin)
-        jtis = [first.get("jti")]
+        # The tokens seen ON THE WIRE (by the tap), not what the sidecar says it holds.
+        jtis: list[str] = []
         statuses: dict[int, int] = {}
         deadline = time.monotonic() + self.token_ttl * 1.5 + 5
         settle_until: float | None = None
@@ -223,36 +300,38 @@ class Walkthrough:
         while time.monotonic() < deadline:
             reply = call(egress, "GET", f"/orders/{100 + calls}")
             calls += 1
-            ok = reply.status == 200 and reply.seen_identity() == FRONTEND_ID
-            statuses[reply.status if ok else -reply.status] = (
-                statuses.get(reply.status if ok else -reply.status, 0) + 1
-            )
-            jti = current_token(admin).get("jti")
-            if jti != jtis[-1]:
+            key = reply.status if reply.seen_identity() == FRONTEND_ID else -reply.status
+            statuses[key] = statuses.get(key, 0) + 1
+            jti = wire_jti(self.tap.last)
+            if jti and (not jtis or jti != jtis[-1]):
                 jtis.append(jti)
-                settle_until = settle_until or time.monotonic() + 1.0  # keep calling a moment
+                if len(jtis) >= 2 and settle_until is None:
+                    settle_until = time.monotonic() + 1.0  # keep calling a moment after
             if settle_until is not None and time.monotonic() >= settle_until:
                 break
             time.sleep(0.02)
         good = statuses.get(200, 0)
-        step.ok = len(jtis) >= 2 and good == calls and calls > 0
-        step.observed = (
-            f"{good} of {calls} calls 200; token jti {_short(jtis[0])} → "
-            + " → ".join(_short(j) for j in jtis[1:])
-            if len(jtis) > 1
-            else f"{good} of {calls} calls 200; the token was NOT refreshed"
-        )
+        step.ok = len(set(jtis)) >= 2 and good == calls and calls > 0
+        if len(jtis) > 1:
+            step.observed = f"{good} of {calls} calls 200; tokens on the wire: " + " → ".join(
+                f"jti {_short(j)}" for j in jtis
+            )
+        else:
+            step.observed = f"{good} of {calls} calls 200; the token on the wire did NOT change"
         step.details = {"calls": calls, "ok_calls": good, "jtis": jtis, "statuses": statuses}
 
     def revocation(self, step: Step) -> None:
         egress = self._port("frontend-sidecar", "egress")
         started = time.monotonic()
         self._revoke("--sub", FRONTEND_ID)
-        denied_after, reply = self._until(egress, lambda r: r.status != 200, 15.0)
-        reason = reply.reason
-        self._revoke("--sub", FRONTEND_ID, "--restore")
+        try:
+            # Until orders' sidecar answers with a reason (its revocation poll has run).
+            denied_after, reply = self._until(egress, lambda r: bool(r.reason), 15.0)
+        finally:
+            self._revoke("--sub", FRONTEND_ID, "--restore")  # never leave frontend revoked
         restored_at = time.monotonic()
         back_after, back = self._until(egress, lambda r: r.status == 200, 15.0)
+        reason = reply.reason
         step.ok = (
             reply.status == 401 and reason == "revoked" and back.status == 200
             and back.seen_identity() == FRONTEND_ID
@@ -267,11 +346,14 @@ class Walkthrough:
     # -- helpers -----------------------------------------------------------------------------
 
     def _revoke(self, *args: str) -> None:
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "sidecar", "broker", "revoke", "-c", str(self.broker_config),
              *args],
-            check=True, capture_output=True, timeout=20,
+            check=False, capture_output=True, text=True, timeout=20,
         )  # fmt: skip
+        if done.returncode != 0:
+            raise OSError(f"sidecar broker revoke {' '.join(args)} failed: "
+                          f"{done.stderr.strip()[-300:]}")  # fmt: skip
 
     @staticmethod
     def _until(port: int, done: Callable[[Reply], bool], timeout: float) -> tuple[float, Reply]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,10 +26,16 @@ from tests.integration.harness import REPO_ROOT
 pytestmark = pytest.mark.integration
 
 EXPECTED_STEPS = [
-    ("frontend calls orders", {"status": 200, "x-workload-id": FRONTEND_ID, "leaked": []}),
+    (
+        "frontend calls orders",
+        {"status": 200, "x-workload-id": FRONTEND_ID, "leaked": [], "attestor": "k8s"},
+    ),
     ("replays that exact request", {"status": 401, "reason": "replayed"}),
     ("to GET /orders/43", {"status": 401, "reason": "htu_mismatch"}),
-    ("reports calls orders", {"status": 403, "reason": "policy_denied"}),
+    (
+        "reports calls orders",
+        {"status": 403, "reason": "policy_denied", "sub": REPORTS_ID, "attestor": "unix"},
+    ),
     ("calls Envoy directly", {"status": 401, "reason": "missing_credentials"}),
     ("demands a DPoP nonce", {"status": 200, "nonce_retries": 1.0}),
     ("token is refreshed", {}),
@@ -72,6 +80,7 @@ def _assert_all_gone(report: dict[str, Any]) -> None:
         if not _bindable(port)
     ]
     assert not busy, f"ports still bound after the demo: {busy}"
+    assert not Path(report["run_dir"]).exists(), "the broker's run directory was left behind"
 
 
 def _assert_walkthrough(report: dict[str, Any]) -> None:
@@ -84,7 +93,9 @@ def _assert_walkthrough(report: dict[str, Any]) -> None:
             assert step["details"][key] == value, (step["title"], key, step["details"])
     refresh = steps[6]["details"]
     assert refresh["calls"] == refresh["ok_calls"] > 0
-    assert len(refresh["jtis"]) >= 2 and len(set(refresh["jtis"])) == len(refresh["jtis"])
+    # Distinct tokens seen on the wire, none missing.
+    assert len(refresh["jtis"]) >= 2 and all(refresh["jtis"])
+    assert len(set(refresh["jtis"])) == len(refresh["jtis"])
     assert report["identities"] == {FRONTEND_ID: "k8s", REPORTS_ID: "unix"}
     assert report["ok"] is True
 
@@ -101,7 +112,9 @@ def test_demo_walkthrough_passes_and_leaves_nothing_behind(tmp_path: Path) -> No
     # The table the user reads says the same as the report.
     assert "8 of 8 steps behaved as expected." in proc.stdout
     assert proc.stdout.count("PASS") == 8 and "FAIL" not in proc.stdout
-    assert "k8s attestor" in proc.stdout and "unix attestor" in proc.stdout
+    assert f"frontend = {FRONTEND_ID}" in proc.stdout and f"reports  = {REPORTS_ID}" in proc.stdout
+    assert "k8s attestor: service account shop/frontend" in proc.stdout
+    assert f"unix attestor: uid {os.getuid()}" in proc.stdout
     assert "all demo processes stopped." in proc.stdout
     _assert_all_gone(report)
     # A green run cleans up its temporary directory.
@@ -180,7 +193,8 @@ def test_children_die_with_a_killed_demo(tmp_path: Path) -> None:
     """SIGKILL leaves the demo no chance to tear down: its children must still go."""
     report_path = tmp_path / "report.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "demo", "--keep-running", "--report", str(report_path)],
+        [sys.executable, "-m", "sidecar", "demo", "--keep-running", "--report", str(report_path),
+         "--workdir", str(tmp_path / "work")],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -197,4 +211,55 @@ def test_children_die_with_a_killed_demo(tmp_path: Path) -> None:
         if not any(_alive(pid) for pid in report["processes"].values()):
             break
         time.sleep(0.1)
+    shutil.rmtree(report["run_dir"], ignore_errors=True)  # nobody was left to remove it
     _assert_all_gone(report)
+
+
+def test_ctrl_c_during_start_up_stops_what_was_started(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "demo", "--workdir", str(workdir)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("[4/7]"):  # broker and orders are up, orders' sidecar starting
+                break
+        assert seen and seen[-1].startswith("[4/7]"), "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out
+    assert "stopping" in out and "all demo processes stopped." in out, out
+    # The children it had started: their logs name them; none may still be running.
+    started = sorted(p.stem for p in workdir.glob("*.log"))
+    assert "broker" in started and "orders" in started, started
+    mine = subprocess.run(["pgrep", "-f", str(workdir)], capture_output=True, text=True)
+    assert mine.stdout.strip() == "", f"still running: {mine.stdout}"
+    ports = {int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)", out)}
+    assert ports, out
+    assert all(_bindable(port) for port in ports), f"still bound: {ports}"
+
+
+def test_bad_arguments_are_a_clear_message(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo", "--workdir", str(not_a_dir)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--workdir: expected a directory" in proc.stdout and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo", "--token-ttl", "2"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "expected 6..3600 seconds" in proc.stderr
