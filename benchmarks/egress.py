@@ -3,7 +3,7 @@ injected per request) side by side with a direct call to the same upstream and w
 injecting a static header (the physical limit of a proxy on this machine), under the same load
 tool (wrk) in one run.
 
-    /work/venv/bin/python benchmarks/egress.py [--duration 8] [--connections 16]
+    .venv/bin/python benchmarks/egress.py [--duration 8] [--connections 16]
 
 The upstream is an Envoy answering with a direct response (fast and constant, so the numbers are
 the proxies' cost). CPU: the proxy under test (sidecar or Envoy injector) runs alone on CPU 0;
