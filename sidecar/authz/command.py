@@ -25,7 +25,13 @@ async def serve(data: dict[str, Any]) -> None:
     runner, admin_bound = await start_site(
         make_admin_app(registry, service.readiness), admin_host, admin_port
     )
-    announce("authz", grpc=service.grpc_port, http=service.http_port, admin=admin_bound)
+    announce(
+        "authz",
+        grpc=service.grpc_port,
+        engine=service.cfg.grpc_engine,
+        http=service.http_port,
+        admin=admin_bound,
+    )
     try:
         await wait_for_stop_signal()
     finally:

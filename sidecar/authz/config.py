@@ -31,6 +31,10 @@ from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS
 from sidecar.jose.rfc9068_access_token import IssuerPolicy, normalize_typ
 
+#: ext_authz gRPC engines (see sidecar.authz.grpc_server): grpcio's threaded server (faster
+#: per call, measured) or its asyncio server.
+GRPC_ENGINES = ("threads", "aio")
+
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +51,8 @@ class AuthzConfig:
     policy: Policy
     sources: tuple[IssuerSource, ...]
     grpc_listen: tuple[str, int] | None
+    grpc_engine: str
+    grpc_workers: int
     http_listen: tuple[str, int] | None
     http_path_prefix: str
     default_scheme: str
@@ -102,6 +108,13 @@ def _issuer(raw: Any, key: str) -> tuple[IssuerPolicy, IssuerSource]:
         min_refresh_interval=get_num(item, "min_refresh_interval", key, 10.0, minimum=0.0),
     )
     return policy, source
+
+
+def _workers(grpc: Mapping[str, Any], path: str) -> int:
+    workers = get_int(grpc, "workers", path, 4, minimum=1)
+    if workers > 64:  # the workers take turns on one lock: more only costs memory
+        raise ConfigError(f"{path}.workers", "an integer from 1 to 64", workers)
+    return workers
 
 
 def _secret(nonce: Mapping[str, Any], key: str, required: bool) -> bytes:
@@ -182,7 +195,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
     )
     grpc = section(root.get("grpc"), f"{path}.grpc")
     http = section(root.get("http"), f"{path}.http")
-    known_keys(grpc, f"{path}.grpc", {"listen", "enabled"})
+    known_keys(grpc, f"{path}.grpc", {"listen", "enabled", "engine", "workers"})
     known_keys(http, f"{path}.http", {"listen", "enabled", "path_prefix"})
     grpc_listen = (
         parse_listen(grpc.get("listen", "127.0.0.1:9191"), f"{path}.grpc.listen")
@@ -201,6 +214,8 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         policy=policy_obj,
         sources=tuple(sources),
         grpc_listen=grpc_listen,
+        grpc_engine=get_choice(grpc, "engine", f"{path}.grpc", GRPC_ENGINES, "threads"),
+        grpc_workers=_workers(grpc, f"{path}.grpc"),
         http_listen=http_listen,
         http_path_prefix=http.get("path_prefix", "") or "",
         default_scheme=get_choice(root, "default_scheme", path, ("http", "https"), "http"),

@@ -1,7 +1,8 @@
 """The ext_authz decision core: RequestView in, Decision out. No sockets, no transport types.
 
 Phases (each a small method): route → extract credentials → verify access token →
-verify proof → nonce → revocation → policy → replay (the one awaited step) → response.
+verify proof → nonce → revocation → policy → replay → response. The only I/O (a key refresh,
+an asynchronous replay store) is yielded by :meth:`Authorizer.decision_flow` for a driver to do.
 Every failure is an AuthError carrying a reason code; anything else escaping ``evaluate`` is a
 bug, and the transports turn it into a fail-closed deny.
 """
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from sidecar.authz.decision import Allow, Decision, Deny, Header, Identity, RequestView
 from sidecar.authz.nonce import NonceService
@@ -63,6 +64,25 @@ class PendingAllow:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class RefreshKeys:
+    """I/O the flow needs: refresh ``issuer``'s keys (an unknown ``kid``); answer: changed?"""
+
+    issuer: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayInsert:
+    """I/O the flow needs: record a proof in an asynchronous store; answer: was it new?"""
+
+    key: str
+    now: float
+    ttl: float
+
+
+IORequest = RefreshKeys | ReplayInsert
+
+
 def _quoted(text: str) -> str:
     # RFC 9110 quoted-string: keep error_description to safe printable ASCII.
     return "".join(c for c in text if 0x20 <= ord(c) < 0x7F and c not in '"\\')
@@ -105,15 +125,39 @@ class Authorizer:
 
     async def decide(self, view: RequestView, now: float | None = None) -> Decision:
         """The full decision, including the replay store round trip."""
-        if now is None:
-            now = self.clock()
+        flow = self.decision_flow(view, self.clock() if now is None else now)
+        reply: Any = None
+        error: Exception | None = None
+        while True:
+            try:
+                io = flow.throw(error) if error is not None else flow.send(reply)
+            except StopIteration as done:
+                return cast(Decision, done.value)
+            reply, error = None, None
+            try:
+                reply = await self.perform(io)
+            except ReplayStoreUnavailable as exc:
+                error = exc
+
+    async def perform(self, io: IORequest) -> Any:
+        """Carry out one I/O request of :meth:`decision_flow`."""
+        if isinstance(io, RefreshKeys):
+            assert self.on_unknown_key is not None
+            return await self.on_unknown_key(io.issuer)
+        return await self.replay.check_and_insert(io.key, io.now, io.ttl)
+
+    def decision_flow(self, view: RequestView, now: float) -> Generator[IORequest, Any, Decision]:
+        """The decision as a sans-IO flow: it yields the I/O it needs (a key refresh, an
+        asynchronous replay-store insert) and is sent the results, so an event loop
+        (:meth:`decide`) and a worker thread (the threaded gRPC engine) drive one logic.
+        A replay store failure is thrown into the flow as ``ReplayStoreUnavailable``."""
         result = self.evaluate(view, now)
         if (
             isinstance(result, Deny)
             and result.reason is Reason.UNKNOWN_KEY
             and self.on_unknown_key is not None
             and "iss" in result.metadata
-            and await self.on_unknown_key(result.metadata["iss"])
+            and (yield RefreshKeys(result.metadata["iss"]))
         ):
             result = self.evaluate(view, now)  # the key set changed: one more try
         if isinstance(result, Deny):
@@ -124,7 +168,7 @@ class Authorizer:
             if self._sync_replay is not None:
                 fresh = self._sync_replay.check_and_insert_sync(result.replay_key, now, result.ttl)
             else:
-                fresh = await self.replay.check_and_insert(result.replay_key, now, result.ttl)
+                fresh = yield ReplayInsert(result.replay_key, now, result.ttl)
         except ReplayStoreUnavailable as exc:
             return self._deny(
                 Reason.REPLAY_STORE_UNAVAILABLE,

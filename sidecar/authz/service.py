@@ -11,13 +11,17 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar.authz.config import AuthzConfig
 from sidecar.authz.core import Authorizer
-from sidecar.authz.grpc_server import AuthorizationServicer, start_grpc_server
+from sidecar.authz.grpc_server import (
+    AuthorizationServicer,
+    ThreadedAuthorizationServicer,
+    start_grpc_server,
+    stop_grpc_server,
+)
 from sidecar.authz.http_server import make_http_app
 from sidecar.authz.nonce import NonceService
 from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
@@ -93,7 +97,7 @@ class AuthzService:
             "sidecar_authz_revocations", "Revoked subjects and jtis", lambda: len(self.revocations)
         )
         self._tasks: list[asyncio.Task[None]] = []
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc: Any = None
         self._http: web.AppRunner | None = None
         self.grpc_port: int | None = None
         self.http_port: int | None = None
@@ -134,8 +138,21 @@ class AuthzService:
         if self.cfg.revocation_url:
             self._tasks.append(asyncio.create_task(self._poll_revocations(self.cfg.revocation_url)))
         if self.cfg.grpc_listen is not None:
-            servicer = AuthorizationServicer(self.authorizer, self.metrics, self.cfg.default_scheme)
-            self._grpc, self.grpc_port = await start_grpc_server(servicer, *self.cfg.grpc_listen)
+            servicer: AuthorizationServicer
+            if self.cfg.grpc_engine == "threads":
+                servicer = ThreadedAuthorizationServicer(
+                    self.authorizer,
+                    self.metrics,
+                    asyncio.get_running_loop(),
+                    self.cfg.default_scheme,
+                )
+            else:
+                servicer = AuthorizationServicer(
+                    self.authorizer, self.metrics, self.cfg.default_scheme
+                )
+            self._grpc, self.grpc_port = await start_grpc_server(
+                servicer, *self.cfg.grpc_listen, workers=self.cfg.grpc_workers
+            )
         if self.cfg.http_listen is not None:
             app = make_http_app(
                 self.authorizer,
@@ -162,7 +179,7 @@ class AuthzService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._grpc is not None:
-            await self._grpc.stop(grace=1.0)
+            await stop_grpc_server(self._grpc, grace=1.0)
         if self._http is not None:
             await self._http.cleanup()
         close = getattr(self.replay, "close", None)

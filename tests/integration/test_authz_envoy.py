@@ -98,12 +98,13 @@ def _authz_config(tmp: Path, issuer: DevIssuer, grpc_port: int, http_port: int) 
     return path
 
 
-@pytest.fixture(scope="module", params=["grpc", "http"])
+# gRPC with each engine (threads, the default; aio), and HTTP.
+@pytest.fixture(scope="module", params=["grpc", "grpc-aio", "http"])
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    mode = request.param
-    tmp = tmp_path_factory.mktemp(f"authz-{mode}")
+    mode, _, engine = request.param.partition("-")
+    tmp = tmp_path_factory.mktemp(f"authz-{request.param}")
     issuer = DevIssuer()
     grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
     app_port, envoy_port, envoy_admin = free_port(), free_port(), free_port()
@@ -113,11 +114,15 @@ def stack(
         [sys.executable, "-m", "sidecar", "authz", "-c", str(cfg)],
         name=f"authz-{mode}",
         log_dir=tmp,
-        env={"SIDECAR__ADMIN__LISTEN": f"127.0.0.1:{admin_port}"},
+        env={
+            "SIDECAR__ADMIN__LISTEN": f"127.0.0.1:{admin_port}",
+            "SIDECAR__AUTHZ__GRPC__ENGINE": engine or "threads",
+        },
     ).start()
     envoy = None
     try:
         wait_for_http(f"http://127.0.0.1:{admin_port}/readyz", 20, process=authz)
+        assert f"engine={engine or 'threads'}" in authz.log_path.read_text()
         envoy = start_envoy(
             ingress_bootstrap(
                 listen_port=envoy_port,
