@@ -44,20 +44,29 @@ def _say(text: str) -> None:
 
 
 def _pick_ports() -> topo.Placement:
-    """The defaults where they are free, any free port otherwise (and say so)."""
+    """The defaults where they are free; otherwise the next free port above the default (out
+    of the kernel's ephemeral range, where outgoing connections could take it before the
+    child binds it), and only then any free port. Says which ones moved."""
     ports: dict[str, dict[str, int]] = {}
     taken: set[int] = set()
     for service, roles in topo.DEFAULT_PORTS.items():
         ports[service] = {}
         for role, default in roles.items():
-            port = free_port(default if default not in taken else None)
-            while port in taken:
+            port = next(
+                (p for p in range(default, default + 50) if p not in taken and _bindable(p)),
+                None,
+            )
+            while port is None or port in taken:
                 port = free_port()
             if port != default:
                 _say(f"  port {default} ({service} {role}) is taken: using {port}")
             ports[service][role] = port
             taken.add(port)
     return topo.Placement(ports=ports)
+
+
+def _bindable(port: int) -> bool:
+    return free_port(port) == port
 
 
 def _write(path: Path, data: dict[str, Any]) -> Path:
