@@ -138,3 +138,16 @@ def load_yaml_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError("config file", "a YAML mapping at the top level", str(path))
     apply_env_overrides(data)
     return data
+
+
+#: The admin listener every long-running command shares (``sidecar run`` / ``sidecar authz``).
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:15020"
+
+
+def parse_admin_listen(
+    data: Mapping[str, Any], default: str = DEFAULT_ADMIN_LISTEN
+) -> tuple[str, int]:
+    """The ``admin`` section: only ``listen`` is known."""
+    admin = section(data.get("admin"), "admin")
+    known_keys(admin, "admin", {"listen"})
+    return parse_listen(admin.get("listen", default), "admin.listen")

@@ -30,11 +30,15 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from sidecar.config_util import load_yaml_file, parse_listen, section
+from sidecar.config_util import (
+    DEFAULT_ADMIN_LISTEN,
+    load_yaml_file,
+    parse_admin_listen,
+)
 from sidecar.errors import ConfigError
 
 TOP_LEVEL = ("identity", "egress", "authz", "admin")
-DEFAULT_ADMIN = "127.0.0.1:15020"
+DEFAULT_ADMIN = DEFAULT_ADMIN_LISTEN
 TOKENS_KEY = web.AppKey("token_status", object)
 
 
@@ -69,8 +73,7 @@ async def serve(data: dict[str, Any]) -> None:
         authz_cfg = parse_authz_config(data["authz"])
     if identity_cfg is None and authz_cfg is None:
         raise ConfigError("egress", "an egress (with identity) or an authz section to run")
-    admin = section(data.get("admin"), "admin")
-    admin_host, admin_port = parse_listen(admin.get("listen", DEFAULT_ADMIN), "admin.listen")
+    admin_host, admin_port = parse_admin_listen(data)
 
     registry = CollectorRegistry()
     signer = generate_signer()  # in memory only; never written anywhere
@@ -151,8 +154,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _from_running_sidecar(data: dict[str, Any], audience: str) -> dict[str, Any] | None:
-    admin = section(data.get("admin"), "admin")
-    host, port = parse_listen(admin.get("listen", DEFAULT_ADMIN), "admin.listen")
+    host, port = parse_admin_listen(data)
     if port == 0:
         return None
     authority = f"[{host}]" if ":" in host else host

@@ -7,7 +7,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from sidecar.config_util import load_yaml_file, parse_listen, section
+from sidecar.config_util import load_yaml_file, parse_admin_listen
+from sidecar.errors import ConfigError
+
+TOP_LEVEL = ("authz", "admin")
 
 
 async def serve(data: dict[str, Any]) -> None:
@@ -16,9 +19,11 @@ async def serve(data: dict[str, Any]) -> None:
     from sidecar.observability.admin import make_admin_app
     from sidecar.runtime import announce, start_site, wait_for_stop_signal
 
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise ConfigError(key, f"one of the top-level sections {list(TOP_LEVEL)}")
     cfg = parse_authz_config(data.get("authz"))
-    admin = section(data.get("admin"), "admin")
-    admin_host, admin_port = parse_listen(admin.get("listen", "127.0.0.1:15020"), "admin.listen")
+    admin_host, admin_port = parse_admin_listen(data)
     registry = CollectorRegistry()
     service = AuthzService(cfg, registry)
     await service.start()

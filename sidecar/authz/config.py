@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sidecar.authz.core import AuthzSettings
 from sidecar.authz.policy import Policy
@@ -108,6 +109,24 @@ def _issuer(raw: Any, key: str) -> tuple[IssuerPolicy, IssuerSource]:
         min_refresh_interval=get_num(item, "min_refresh_interval", key, 10.0, minimum=0.0),
     )
     return policy, source
+
+
+def _path_prefix(http: Mapping[str, Any], path: str) -> str:
+    prefix = http.get("path_prefix", "")
+    if not isinstance(prefix, str) or (
+        prefix and (not prefix.startswith("/") or prefix.endswith("/"))
+    ):
+        raise ConfigError(f"{path}.path_prefix", "'' or a path like /authz (no trailing /)",
+                          prefix)  # fmt: skip
+    return prefix
+
+
+def _http_url(value: str | None, key: str) -> str | None:
+    if value is not None:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(key, "an absolute http(s) URL", value)
+    return value
 
 
 def _workers(grpc: Mapping[str, Any], path: str) -> int:
@@ -217,7 +236,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         grpc_engine=get_choice(grpc, "engine", f"{path}.grpc", GRPC_ENGINES, "threads"),
         grpc_workers=_workers(grpc, f"{path}.grpc"),
         http_listen=http_listen,
-        http_path_prefix=http.get("path_prefix", "") or "",
+        http_path_prefix=_path_prefix(http, f"{path}.http"),
         default_scheme=get_choice(root, "default_scheme", path, ("http", "https"), "http"),
         nonce_secret=_secret(nonce, f"{path}.nonce", needs_nonce),
         nonce_window=get_num(nonce, "window", f"{path}.nonce", 30.0, minimum=1.0),
@@ -225,6 +244,8 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         replay_capacity=get_int(replay, "capacity", f"{path}.replay", 100_000, minimum=1),
         redis_url=redis_url,
         unknown_kid_wait=get_num(root, "unknown_kid_wait", path, 0.1),
-        revocation_url=get_opt_str(revocation, "url", f"{path}.revocation"),
+        revocation_url=_http_url(
+            get_opt_str(revocation, "url", f"{path}.revocation"), f"{path}.revocation.url"
+        ),
         revocation_interval=get_num(revocation, "interval", f"{path}.revocation", 5.0, minimum=0.5),
     )

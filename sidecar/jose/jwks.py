@@ -174,7 +174,14 @@ class JwksSource:
         return changed
 
     async def run_periodic(self) -> None:
+        waiting = 0  # consecutive rounds without any key for this issuer
         while True:
-            delay = self.refresh_interval if self.store.has_issuer(self.location.issuer) else 1.0
+            if self.store.has_issuer(self.location.issuer):
+                waiting, delay = 0, self.refresh_interval
+            else:
+                # No key yet: retry soon, then back off (1, 2, 4 … 30 s) so an issuer that is
+                # down or a missing file is not polled (and logged) every second forever.
+                delay = min(30.0, 2.0**waiting)
+                waiting += 1
             await asyncio.sleep(delay)
             await self.refresh()
