@@ -208,6 +208,9 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
             if (host, port) in dests:
                 raise ConfigError(f"{key}.match", "a destination listed once", f"{host}:{port}")
             name = get_opt_str(item, "name", key) or f"{host}:{port}"
+            if name in names:  # one metric label, one target: upstreams and destinations alike
+                raise ConfigError(f"{key}.name", "a name no upstream or destination uses", name)
+            names.add(name)
             if "upstream" in item:
                 target = _target(item, key, name, default_auth)
             else:

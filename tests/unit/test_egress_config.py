@@ -119,6 +119,23 @@ def test_origins(value: str, origin: tuple[str, str]) -> None:
             },
             "egress.forward_proxy.destinations[1].match",
         ),
+        (
+            {
+                "upstreams": [
+                    {
+                        "name": "orders",
+                        "listen": "127.0.0.1:1",
+                        "upstream": "http://x",
+                        "audience": "a",
+                    },
+                ],
+                "forward_proxy": {
+                    "listen": "127.0.0.1:0",
+                    "destinations": [{"match": "b:80", "audience": "x", "name": "orders"}],
+                },
+            },
+            "egress.forward_proxy.destinations[0].name",
+        ),
     ],
 )
 def test_egress_errors_name_the_key(change: dict[str, Any], key: str) -> None:
