@@ -15,9 +15,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from sidecar.observability.metrics import BoundLabels
 
 ADDED_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -59,24 +59,15 @@ class EgressMetrics:
             ["upstream", "outcome"],
             registry=registry,
         )
-        self._requests: dict[tuple[str, int], Callable[[], None]] = {}
-        self._added: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
+        self._requests = BoundLabels(self.requests)
+        self._added = BoundLabels(self.added)
+        self._upstream = BoundLabels(self.upstream)
 
     def request(self, upstream: str, status: int, added: float, upstream_time: float) -> None:
-        key = (upstream, status // 100)
-        inc = self._requests.get(key)
-        if inc is None:
-            inc = self._requests[key] = self.requests.labels(upstream, f"{key[1]}xx").inc
-        inc()
-        pair = self._added.get(upstream)
-        if pair is None:
-            pair = self._added[upstream] = (
-                self.added.labels(upstream).observe,
-                self.upstream.labels(upstream).observe,
-            )
-        pair[0](added)
+        self._requests(upstream, f"{status // 100}xx").inc()
+        self._added(upstream).observe(added)
         if upstream_time >= 0:
-            pair[1](upstream_time)
+            self._upstream(upstream).observe(upstream_time)
 
     def local_response(self, upstream: str, reason: str) -> None:
         self.local.labels(upstream, reason).inc()

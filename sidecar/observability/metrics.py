@@ -1,14 +1,39 @@
-"""Prometheus metrics for the authorizer. One registry per process (tests build their own),
-and label children bound once: ``labels()`` costs a dict look-up and a lock, too much to pay
-on every check."""
+"""Prometheus metrics for the authorizer, and the two helpers every component's metrics use.
+One registry per process (tests build their own)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.errors import Reason
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class BoundLabels(Generic[M]):
+    """A labelled metric's children, each bound once: ``labels()`` takes a lock and a dict
+    look-up, too much to pay on every request."""
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+def function_gauge(
+    registry: CollectorRegistry, name: str, doc: str, fn: Callable[[], float]
+) -> None:
+    """A gauge read from ``fn`` at scrape time (cache sizes, key counts)."""
+    Gauge(name, doc, registry=registry).set_function(fn)
 
 # Check latency lives between ~50 µs (cached token, bearer) and the 200 ms Envoy deadline.
 LATENCY_BUCKETS = (
@@ -41,21 +66,17 @@ class AuthzMetrics:
             ["trigger", "outcome"],
             registry=registry,
         )
-        self._children: dict[tuple[str, str, str], Callable[[], None]] = {}
-        self._latency_children: dict[str, Callable[[float], None]] = {}
+        self._decisions = BoundLabels(self.decisions)
+        self._latency = BoundLabels(self.latency)
 
     def cache_gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
-        Gauge(name, doc, registry=self.registry).set_function(fn)
+        function_gauge(self.registry, name, doc, fn)
 
     def record(self, transport: str, reason: Reason | None, seconds: float) -> None:
-        key = (transport, "deny" if reason else "allow", reason.value if reason else "")
-        inc = self._children.get(key)
-        if inc is None:
-            inc = self._children[key] = self.decisions.labels(*key).inc
-        inc()
-        observe = self._latency_children.get(transport)
-        if observe is None:
-            observe = self._latency_children[transport] = self.latency.labels(transport).observe
-        observe(seconds)
+        if reason is None:
+            self._decisions(transport, "allow", "").inc()
+        else:
+            self._decisions(transport, "deny", reason.value).inc()
+        self._latency(transport).observe(seconds)
         if reason is Reason.REPLAYED:
             self.replay_hits.inc()
