@@ -83,6 +83,20 @@ class ReplayInsert:
 IORequest = RefreshKeys | ReplayInsert
 
 
+DecisionFlow = Generator[IORequest, Any, Decision]
+
+
+def advance(
+    flow: DecisionFlow, reply: Any = None, error: Exception | None = None
+) -> IORequest | Decision:
+    """Resume ``flow`` with the answer to its last I/O request (or the error it raised): the
+    next I/O request, or the decision. Every driver (event loop, worker thread) uses this."""
+    try:
+        return flow.throw(error) if error is not None else flow.send(reply)
+    except StopIteration as done:
+        return cast(Decision, done.value)
+
+
 def _quoted(text: str) -> str:
     # RFC 9110 quoted-string: keep error_description to safe printable ASCII.
     return "".join(c for c in text if 0x20 <= ord(c) < 0x7F and c not in '"\\')
@@ -126,18 +140,13 @@ class Authorizer:
     async def decide(self, view: RequestView, now: float | None = None) -> Decision:
         """The full decision, including the replay store round trip."""
         flow = self.decision_flow(view, self.clock() if now is None else now)
-        reply: Any = None
-        error: Exception | None = None
-        while True:
+        step = advance(flow)
+        while isinstance(step, IORequest):
             try:
-                io = flow.throw(error) if error is not None else flow.send(reply)
-            except StopIteration as done:
-                return cast(Decision, done.value)
-            reply, error = None, None
-            try:
-                reply = await self.perform(io)
+                step = advance(flow, await self.perform(step))
             except ReplayStoreUnavailable as exc:
-                error = exc
+                step = advance(flow, error=exc)
+        return step
 
     async def perform(self, io: IORequest) -> Any:
         """Carry out one I/O request of :meth:`decision_flow`."""
@@ -146,7 +155,7 @@ class Authorizer:
             return await self.on_unknown_key(io.issuer)
         return await self.replay.check_and_insert(io.key, io.now, io.ttl)
 
-    def decision_flow(self, view: RequestView, now: float) -> Generator[IORequest, Any, Decision]:
+    def decision_flow(self, view: RequestView, now: float) -> DecisionFlow:
         """The decision as a sans-IO flow: it yields the I/O it needs (a key refresh, an
         asynchronous replay-store insert) and is sent the results, so an event loop
         (:meth:`decide`) and a worker thread (the threaded gRPC engine) drive one logic.

@@ -20,7 +20,8 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Any, cast
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -29,7 +30,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.authz.core import Authorizer, RefreshKeys
+from sidecar.authz.core import Authorizer, IORequest, RefreshKeys, advance
 from sidecar.authz.decision import Allow, Decision, Header, RequestView
 from sidecar.errors import ReplayStoreUnavailable
 from sidecar.observability.metrics import AuthzMetrics
@@ -64,7 +65,7 @@ def _options(headers: tuple[Header, ...]) -> list[Any]:
     ]
 
 
-def _metadata(meta: dict[str, Any]) -> Any:
+def _metadata(meta: Mapping[str, Any]) -> Any:
     md = struct_pb2.Struct()
     md.update({k: v for k, v in meta.items() if isinstance(v, str)})
     return md
@@ -79,7 +80,7 @@ def render_check_response(decision: Decision) -> Any:
                 headers_to_remove=decision.headers_to_remove,
                 response_headers_to_add=_options(decision.response_headers),
             ),
-            dynamic_metadata=_metadata(dict(decision.metadata)),
+            dynamic_metadata=_metadata(decision.metadata),
         )
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(
@@ -90,7 +91,7 @@ def render_check_response(decision: Decision) -> Any:
             headers=_options(decision.headers),
             body=decision.body,
         ),
-        dynamic_metadata=_metadata(dict(decision.metadata)),
+        dynamic_metadata=_metadata(decision.metadata),
     )
 
 
@@ -150,26 +151,26 @@ class ThreadedAuthorizationServicer(AuthorizationServicer):
 
     def _decide(self, view: RequestView) -> Decision:
         flow = self.authorizer.decision_flow(view, self.authorizer.clock())
-        reply: Any = None
-        error: Exception | None = None
-        while True:
+        with self._lock:
+            step = advance(flow)
+        while isinstance(step, IORequest):
+            # The lock is released while the loop does the I/O: other workers go on.
+            reply, error = self._perform(step)
             with self._lock:
-                try:
-                    io = flow.throw(error) if error is not None else flow.send(reply)
-                except StopIteration as done:
-                    return cast(Decision, done.value)
-            reply, error = None, None
-            future = asyncio.run_coroutine_threadsafe(self.authorizer.perform(io), self.loop)
-            try:
-                reply = future.result(self.io_timeout)
-            except ReplayStoreUnavailable as exc:
-                error = exc
-            except concurrent.futures.TimeoutError:
-                future.cancel()
-                if isinstance(io, RefreshKeys):
-                    reply = False  # no new keys in time: the deny stays unknown_key
-                else:
-                    error = ReplayStoreUnavailable("replay store did not answer in time")
+                step = advance(flow, reply, error)
+        return step
+
+    def _perform(self, io: IORequest) -> tuple[Any, Exception | None]:
+        future = asyncio.run_coroutine_threadsafe(self.authorizer.perform(io), self.loop)
+        try:
+            return future.result(self.io_timeout), None
+        except ReplayStoreUnavailable as exc:
+            return None, exc
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            if isinstance(io, RefreshKeys):
+                return False, None  # no new keys in time: the deny stays unknown_key
+            return None, ReplayStoreUnavailable("replay store did not answer in time")
 
 
 def log_decision(decision: Decision) -> None:
