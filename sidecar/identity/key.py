@@ -14,28 +14,22 @@ the payload JSON is assembled from pre-encoded parts, ``ath`` is cached for the 
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from sidecar.jose.rfc9449_dpop import ProofSigner
+from sidecar.jose.b64 import b64url_encode
+from sidecar.jose.rfc9449_dpop import ProofSigner, access_token_hash, proof_htu
 
 _JTI_BYTES = 16  # 128 bits (RFC 9449 §11.1)
 _POOL = _JTI_BYTES * 1024
 _HTU_CACHE_MAX = 1024
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 class EgressProofSigner(ProofSigner):
@@ -49,8 +43,7 @@ class EgressProofSigner(ProofSigner):
             raise ValueError("EgressProofSigner needs a P-256 key (ES256)")
         super().__init__(private_key, alg="ES256")
         self._ec_key = private_key
-        header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": self.public_jwk}
-        self._prefix = _b64(json.dumps(header, separators=(",", ":")).encode()) + "."
+        self._prefix = self._header64 + "."  # the parent's encoded header, computed once
         self._htu: dict[str, str] = {}  # url -> ',"htu":"..."' (JSON-encoded)
         self._ath_token: str | None = None
         self._ath = ""
@@ -63,15 +56,12 @@ class EgressProofSigner(ProofSigner):
             self._pos = 0
         start = self._pos
         self._pos = start + _JTI_BYTES
-        return _b64(self._pool[start : self._pos])
+        return b64url_encode(self._pool[start : self._pos])
 
     def _htu_member(self, url: str) -> str:
         member = self._htu.get(url)
         if member is None:
-            parts = urlsplit(url)
-            # §4.2: htu is the target URI without query and fragment.
-            htu = f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
-            member = ',"htu":' + json.dumps(htu)
+            member = ',"htu":' + json.dumps(proof_htu(url))
             if len(self._htu) >= _HTU_CACHE_MAX:
                 self._htu.clear()
             self._htu[url] = member
@@ -98,15 +88,14 @@ class EgressProofSigner(ProofSigner):
                    f',"iat":{int(now)}']  # fmt: skip
         if access_token is not None:
             if access_token != self._ath_token:
-                digest = hashlib.sha256(access_token.encode("ascii", "replace")).digest()
-                self._ath, self._ath_token = _b64(digest), access_token
+                self._ath, self._ath_token = access_token_hash(access_token), access_token
             payload.append(f',"ath":"{self._ath}"')
         if nonce is not None:
             payload.append(',"nonce":' + json.dumps(nonce))
         payload.append("}")
-        signing_input = self._prefix + _b64("".join(payload).encode())
+        signing_input = self._prefix + b64url_encode("".join(payload).encode())
         r, s = decode_dss_signature(self._ec_key.sign(signing_input.encode(), _ECDSA_SHA256))
-        return f"{signing_input}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        return f"{signing_input}.{b64url_encode(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
 
 def generate_signer() -> EgressProofSigner:

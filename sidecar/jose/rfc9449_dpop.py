@@ -30,6 +30,13 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def proof_htu(url: str) -> str:
+    """The ``htu`` a client puts in a proof (§4.2): the target URI without query and
+    fragment."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
+
+
 def access_token_hash(token: str) -> str:
     """``ath`` (RFC 9449 §4.2): base64url SHA-256 of the ASCII access token."""
     return b64url_encode(hashlib.sha256(token.encode("ascii", "replace")).digest())
@@ -232,11 +239,10 @@ class ProofSigner:
         jti: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> str:
-        parts = urlsplit(url)
         claims: dict[str, Any] = {
             "jti": jti or secrets.token_urlsafe(16),  # 128 random bits (§4.2 / §11.1)
             "htm": method,
-            "htu": f"{parts.scheme}://{parts.netloc}{parts.path or '/'}",
+            "htu": proof_htu(url),
             "iat": int(now),
         }
         if access_token is not None:
