@@ -42,8 +42,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import warnings
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec
 
 import betterproto2
 import yaml
@@ -411,7 +412,21 @@ def ingress_bootstrap_message(
     authz_host: str = "127.0.0.1",
     authz_timeout_ms: int = 250,
 ) -> Bootstrap:
-    """The typed ``Bootstrap`` behind :func:`ingress_bootstrap` (same arguments)."""
+    """Envoy bootstrap: one ingress listener routing ``/`` to the ``app`` cluster.
+
+    ``mode`` picks the auth filter placed before the router:
+
+    * ``grpc``: ext_authz over gRPC to ``authz_host:authz_port`` (cluster ``ext_authz``).
+    * ``http``: ext_authz over plain HTTP to ``http://authz_host:authz_port`` (cluster
+      ``ext_authz_http``); the check request keeps the client's path (with query).
+    * ``none``: no auth filter (baseline).
+    * ``jwt_authn``: Envoy's native JWT filter with one provider (baseline).
+
+    Both ext_authz modes fail closed: an unreachable or erroring authorizer yields 503.
+
+    :func:`ingress_bootstrap` takes the same arguments and returns a fresh plain dict
+    (proto3 JSON, ``.proto`` field names) that callers may edit.
+    """
     if mode not in INGRESS_MODES:
         raise ValueError(f"unknown mode {mode!r}")
     timeout = _duration_ms(authz_timeout_ms)
@@ -471,53 +486,6 @@ def ingress_bootstrap_message(
                 )
             ]
         ),
-    )
-
-
-def ingress_bootstrap(
-    *,
-    listen_port: int,
-    upstream_port: int,
-    admin_port: int,
-    mode: IngressMode,
-    authz_port: int | None = None,
-    jwt_issuer: str | None = None,
-    jwt_audiences: list[str] | None = None,
-    jwt_jwks_file: str | None = None,
-    listen_host: str = "127.0.0.1",
-    upstream_host: str = "127.0.0.1",
-    authz_host: str = "127.0.0.1",
-    authz_timeout_ms: int = 250,
-) -> dict[str, Any]:
-    """Envoy bootstrap: one ingress listener routing ``/`` to the ``app`` cluster.
-
-    ``mode`` picks the auth filter placed before the router:
-
-    * ``grpc``: ext_authz over gRPC to ``authz_host:authz_port`` (cluster ``ext_authz``).
-    * ``http``: ext_authz over plain HTTP to ``http://authz_host:authz_port`` (cluster
-      ``ext_authz_http``); the check request keeps the client's path (with query).
-    * ``none``: no auth filter (baseline).
-    * ``jwt_authn``: Envoy's native JWT filter with one provider (baseline).
-
-    Both ext_authz modes fail closed: an unreachable or erroring authorizer yields 503.
-
-    Returns a fresh plain dict (proto3 JSON, ``.proto`` field names) that callers may edit.
-    """
-    return bootstrap_to_dict(
-        ingress_bootstrap_message(
-            listen_port=listen_port,
-            upstream_port=upstream_port,
-            admin_port=admin_port,
-            mode=mode,
-            authz_port=authz_port,
-            jwt_issuer=jwt_issuer,
-            jwt_audiences=jwt_audiences,
-            jwt_jwks_file=jwt_jwks_file,
-            listen_host=listen_host,
-            upstream_host=upstream_host,
-            authz_host=authz_host,
-            authz_timeout_ms=authz_timeout_ms,
-        )
     )
 
 
@@ -587,3 +555,18 @@ def dump_yaml(cfg: dict[str, Any]) -> str:
     """YAML text for ``envoy -c``: key order kept, block style, no anchors."""
     text: str = yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
     return text
+
+
+P = ParamSpec("P")
+
+
+def _as_dict(build: Callable[P, Bootstrap]) -> Callable[P, dict[str, Any]]:
+    def as_dict(*args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
+        return bootstrap_to_dict(build(*args, **kwargs))
+
+    as_dict.__doc__ = f"{build.__name__}(...) as a plain dict (see :func:`bootstrap_to_dict`)."
+    return as_dict
+
+
+#: :func:`ingress_bootstrap_message` as a plain dict, ready for YAML.
+ingress_bootstrap = _as_dict(ingress_bootstrap_message)
