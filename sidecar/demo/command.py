@@ -34,6 +34,7 @@ from sidecar.demo.supervisor import (
     Supervisor,
     free_port,
     install_stop_handlers,
+    port_is_free,
 )
 from sidecar.demo.tap import WireTap
 from sidecar.demo.walkthrough import Walkthrough, describe
@@ -53,7 +54,7 @@ def _pick_ports() -> topo.Placement:
         ports[service] = {}
         for role, default in roles.items():
             port = next(
-                (p for p in range(default, default + 50) if p not in taken and _bindable(p)),
+                (p for p in range(default, default + 50) if p not in taken and port_is_free(p)),
                 None,
             )
             while port is None or port in taken:
@@ -63,10 +64,6 @@ def _pick_ports() -> topo.Placement:
             ports[service][role] = port
             taken.add(port)
     return topo.Placement(ports=ports)
-
-
-def _bindable(port: int) -> bool:
-    return free_port(port) == port
 
 
 def _write(path: Path, data: dict[str, Any]) -> Path:

@@ -23,6 +23,7 @@ from tests.integration.harness import (
     start_echo_app,
     start_envoy,
     started_processes,
+    write_jwks,
 )
 
 
@@ -73,3 +74,9 @@ def envoy_factory(tmp_path: Path) -> Iterator[EnvoyFactory]:
     finally:
         for proc in started:
             proc.stop()
+
+
+@pytest.fixture(scope="module")
+def jwks_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A JWKS file with one EC P-256 public key (for jwt_authn configs)."""
+    return write_jwks(tmp_path_factory.mktemp("jwks") / "jwks.json")

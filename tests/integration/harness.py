@@ -9,6 +9,8 @@ whether anything of it is still alive (used by the fixtures' final assertion).
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import os
 import signal
 import socket
@@ -21,11 +23,14 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.envoy_command import envoy_binary
 from sidecar.envoy_config import dump_yaml
+from sidecar.jose.rfc7517_jwk import jwks_json, public_jwk_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +40,7 @@ __all__ = [
     "EnvoyFactory",
     "ManagedProcess",
     "envoy_binary",
+    "envoy_render",
     "envoy_stats",
     "free_port",
     "http_request",
@@ -47,6 +53,7 @@ __all__ = [
     "validate_envoy_config",
     "wait_for_http",
     "wait_for_port",
+    "write_jwks",
 ]
 
 # Every ManagedProcess started in this interpreter and not yet stopped; and all ever started.
@@ -470,3 +477,25 @@ def start_echo_app(
         proc.stop()
         raise
     return proc
+
+
+# -- the Envoy renderer and a JWKS for jwt_authn ----------------------------------------------
+
+
+@functools.cache
+def envoy_render() -> ModuleType:
+    """envoy/render.py, loaded by path: envoy/ is not a package (``envoy`` is the xds-protos
+    namespace)."""
+    path = REPO_ROOT / "envoy" / "render.py"
+    spec = importlib.util.spec_from_file_location("_envoy_render", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_jwks(path: Path) -> Path:
+    """A JWKS with one EC P-256 public key (jwt_authn refuses an empty or missing JWKS)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_text(jwks_json([public_jwk_dict(key, alg="ES256", kid="test")]))
+    return path

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.demo.supervisor import port_is_free
 from sidecar.demo.topology import DEFAULT_PORTS, FRONTEND_ID, REPORTS_ID
 from tests.integration.harness import REPO_ROOT
 
@@ -56,16 +57,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def _assert_all_gone(report: dict[str, Any]) -> None:
     processes = report["processes"]
     assert set(processes) == {
@@ -77,7 +68,7 @@ def _assert_all_gone(report: dict[str, Any]) -> None:
         (service, role, port)
         for service, roles in report["ports"].items()
         for role, port in roles.items()
-        if not _bindable(port)
+        if not port_is_free(port)
     ]
     assert not busy, f"ports still bound after the demo: {busy}"
     assert not Path(report["run_dir"]).exists(), "the broker's run directory was left behind"
@@ -246,7 +237,7 @@ def test_ctrl_c_during_start_up_stops_what_was_started(tmp_path: Path) -> None:
     assert mine.stdout.strip() == "", f"still running: {mine.stdout}"
     ports = {int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)", out)}
     assert ports, out
-    assert all(_bindable(port) for port in ports), f"still bound: {ports}"
+    assert all(port_is_free(port) for port in ports), f"still bound: {ports}"
 
 
 def test_bad_arguments_are_a_clear_message(tmp_path: Path) -> None:

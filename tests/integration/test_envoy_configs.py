@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import importlib.util
-import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any, get_args
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.envoy_config import (
     AUTHZ_GRPC_CLUSTER,
@@ -19,7 +14,7 @@ from sidecar.envoy_config import (
     dump_yaml,
     ingress_bootstrap,
 )
-from tests.integration.harness import REPO_ROOT, free_port, validate_envoy_config
+from tests.integration.harness import REPO_ROOT, envoy_render, free_port, validate_envoy_config
 
 ENVOY_DIR = REPO_ROOT / "envoy"
 EXPECTED_FILES = {
@@ -31,31 +26,7 @@ EXPECTED_FILES = {
 MODES: tuple[str, ...] = get_args(IngressMode)
 
 
-def _load_render() -> ModuleType:
-    # envoy/ is not a package (``envoy`` is the xds-protos namespace): load the script by path.
-    spec = importlib.util.spec_from_file_location("_envoy_render", ENVOY_DIR / "render.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-RENDER = _load_render()
-
-
-def _b64u(n: int) -> str:
-    return base64.urlsafe_b64encode(n.to_bytes(32, "big")).rstrip(b"=").decode()
-
-
-@pytest.fixture(scope="module")
-def jwks_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A JWKS with one EC P-256 public key (jwt_authn refuses an empty or missing JWKS)."""
-    pub = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
-    jwk = {"kty": "EC", "crv": "P-256", "kid": "test", "alg": "ES256", "use": "sig"}
-    jwk |= {"x": _b64u(pub.x), "y": _b64u(pub.y)}
-    path = tmp_path_factory.mktemp("jwks") / "jwks.json"
-    path.write_text(json.dumps({"keys": [jwk]}))
-    return path
+RENDER = envoy_render()
 
 
 def _assert_valid(path: Path) -> None:
