@@ -26,8 +26,8 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -70,6 +70,25 @@ Clock = Callable[[], float]
 class Issued:
     body: bytes
     minted: MintedToken
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What the audit record of one token request has gathered so far."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    #: True from the moment the attestor runs until a registration entry matched: a refusal
+    #: then counts as an attestation failure.
+    attestation_failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Attested:
+    selectors: frozenset[str]
+    unregistered: str  # the refusal's description when no entry matches
+    audiences: list[str]
+    proof: VerifiedProof
+    not_after: float | None  # the subject token's expiry, if there is one
 
 
 class Broker:
@@ -263,46 +282,30 @@ class Broker:
     # -- RFC 8693 token exchange (TCP) ------------------------------------------------------
 
     async def exchange(self, http: TokenHttpRequest) -> Issued:
-        started = time.perf_counter()
-        now = self.clock()
-        fields: dict[str, Any] = {}
-        attestation_failed = False
-        try:
+        async def attest(attempt: _Attempt, now: float) -> _Attested:
             request = parse_exchange(parse_request(http))
-            fields["aud"] = request.audiences
+            attempt.fields["aud"] = request.audiences
             proof = self.verify_dpop(http.dpop, http.htu, now)
-            fields["jkt"] = proof.jkt
-            attestation_failed = True
+            attempt.fields["jkt"] = proof.jkt
+            attempt.attestation_failed = True
             identity = await self._k8s_identity(request.subject_token, now)
-            fields.update(
+            attempt.fields.update(
                 cluster=identity.cluster,
                 namespace=identity.namespace,
                 service_account=identity.service_account,
                 pod=identity.pod,
             )
-            entry = self.registry.match(identity.selectors)
-            if entry is None:
-                # Deliberately not invalid_request: the token is valid, the workload is simply
-                # not registered — a 403 tells the operator what to fix (same as unix).
-                raise OAuthError(
-                    "access_denied",
-                    f"no registration entry for service account {identity.namespace}/"
-                    f"{identity.service_account} of {identity.cluster}",
-                    status=403,
-                    reason="no_entry",
-                )
-            attestation_failed = False
-            fields.update(sub=entry.spiffe_id, entry=entry.index)
-            self._allowed(entry, request.audiences)
-            self._not_revoked(entry.spiffe_id)
-            issued = self._issue(entry, request.audiences, proof, now, identity.expires_at)
-        except OAuthError as exc:
-            self._finish(
-                "k8s", started, now, error=exc, attestation_failed=attestation_failed, fields=fields
+            # Not invalid_request: the token is valid, the workload is simply not registered
+            # (a 403 tells the operator what to fix, as for unix).
+            unregistered = (
+                f"no registration entry for service account {identity.namespace}/"
+                f"{identity.service_account} of {identity.cluster}"
             )
-            raise
-        self._finish("k8s", started, now, issued=issued, fields=fields)
-        return issued
+            return _Attested(
+                identity.selectors, unregistered, request.audiences, proof, identity.expires_at
+            )
+
+        return await self._issue_attested("k8s", attest)
 
     async def _k8s_identity(self, token: str, now: float) -> K8sIdentity:
         if len(token) > self.cfg.max_subject_token_bytes:
@@ -339,45 +342,52 @@ class Broker:
     async def attest_unix(
         self, peer: PeerCreds | AttestationFailure, http: TokenHttpRequest
     ) -> Issued:
+        async def attest(attempt: _Attempt, now: float) -> _Attested:
+            if isinstance(peer, PeerCreds):
+                attempt.fields.update(pid=peer.pid, uid=peer.uid, gid=peer.gid)
+            audiences = targets(parse_request(http))
+            attempt.fields["aud"] = audiences
+            proof = self.verify_dpop(http.dpop, http.htu, now)
+            attempt.fields["jkt"] = proof.jkt
+            attempt.attestation_failed = True
+            evidence = await self._unix_evidence(peer)
+            attempt.fields.update(exe=evidence.exe, sha256=evidence.sha256)
+            unregistered = (
+                f"no registration entry matches this workload (uid={evidence.uid} "
+                f"gid={evidence.gid} exe={evidence.exe or 'unreadable'})"
+            )
+            return _Attested(evidence.selectors, unregistered, audiences, proof, None)
+
+        return await self._issue_attested("unix", attest)
+
+    async def _issue_attested(
+        self, attestor: str, attest: Callable[[_Attempt, float], Awaitable[_Attested]]
+    ) -> Issued:
+        """One token request, whatever the attestor: ``attest`` parses the request, checks
+        the proof and gathers the caller's selectors; then the registration entry, the
+        audiences, revocation, issuance — and one audit record and metric either way."""
         started = time.perf_counter()
         now = self.clock()
-        fields: dict[str, Any] = {}
-        attestation_failed = False
+        attempt = _Attempt()
         try:
-            if isinstance(peer, PeerCreds):
-                fields.update(pid=peer.pid, uid=peer.uid, gid=peer.gid)
-            audiences = targets(parse_request(http))
-            fields["aud"] = audiences
-            proof = self.verify_dpop(http.dpop, http.htu, now)
-            fields["jkt"] = proof.jkt
-            attestation_failed = True
-            evidence = await self._unix_evidence(peer)
-            fields.update(exe=evidence.exe, sha256=evidence.sha256)
-            entry = self.registry.match(evidence.selectors)
+            attested = await attest(attempt, now)
+            entry = self.registry.match(attested.selectors)
             if entry is None:
                 raise OAuthError(
-                    "access_denied",
-                    f"no registration entry matches this workload (uid={evidence.uid} "
-                    f"gid={evidence.gid} exe={evidence.exe or 'unreadable'})",
-                    status=403,
-                    reason="no_entry",
+                    "access_denied", attested.unregistered, status=403, reason="no_entry"
                 )
-            attestation_failed = False
-            fields.update(sub=entry.spiffe_id, entry=entry.index)
-            self._allowed(entry, audiences)
+            attempt.attestation_failed = False
+            attempt.fields.update(sub=entry.spiffe_id, entry=entry.index)
+            self._allowed(entry, attested.audiences)
             self._not_revoked(entry.spiffe_id)
-            issued = self._issue(entry, audiences, proof, now, None)
+            issued = self._issue(entry, attested.audiences, attested.proof, now,
+                                 attested.not_after)  # fmt: skip
         except OAuthError as exc:
-            self._finish(
-                "unix",
-                started,
-                now,
-                error=exc,
-                attestation_failed=attestation_failed,
-                fields=fields,
-            )
+            self._finish(attestor, started, now, error=exc,
+                         attestation_failed=attempt.attestation_failed,
+                         fields=attempt.fields)  # fmt: skip
             raise
-        self._finish("unix", started, now, issued=issued, fields=fields)
+        self._finish(attestor, started, now, issued=issued, fields=attempt.fields)
         return issued
 
     async def _unix_evidence(self, peer: PeerCreds | AttestationFailure) -> UnixEvidence:
