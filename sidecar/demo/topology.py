@@ -52,11 +52,9 @@ class Placement:
     ports: dict[str, dict[str, int]] = field(default_factory=lambda: _copy(DEFAULT_PORTS))
     #: service → host name others use to reach it ("127.0.0.1" locally, the service in compose)
     hosts: dict[str, str] = field(default_factory=dict)
-    #: the address services bind ("127.0.0.1" locally, "0.0.0.0" in containers)
-    bind: str = "127.0.0.1"
-    #: per-listener exceptions to ``bind``, keyed "service.role" or "service" (pods: see
-    #: :func:`pod_placement`)
-    binds: dict[str, str] = field(default_factory=dict)
+    #: listeners (service, role) that other hosts or pods reach: they bind all interfaces;
+    #: every other listener binds 127.0.0.1 (see :func:`pod_placement`)
+    exposed: frozenset[tuple[str, str]] = frozenset()
 
     def host(self, service: str) -> str:
         return self.hosts.get(service, "127.0.0.1")
@@ -65,9 +63,7 @@ class Placement:
         return self.ports[service][role]
 
     def bind_address(self, service: str, role: str) -> str:
-        """The address ``service`` binds for ``role``: "service.role", then "service", then
-        ``bind``."""
-        return self.binds.get(f"{service}.{role}", self.binds.get(service, self.bind))
+        return "0.0.0.0" if (service, role) in self.exposed else "127.0.0.1"
 
     def listen(self, service: str, role: str) -> str:
         return f"{self.bind_address(service, role)}:{self.port(service, role)}"
@@ -78,14 +74,6 @@ class Placement:
 
 def _copy(ports: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return {name: dict(roles) for name, roles in ports.items()}
-
-
-def compose_placement() -> Placement:
-    """Containers: every service binds all interfaces and is reached by its service name.
-
-    (The committed compose setup under ``deploy/compose/`` uses :func:`pod_placement` instead:
-    there, egress listeners and the app must not be reachable from other containers.)"""
-    return Placement(hosts={name: name for name in DEFAULT_PORTS}, bind="0.0.0.0")
 
 
 #: Pods: the services that share one network namespace (a Kubernetes pod; ``network_mode:
@@ -117,8 +105,7 @@ def pod_placement(pod_hosts: dict[str, str]) -> Placement:
     let callers skip Envoy and its ext_authz.
     """
     hosts = {service: pod_hosts[pod_of(service)] for service, _ in EXPOSED}
-    binds = {f"{service}.{role}": "0.0.0.0" for service, role in EXPOSED}
-    return Placement(hosts=hosts, bind="127.0.0.1", binds=binds)
+    return Placement(hosts=hosts, exposed=EXPOSED)
 
 
 def issuer(p: Placement) -> str:
