@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sidecar.errors import ConfigError
+from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -76,6 +77,26 @@ def get_str_list(
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{path}.{key}", "a list of non-empty strings", value)
     return list(value)
+
+
+def get_algorithms(
+    data: Mapping[str, Any], key: str, path: str, default: list[str]
+) -> frozenset[str]:
+    """A JWS algorithm allowlist: asymmetric algorithms only, and never empty (an empty list
+    would deny every token or proof without saying why)."""
+    algs = get_str_list(data, key, path, default)
+    for alg in algs:
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise ConfigError(
+                f"{path}.{key}",
+                f"asymmetric JWS algorithms from {sorted(ASYMMETRIC_ALGORITHMS)}",
+                alg,
+            )
+    if not algs:
+        raise ConfigError(
+            f"{path}.{key}", "at least one algorithm (an empty list denies all)", algs
+        )
+    return frozenset(algs)
 
 
 def get_choice(

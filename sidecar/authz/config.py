@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from sidecar.authz.core import AuthzSettings
 from sidecar.authz.policy import Policy
 from sidecar.config_util import (
+    get_algorithms,
     get_bool,
     get_choice,
     get_int,
@@ -29,7 +30,6 @@ from sidecar.config_util import (
 )
 from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
-from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS
 from sidecar.jose.rfc9068_access_token import IssuerPolicy, normalize_typ
 
 #: ext_authz gRPC engines (see sidecar.authz.grpc_server): grpcio's threaded server (faster
@@ -67,18 +67,6 @@ class AuthzConfig:
     revocation_interval: float
 
 
-def _algorithms(item: Mapping[str, Any], key: str, default: list[str]) -> frozenset[str]:
-    algs = get_str_list(item, "algorithms", key, default)
-    for alg in algs:
-        if alg not in ASYMMETRIC_ALGORITHMS:
-            raise ConfigError(
-                f"{key}.algorithms",
-                f"asymmetric JWS algorithms from {sorted(ASYMMETRIC_ALGORITHMS)}",
-                alg,
-            )
-    return frozenset(algs)
-
-
 def _issuer(raw: Any, key: str) -> tuple[IssuerPolicy, IssuerSource]:
     item = section(raw, key)
     known_keys(
@@ -100,7 +88,7 @@ def _issuer(raw: Any, key: str) -> tuple[IssuerPolicy, IssuerSource]:
     types = get_str_list(item, "token_types", key, ["at+jwt"])
     policy = IssuerPolicy(
         issuer=issuer,
-        algorithms=_algorithms(item, key, ["ES256"]),
+        algorithms=get_algorithms(item, "algorithms", key, ["ES256"]),
         token_types=frozenset(normalize_typ(t) for t in types if t != "none"),
     )
     source = IssuerSource(
@@ -203,8 +191,8 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         audiences=frozenset(audiences),
         issuers=policies,
         leeway=get_num(root, "leeway", path, 5.0),
-        proof_algorithms=_algorithms(
-            dpop, f"{path}.dpop", ["ES256", "ES384", "EdDSA", "PS256", "RS256"]
+        proof_algorithms=get_algorithms(
+            dpop, "algorithms", f"{path}.dpop", ["ES256", "ES384", "EdDSA", "PS256", "RS256"]
         ),
         proof_max_age=get_num(dpop, "max_age", f"{path}.dpop", 60.0, minimum=1.0),
         proof_future_leeway=get_num(dpop, "future_leeway", f"{path}.dpop", 5.0),

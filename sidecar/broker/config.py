@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from sidecar.broker.keys import MAX_PUBLISHED_KEYS, SIGNING_ALGORITHMS, Schedule, load_private_key
 from sidecar.broker.registry import Registry, parse_entries
 from sidecar.config_util import (
+    get_algorithms,
     get_bool,
     get_choice,
     get_int,
@@ -29,7 +30,6 @@ from sidecar.config_util import (
 )
 from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
-from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS
 
 DEFAULT_ISSUER = "http://127.0.0.1:8443"
 DEFAULT_LISTEN = "127.0.0.1:8443"
@@ -133,19 +133,6 @@ def _issuer_url(value: str, key: str) -> str:
     return value
 
 
-def _algorithms(item: Mapping[str, Any], key: str, default: list[str]) -> frozenset[str]:
-    algs = get_str_list(item, "algorithms", key, default)
-    for alg in algs:
-        if alg not in ASYMMETRIC_ALGORITHMS:
-            raise ConfigError(
-                f"{key}.algorithms",
-                f"asymmetric JWS algorithms from {sorted(ASYMMETRIC_ALGORITHMS)}",
-                alg,
-            )
-    if not algs:
-        raise ConfigError(f"{key}.algorithms", "at least one algorithm")
-    return frozenset(algs)
-
 
 def _cluster(raw: Any, key: str) -> ClusterConfig:
     item = section(raw, key)
@@ -179,7 +166,7 @@ def _cluster(raw: Any, key: str) -> ClusterConfig:
     return ClusterConfig(
         location=JwksLocation(issuer=issuer, file=jwks_file, uri=jwks_uri, discovery=discovery),
         audiences=frozenset(audiences),
-        algorithms=_algorithms(item, key, DEFAULT_CLUSTER_ALGS),
+        algorithms=get_algorithms(item, "algorithms", key, DEFAULT_CLUSTER_ALGS),
         refresh_interval=get_num(item, "refresh_interval", key, 300.0, minimum=1.0),
         min_refresh_interval=get_num(item, "min_refresh_interval", key, 10.0),
     )
@@ -319,7 +306,7 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
             tokens, "max_subject_token_bytes", "tokens", 16384, minimum=512
         ),
         dpop=DpopConfig(
-            algorithms=_algorithms(dpop, "dpop", DEFAULT_PROOF_ALGS),
+            algorithms=get_algorithms(dpop, "algorithms", "dpop", DEFAULT_PROOF_ALGS),
             max_age=get_num(dpop, "max_age", "dpop", 60.0, minimum=1.0),
             future_leeway=get_num(dpop, "future_leeway", "dpop", 5.0),
             max_proof_bytes=get_int(dpop, "max_proof_bytes", "dpop", 4096, minimum=256),

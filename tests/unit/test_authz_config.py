@@ -35,6 +35,18 @@ def base(**extra: Any) -> dict[str, Any]:
         ({"grpc": {"engine": "fast"}}, "authz.grpc.engine", "'threads', 'aio'"),
         ({"grpc": {"workers": 65}}, "authz.grpc.workers", "from 1 to 64"),
         ({"grpc": {"workers": 0}}, "authz.grpc.workers", ">= 1"),
+        # An empty allowlist would deny every token or proof silently: refused at load.
+        (
+            {
+                "issuers": [
+                    {"issuer": "https://i.example", "jwks_uri": "https://i/k", "algorithms": []}
+                ]
+            },
+            "authz.issuers[0].algorithms",
+            "at least one algorithm",
+        ),
+        ({"dpop": {"algorithms": []}}, "authz.dpop.algorithms", "at least one algorithm"),
+        ({"dpop": {"algorithms": ["HS256"]}}, "authz.dpop.algorithms", "asymmetric"),
     ],
 )
 def test_bad_values_name_the_key(extra: dict[str, Any], key: str, expected: str) -> None:

@@ -52,6 +52,8 @@ def test_defaults() -> None:
         ({"keys": {"rotate_every": 5, "prepublish": 2, "jwks_max_age": 1}}, "keys.rotate_every"),
         ({"keys": {"key_file": "/nonexistent/key.pem"}}, "keys.key_file"),
         ({"dpop": {"algorithms": ["none"]}}, "dpop.algorithms"),
+        ({"dpop": {"algorithms": []}}, "dpop.algorithms"),
+        ({"clusters": [{**CLUSTER, "algorithms": []}]}, "clusters[0].algorithms"),
         ({"attestation": {"socket": "relative.sock"}}, "attestation.socket"),
         ({"admin": {"socket": "/tmp/sidecar-broker/attestation.sock"}}, "admin.socket"),
         ({"clusters": [{**CLUSTER, "discovery": True}]}, "clusters[0]"),
