@@ -11,6 +11,7 @@ import yaml
 
 from sidecar.errors import ConfigError
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS
+from sidecar.jose.rfc9449_dpop import DEFAULT_PROOF_ALGORITHMS, DPoPPolicy
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -97,6 +98,20 @@ def get_algorithms(
             f"{path}.{key}", "at least one algorithm (an empty list denies all)", algs
         )
     return frozenset(algs)
+
+
+def get_dpop_policy(
+    dpop: Mapping[str, Any], path: str, *, limits: Mapping[str, Any], limits_path: str
+) -> DPoPPolicy:
+    """The proof acceptance policy from a ``dpop`` section (``algorithms``, ``max_age``,
+    ``future_leeway``) and ``max_proof_bytes`` from ``limits``: ingress and broker alike."""
+    default = DPoPPolicy()
+    return DPoPPolicy(
+        algorithms=get_algorithms(dpop, "algorithms", path, list(DEFAULT_PROOF_ALGORITHMS)),
+        max_age=get_num(dpop, "max_age", path, default.max_age, minimum=1.0),
+        future_leeway=get_num(dpop, "future_leeway", path, default.future_leeway),
+        max_bytes=get_int(limits, "max_proof_bytes", limits_path, default.max_bytes, minimum=256),
+    )
 
 
 def get_choice(

@@ -19,6 +19,7 @@ from sidecar.config_util import (
     get_algorithms,
     get_bool,
     get_choice,
+    get_dpop_policy,
     get_int,
     get_num,
     get_opt_str,
@@ -191,13 +192,8 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         audiences=frozenset(audiences),
         issuers=policies,
         leeway=get_num(root, "leeway", path, 5.0),
-        proof_algorithms=get_algorithms(
-            dpop, "algorithms", f"{path}.dpop", ["ES256", "ES384", "EdDSA", "PS256", "RS256"]
-        ),
-        proof_max_age=get_num(dpop, "max_age", f"{path}.dpop", 60.0, minimum=1.0),
-        proof_future_leeway=get_num(dpop, "future_leeway", f"{path}.dpop", 5.0),
+        dpop=get_dpop_policy(dpop, f"{path}.dpop", limits=limits, limits_path=f"{path}.limits"),
         max_token_bytes=get_int(limits, "max_token_bytes", f"{path}.limits", 8192, minimum=256),
-        max_proof_bytes=get_int(limits, "max_proof_bytes", f"{path}.limits", 4096, minimum=256),
         token_cache_size=get_int(root, "token_cache_size", path, 10_000),
     )
     grpc = section(root.get("grpc"), f"{path}.grpc")

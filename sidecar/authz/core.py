@@ -32,7 +32,7 @@ from sidecar.errors import (
 from sidecar.jose.jwks import KeyStore
 from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
 from sidecar.jose.rfc9068_access_token import IssuerPolicy, VerifiedToken, verify_access_token
-from sidecar.jose.rfc9449_dpop import ProofKeyCache, VerifiedProof, verify_proof
+from sidecar.jose.rfc9449_dpop import DPoPPolicy, ProofKeyCache, VerifiedProof, verify_proof
 
 IDENTITY_PREFIX = "x-workload-"
 STRIPPED = ("authorization", "dpop")
@@ -43,11 +43,8 @@ class AuthzSettings:
     audiences: frozenset[str]
     issuers: Mapping[str, IssuerPolicy]
     leeway: float = 5.0
-    proof_algorithms: frozenset[str] = frozenset({"ES256", "ES384", "EdDSA", "PS256", "RS256"})
-    proof_max_age: float = 60.0
-    proof_future_leeway: float = 5.0
+    dpop: DPoPPolicy = field(default_factory=DPoPPolicy)
     max_token_bytes: int = 8192
-    max_proof_bytes: int = 4096
     token_cache_size: int = 10_000
     proof_key_cache_size: int = 4096
 
@@ -125,11 +122,8 @@ class Authorizer:
         self.on_unknown_key = on_unknown_key
         self.token_cache = VerifiedTokenCache(settings.token_cache_size)
         self.proof_keys = ProofKeyCache(settings.proof_key_cache_size)
-        # A proof stays acceptable until iat + max_age, and iat may be up to future_leeway ahead:
-        # remember its jti for that long, plus a second so the boundary instant is covered.
-        self._replay_ttl = settings.proof_max_age + settings.proof_future_leeway + 1.0
         self._sync_replay = replay if isinstance(replay, InMemoryReplayStore) else None
-        algs = " ".join(sorted(settings.proof_algorithms))
+        algs = " ".join(sorted(settings.dpop.algorithms))
         self._dpop_challenge = f'DPoP algs="{algs}"'
         needs_nonce = any(r.nonce for r in policy.routes) or policy.default_route.nonce
         if needs_nonce and nonces is None:
@@ -229,9 +223,8 @@ class Authorizer:
         if proof is None:
             # Bearer: nothing to record. A PendingAllow with no key keeps one code path.
             return PendingAllow("", 0.0, allow, route, scheme, meta)
-        return PendingAllow(
-            f"{proof.jkt}:{proof.jti}", self._replay_ttl, allow, route, scheme, meta
-        )
+        dpop = self.settings.dpop
+        return PendingAllow(dpop.replay_key(proof), dpop.replay_ttl, allow, route, scheme, meta)
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -309,7 +302,6 @@ class Authorizer:
         if "," in proof:
             # RFC 9449 §4.3 step 1: not more than one DPoP header field.
             raise AuthError(Reason.PROOF_INVALID, "more than one DPoP header")
-        s = self.settings
         return verify_proof(
             proof.strip(),
             method=view.method,
@@ -317,10 +309,7 @@ class Authorizer:
             access_token=token,
             expected_jkt=verified.jkt,
             now=now,
-            max_age=s.proof_max_age,
-            future_leeway=s.proof_future_leeway,
-            algorithms=s.proof_algorithms,
-            max_bytes=s.max_proof_bytes,
+            policy=self.settings.dpop,
             key_cache=self.proof_keys,
         )
 

@@ -19,6 +19,7 @@ from sidecar.config_util import (
     get_algorithms,
     get_bool,
     get_choice,
+    get_dpop_policy,
     get_int,
     get_num,
     get_opt_str,
@@ -30,12 +31,12 @@ from sidecar.config_util import (
 )
 from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
+from sidecar.jose.rfc9449_dpop import DPoPPolicy
 
 DEFAULT_ISSUER = "http://127.0.0.1:8443"
 DEFAULT_LISTEN = "127.0.0.1:8443"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:15021"
 DEFAULT_RUN_DIR = "/tmp/sidecar-broker"
-DEFAULT_PROOF_ALGS = ["ES256", "ES384", "EdDSA", "PS256", "RS256"]
 #: Kubernetes signs service-account tokens with RS256 unless told otherwise.
 DEFAULT_CLUSTER_ALGS = ["RS256", "ES256"]
 
@@ -67,15 +68,6 @@ class KeysConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class DpopConfig:
-    algorithms: frozenset[str]
-    max_age: float
-    future_leeway: float
-    max_proof_bytes: int
-    replay_capacity: int
-
-
-@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     location: JwksLocation
     audiences: frozenset[str]
@@ -96,7 +88,8 @@ class BrokerConfig:
     token_ttl: float
     subject_leeway: float
     max_subject_token_bytes: int
-    dpop: DpopConfig
+    dpop: DPoPPolicy
+    replay_capacity: int
     attestation_socket: str | None
     clusters: tuple[ClusterConfig, ...]
     registry: Registry
@@ -131,7 +124,6 @@ def _issuer_url(value: str, key: str) -> str:
     if parts.username or parts.password:
         raise ConfigError(key, "a URL without user information", value)
     return value
-
 
 
 def _cluster(raw: Any, key: str) -> ClusterConfig:
@@ -305,13 +297,8 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
         max_subject_token_bytes=get_int(
             tokens, "max_subject_token_bytes", "tokens", 16384, minimum=512
         ),
-        dpop=DpopConfig(
-            algorithms=get_algorithms(dpop, "algorithms", "dpop", DEFAULT_PROOF_ALGS),
-            max_age=get_num(dpop, "max_age", "dpop", 60.0, minimum=1.0),
-            future_leeway=get_num(dpop, "future_leeway", "dpop", 5.0),
-            max_proof_bytes=get_int(dpop, "max_proof_bytes", "dpop", 4096, minimum=256),
-            replay_capacity=get_int(dpop, "replay_capacity", "dpop", 300_000, minimum=1),
-        ),
+        dpop=get_dpop_policy(dpop, "dpop", limits=dpop, limits_path="dpop"),
+        replay_capacity=get_int(dpop, "replay_capacity", "dpop", 300_000, minimum=1),
         attestation_socket=socket_path,
         clusters=tuple(clusters),
         registry=registry,

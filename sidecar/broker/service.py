@@ -115,8 +115,7 @@ class Broker:
         self.audit = audit
         self.metrics = metrics
         self.clock = clock
-        self.replay = InMemoryReplayStore(cfg.dpop.replay_capacity)
-        self.replay_window = cfg.dpop.max_age + cfg.dpop.future_leeway
+        self.replay = InMemoryReplayStore(cfg.replay_capacity)
         self.proof_keys = ProofKeyCache()
         self._save_lock = asyncio.Lock()
         self._jwks: tuple[int, bytes, str] | None = None
@@ -173,18 +172,13 @@ class Broker:
                 access_token=None,
                 expected_jkt=None,
                 now=now,
-                max_age=dpop.max_age,
-                future_leeway=dpop.future_leeway,
-                algorithms=dpop.algorithms,
-                max_bytes=dpop.max_proof_bytes,
+                policy=dpop,
                 key_cache=self.proof_keys,
             )
         except AuthError as exc:
             raise OAuthError("invalid_dpop_proof", exc.detail, reason=exc.reason.value) from None
         try:
-            fresh = self.replay.check_and_insert_sync(
-                f"{proof.jkt}:{proof.jti}", now, self.replay_window
-            )
+            fresh = self.replay.check_and_insert_sync(dpop.replay_key(proof), now, dpop.replay_ttl)
         except ReplayStoreUnavailable:
             raise OAuthError(
                 "temporarily_unavailable",

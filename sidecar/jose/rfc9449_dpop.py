@@ -78,6 +78,33 @@ class VerifiedProof:
     nonce: str | None
 
 
+#: The proof algorithms accepted unless configured otherwise (ingress and broker alike).
+DEFAULT_PROOF_ALGORITHMS = ("ES256", "ES384", "EdDSA", "PS256", "RS256")
+
+
+@dataclass(frozen=True, slots=True)
+class DPoPPolicy:
+    """When a proof is acceptable, and for how long it must be remembered: one policy for the
+    ingress and the broker so the two can never drift apart."""
+
+    algorithms: frozenset[str] = frozenset(DEFAULT_PROOF_ALGORITHMS)
+    max_age: float = 60.0  # how old iat may be
+    future_leeway: float = 5.0  # how far ahead of our clock iat may be
+    max_bytes: int = 4096
+
+    @property
+    def replay_ttl(self) -> float:
+        """How long a used proof's key is remembered. A proof accepted at t may carry iat up to
+        t + future_leeway and stays acceptable until iat + max_age inclusive; the replay store
+        forgets an entry at exactly its expiry, so one more second covers that instant."""
+        return self.max_age + self.future_leeway + 1.0
+
+    @staticmethod
+    def replay_key(proof: VerifiedProof) -> str:
+        """§11.1: a jti is unique per key, so two clients may pick the same one."""
+        return f"{proof.jkt}:{proof.jti}"
+
+
 class ProofKeyCache:
     """Bounded cache of validated proof headers. One client signs every proof with the same
     key, so its header segment is byte-identical each time: decoding it, importing the JWK and
@@ -149,13 +176,11 @@ def verify_proof(
     access_token: str | None,
     expected_jkt: str | None,
     now: float,
-    max_age: float,
-    future_leeway: float,
-    algorithms: frozenset[str],
-    max_bytes: int,
+    policy: DPoPPolicy,
     key_cache: ProofKeyCache,
 ) -> VerifiedProof:
     """Verify a DPoP proof for one request; raise AuthError with the precise reason."""
+    max_bytes = policy.max_bytes
     # Step 2: a single well-formed compact JWT.
     if len(proof) > max_bytes:
         raise AuthError(Reason.PROOF_INVALID, f"proof longer than {max_bytes} bytes")
@@ -166,7 +191,7 @@ def verify_proof(
         raise AuthError(Reason.PROOF_INVALID, "proof is not a compact JWS")
     h64, p64, s64 = parts
     alg, key = key_cache.header(h64)  # steps 4, 5, 7
-    if alg not in algorithms:
+    if alg not in policy.algorithms:
         raise AuthError(Reason.PROOF_INVALID, "proof alg is not allowed")
     # Step 6: the signature verifies with the key in the header.
     try:
@@ -202,7 +227,7 @@ def verify_proof(
     if not same:
         raise AuthError(Reason.HTU_MISMATCH, "proof htu does not match the request URI")
     # Step 11: iat within the acceptance window (nonce freshness is the caller's: step 10).
-    if not now - max_age <= iat <= now + future_leeway:
+    if not now - policy.max_age <= iat <= now + policy.future_leeway:
         raise AuthError(Reason.IAT_OUT_OF_WINDOW, "proof iat is outside the acceptance window")
     # Step 12: bound to the access token presented with it.
     if access_token is not None:

@@ -30,7 +30,7 @@ from sidecar.identity.errors import IdentityError
 from sidecar.identity.key import generate_signer
 from sidecar.jose.rfc7515_jws import sign_compact
 from sidecar.jose.rfc7517_jwk import jwks_json, public_jwk_dict
-from sidecar.jose.rfc9449_dpop import ProofKeyCache, ProofSigner, verify_proof
+from sidecar.jose.rfc9449_dpop import DPoPPolicy, ProofKeyCache, ProofSigner, verify_proof
 
 ORDERS = "spiffe://demo.local/ns/shop/sa/orders"
 PAYMENTS = "spiffe://demo.local/ns/shop/sa/payments"
@@ -166,10 +166,7 @@ class MiniIssuer:
                 access_token=None,
                 expected_jkt=None,
                 now=time.time(),
-                max_age=60,
-                future_leeway=5,
-                algorithms=frozenset({"ES256"}),
-                max_bytes=4096,
+                policy=DPoPPolicy(algorithms=frozenset({"ES256"})),
                 key_cache=self.proof_keys,
             )
         except AuthError as exc:

@@ -10,6 +10,7 @@ from factory import ec_key
 from sidecar.identity.key import EgressProofSigner
 from sidecar.jose.b64 import b64url_decode
 from sidecar.jose.rfc9449_dpop import (
+    DPoPPolicy,
     ProofKeyCache,
     ProofSigner,
     access_token_hash,
@@ -46,8 +47,8 @@ def test_proofs_verify_and_jtis_are_unique() -> None:
         proof = signer.proof(method="GET", url=url, now=NOW, access_token=token)
         verified = verify_proof(
             proof, method="GET", url=url, access_token=token, expected_jkt=signer.thumbprint,
-            now=NOW, max_age=60, future_leeway=5, algorithms=frozenset({"ES256"}),
-            max_bytes=4096, key_cache=ProofKeyCache(),
+            now=NOW, policy=DPoPPolicy(algorithms=frozenset({"ES256"})),
+            key_cache=ProofKeyCache(),
         )  # fmt: skip
         jtis.add(verified.jti)
     assert len(jtis) == 3

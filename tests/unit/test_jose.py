@@ -31,6 +31,7 @@ from sidecar.jose.rfc7518_algorithms import key_fits_algorithm, verify_signature
 from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
 from sidecar.jose.rfc9068_access_token import verify_access_token
 from sidecar.jose.rfc9449_dpop import (
+    DPoPPolicy,
     ProofKeyCache,
     ProofSigner,
     access_token_hash,
@@ -572,10 +573,7 @@ def test_jwcrypto_proof_verifies_with_us() -> None:
         access_token=None,
         expected_jkt=key.thumbprint(),
         now=NOW,
-        max_age=60,
-        future_leeway=5,
-        algorithms=frozenset({"ES256"}),
-        max_bytes=4096,
+        policy=DPoPPolicy(algorithms=frozenset({"ES256"})),
         key_cache=ProofKeyCache(),
     )
     assert verified.jkt == key.thumbprint()
@@ -621,10 +619,7 @@ def _verify_with(cache: ProofKeyCache, proof: str) -> Any:
         access_token=None,
         expected_jkt=None,
         now=NOW,
-        max_age=60,
-        future_leeway=5,
-        algorithms=frozenset({"ES256", "RS256"}),
-        max_bytes=8192,
+        policy=DPoPPolicy(algorithms=frozenset({"ES256", "RS256"}), max_bytes=8192),
         key_cache=cache,
     )
 

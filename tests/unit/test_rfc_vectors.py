@@ -13,7 +13,7 @@ from sidecar.jose.b64 import b64url_decode
 from sidecar.jose.rfc7515_jws import parse_compact
 from sidecar.jose.rfc7517_jwk import import_public_jwk
 from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
-from sidecar.jose.rfc9449_dpop import ProofKeyCache, access_token_hash, verify_proof
+from sidecar.jose.rfc9449_dpop import DPoPPolicy, ProofKeyCache, access_token_hash, verify_proof
 
 VECTORS = Path(__file__).parent / "vectors"
 
@@ -58,10 +58,7 @@ def _verify(vector: dict[str, Any], **overrides: Any) -> Any:
         "access_token": vector.get("access_token"),
         "expected_jkt": vector["jkt"] if "access_token" in vector else None,
         "now": float(claims["iat"]),  # the clock frozen at the proof's own iat
-        "max_age": 60.0,
-        "future_leeway": 5.0,
-        "algorithms": frozenset({"ES256"}),
-        "max_bytes": 4096,
+        "policy": DPoPPolicy(algorithms=frozenset({"ES256"})),
         "key_cache": ProofKeyCache(),
     }
     kwargs.update(overrides)
@@ -109,7 +106,7 @@ def test_rfc9449_7_1_ath_of_the_example_access_token() -> None:
         ({"now": 1562262616.0 - 6}, Reason.IAT_OUT_OF_WINDOW),
         ({"access_token": "another-token"}, Reason.ATH_MISMATCH),
         ({"expected_jkt": "A" * 43}, Reason.PROOF_KEY_MISMATCH),
-        ({"algorithms": frozenset({"EdDSA"})}, Reason.PROOF_INVALID),
+        ({"policy": DPoPPolicy(algorithms=frozenset({"EdDSA"}))}, Reason.PROOF_INVALID),
     ],
     ids=[
         "other-method",
