@@ -124,10 +124,12 @@ def no_client_authentication(authorization: str | None, form: Form | None = None
             headers=(("WWW-Authenticate", f'{scheme} realm="sidecar-broker"'),),
         )
     if form is not None and any(form.all(name) for name in _CLIENT_CREDENTIALS):
+        # 400, not 401: RFC 9110 §15.5.2 makes a 401 carry a WWW-Authenticate challenge, and
+        # any challenge would name an HTTP authentication scheme we do not accept. RFC 6749
+        # §5.2 only MAY-s the 401 for credentials sent outside the Authorization header.
         raise OAuthError(
             "invalid_client",
             "client authentication is not supported here (auth method: none)",
-            status=401,
         )
 
 

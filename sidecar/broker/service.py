@@ -8,9 +8,9 @@ the first thing it must fix, and so no signature is verified for a request that 
 2. the DPoP proof (RFC 9449 §4.3, ``ath`` not required: there is no access token yet) and its
    ``jti`` against the replay cache: ``invalid_dpop_proof``;
 3. the workload's identity — the subject token (k8s) or the socket peer (unix) — and its
-   registration entry: ``invalid_request`` / ``access_denied``;
+   registration entry: ``invalid_request`` (k8s) / ``access_denied`` (unix);
 4. the requested audiences against the entry: ``invalid_target``;
-5. revocation of the subject: ``access_denied``;
+5. revocation of the subject: ``invalid_request`` (k8s) / ``access_denied`` (unix);
 6. mint, audit, answer.
 """
 
@@ -65,6 +65,20 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+#: The error for a workload that is identified but refused by policy (no registration entry,
+#: revoked). RFC 8693 §2.2.2 fixes it for token exchange: a subject_token "unacceptable based
+#: on policy" gets ``invalid_request`` (400). The attestation socket is no token exchange (no
+#: subject token: the caller is the socket peer), so there RFC 6749's ``access_denied`` (403)
+#: stays.
+EXCHANGE_REFUSAL = "invalid_request"
+UNIX_REFUSAL = "access_denied"
+
+
+def policy_refusal(error: str, description: str, reason: str) -> OAuthError:
+    return OAuthError(
+        error, description, status=403 if error == "access_denied" else 400, reason=reason
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class Issued:
@@ -86,6 +100,7 @@ class _Attempt:
 class _Attested:
     selectors: frozenset[str]
     unregistered: str  # the refusal's description when no entry matches
+    refusal: str  # the error code of a policy refusal (EXCHANGE_REFUSAL / UNIX_REFUSAL)
     audiences: list[str]
     proof: VerifiedProof
     not_after: float | None  # the subject token's expiry, if there is one
@@ -132,6 +147,17 @@ class Broker:
                     cfg.dpop.algorithms, key=lambda a: (a != "ES256", a)
                 ),
                 "subject_types_supported": ["public"],
+                # REQUIRED by RFC 8414 §2 and OIDC Discovery §3, and truthfully empty: there is
+                # no authorization endpoint, so no response_type exists here. RFC 8414 §3.2
+                # would omit an empty claim, contradicting §2 for servers like this one
+                # (erratum 7793); present-and-empty satisfies parsers that require the member
+                # without advertising a flow that would fail.
+                "response_types_supported": [],
+                # No ID tokens are issued; discovery-driven JWT verifiers read this member as
+                # the algorithms of the issuer's JWTs, so it names the one we sign access tokens
+                # with. Not RS256 "because OIDC says so": listing an algorithm we never sign
+                # with would only widen those verifiers' allowlists.
+                "id_token_signing_alg_values_supported": [cfg.keys.schedule.alg],
                 # Our extension: where verifiers poll revoked subjects and jtis.
                 "revocation_list_uri": f"{base}/revocations",
             },
@@ -204,9 +230,9 @@ class Broker:
                 reason="audience_not_allowed",
             )
 
-    def _not_revoked(self, subject: str) -> None:
+    def _not_revoked(self, subject: str, refusal: str) -> None:
         if self.revocations.is_subject_revoked(subject):
-            raise OAuthError("access_denied", f"{subject} is revoked", status=403, reason="revoked")
+            raise policy_refusal(refusal, f"{subject} is revoked", "revoked")
 
     def _issue(
         self,
@@ -289,14 +315,17 @@ class Broker:
                 service_account=identity.service_account,
                 pod=identity.pod,
             )
-            # Not invalid_request: the token is valid, the workload is simply not registered
-            # (a 403 tells the operator what to fix, as for unix).
             unregistered = (
                 f"no registration entry for service account {identity.namespace}/"
                 f"{identity.service_account} of {identity.cluster}"
             )
             return _Attested(
-                identity.selectors, unregistered, request.audiences, proof, identity.expires_at
+                identity.selectors,
+                unregistered,
+                EXCHANGE_REFUSAL,
+                request.audiences,
+                proof,
+                identity.expires_at,
             )
 
         return await self._issue_attested("k8s", attest)
@@ -350,7 +379,7 @@ class Broker:
                 f"no registration entry matches this workload (uid={evidence.uid} "
                 f"gid={evidence.gid} exe={evidence.exe or 'unreadable'})"
             )
-            return _Attested(evidence.selectors, unregistered, audiences, proof, None)
+            return _Attested(evidence.selectors, unregistered, UNIX_REFUSAL, audiences, proof, None)
 
         return await self._issue_attested("unix", attest)
 
@@ -367,13 +396,11 @@ class Broker:
             attested = await attest(attempt, now)
             entry = self.registry.match(attested.selectors)
             if entry is None:
-                raise OAuthError(
-                    "access_denied", attested.unregistered, status=403, reason="no_entry"
-                )
+                raise policy_refusal(attested.refusal, attested.unregistered, "no_entry")
             attempt.attestation_failed = False
             attempt.fields.update(sub=entry.spiffe_id, entry=entry.index)
             self._allowed(entry, attested.audiences)
-            self._not_revoked(entry.spiffe_id)
+            self._not_revoked(entry.spiffe_id, attested.refusal)
             issued = self._issue(entry, attested.audiences, attested.proof, now,
                                  attested.not_after)  # fmt: skip
         except OAuthError as exc:

@@ -95,8 +95,13 @@ def test_discovery_and_jwks(broker: BrokerProcess) -> None:
         "token_endpoint_auth_methods_supported": ["none"],
         "dpop_signing_alg_values_supported": ["ES256", "ES384", "EdDSA", "PS256", "RS256"],
         "subject_types_supported": ["public"],
+        # REQUIRED (RFC 8414 §2, OIDC Discovery §3): no authorization endpoint, so no
+        # response type; no ID tokens, so the algorithm our JWTs are signed with.
+        "response_types_supported": [],
+        "id_token_signing_alg_values_supported": ["ES256"],
         "revocation_list_uri": f"{broker.issuer}/revocations",
     }
+    assert broker.get("/.well-known/oauth-authorization-server").body == meta.body
     keys = broker.get("/jwks.json")
     assert keys.status == 200
     assert keys.headers["cache-control"] == "public, max-age=60"
@@ -302,7 +307,8 @@ def test_issued_token_never_outlives_the_subject_token(
         ("foreign_issuer", 400, "invalid_request", "untrusted_issuer"),
         ("forged_signature", 400, "invalid_request", "bad_signature"),
         ("malformed", 400, "invalid_request", "malformed_token"),
-        ("unregistered_sa", 403, "access_denied", "no_entry"),
+        # RFC 8693 §2.2.2: a subject token unacceptable by policy is invalid_request.
+        ("unregistered_sa", 400, "invalid_request", "no_entry"),
         ("audience_not_allowed", 400, "invalid_target", "audience_not_allowed"),
         ("no_proof", 400, "invalid_dpop_proof", "proof_missing"),
         ("proof_for_other_url", 400, "invalid_dpop_proof", "htu_mismatch"),
@@ -314,7 +320,8 @@ def test_issued_token_never_outlives_the_subject_token(
         ("missing_subject_token", 400, "invalid_request", "invalid_request"),
         ("not_a_form", 400, "invalid_request", "invalid_request"),
         ("scope", 400, "invalid_scope", "invalid_scope"),
-        ("client_secret", 401, "invalid_client", "invalid_client"),
+        # 400, not a 401 without the challenge RFC 9110 §15.5.2 requires.
+        ("client_secret", 400, "invalid_client", "invalid_client"),
     ],
 )
 def test_exchange_refusals(
@@ -400,6 +407,7 @@ def test_exchange_refusals(
     answer = broker.exchange(token, audiences, signer, form=form, **kwargs)
     assert (answer.status, answer.error) == (status, error), answer.body
     assert set(answer.body) == {"error", "error_description"}
+    assert answer.status != 401 or "www-authenticate" in answer.headers
     assert answer.headers["cache-control"] == "no-store"
     assert answer.headers["content-type"].startswith("application/json")
     # Every refusal is audited (exactly one record), with the precise reason, never the token.

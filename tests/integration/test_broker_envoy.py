@@ -244,6 +244,8 @@ def test_revoked_subject_is_denied_through_envoy(stack: Stack) -> None:
         other = new_signer()
         assert stack.call(stack.broker.unix_token([ORDERS], other).token, other)[0] == 200
         refused = stack.broker.exchange(stack.cluster.sa_token(), [ORDERS])
-        assert (refused.status, refused.error) == (403, "access_denied")
+        # RFC 8693 §2.2.2: a subject refused by policy is invalid_request on token exchange.
+        assert (refused.status, refused.error) == (400, "invalid_request")
+        assert "revoked" in refused.body["error_description"]
     finally:
         assert stack.broker.revoke("--sub", subject, "--restore")[0] == 0

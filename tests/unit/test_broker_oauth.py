@@ -13,8 +13,10 @@ from sidecar.broker.oauth import (
     JWT_TOKEN_TYPE,
     TOKEN_EXCHANGE_GRANT,
     OAuthError,
+    TokenHttpRequest,
     parse_exchange,
     parse_form,
+    parse_request,
     targets,
     token_response,
 )
@@ -105,6 +107,29 @@ def test_error_body_is_rfc6749_json_with_safe_characters() -> None:
     doc = json.loads(exc.body())
     assert set(doc) == {"error", "error_description"}
     assert all(" " <= c <= "~" and c not in '"\\' for c in doc["error_description"])
+
+
+@pytest.mark.parametrize("name", ["client_secret", "client_assertion", "client_assertion_type"])
+def test_client_credentials_in_the_body_are_400_invalid_client(name: str) -> None:
+    """RFC 9110 §15.5.2: a 401 must carry a challenge, and there is no scheme to offer for
+    credentials sent in the form: so 400 (RFC 6749 §5.2 allows it), never a bare 401."""
+    with pytest.raises(OAuthError) as err:
+        form(*base(("audience", "a"), (name, "s3cr3t")))
+    assert (err.value.error, err.value.status, err.value.headers) == ("invalid_client", 400, ())
+
+
+def test_client_authentication_in_the_header_is_401_with_its_challenge() -> None:
+    request = TokenHttpRequest(
+        content_type=FORM,
+        body=urlencode(base(("audience", "a"))).encode(),
+        authorization="Basic Y2xpZW50OnNlY3JldA==",
+        dpop=(),
+        htu="https://broker/token",
+    )
+    with pytest.raises(OAuthError) as err:
+        parse_request(request)
+    assert (err.value.error, err.value.status) == ("invalid_client", 401)
+    assert err.value.headers == (("WWW-Authenticate", 'Basic realm="sidecar-broker"'),)
 
 
 def test_token_response_shape() -> None:
