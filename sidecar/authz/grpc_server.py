@@ -33,6 +33,7 @@ from google.rpc import code_pb2, status_pb2
 from sidecar.authz.core import Authorizer, IORequest, RefreshKeys, advance
 from sidecar.authz.decision import Allow, Decision, Header, RequestView
 from sidecar.errors import ReplayStoreUnavailable
+from sidecar.observability.logsafe import logfmt, logfmt_value
 from sidecar.observability.metrics import AuthzMetrics
 
 log = logging.getLogger(__name__)
@@ -183,12 +184,13 @@ def log_decision(decision: Decision) -> None:
         "deny reason=%s %s detail=%s",
         decision.reason.value,
         _ids(decision.metadata),
-        decision.detail,
+        logfmt_value(decision.detail),
     )
 
 
 def _ids(meta: Any) -> str:
-    return " ".join(f"{k}={meta[k]}" for k in ("sub", "token_jti", "proof_jti", "kid") if k in meta)
+    # Client-supplied values: escaped so that a request cannot forge a log line (CWE-117).
+    return logfmt((k, meta[k]) for k in ("sub", "token_jti", "proof_jti", "kid") if k in meta)
 
 
 _SERVER_OPTIONS = [

@@ -8,7 +8,9 @@ Fields (absent when not applicable): ``ts`` (RFC 3339, UTC, ms), ``event`` (``is
 ``jti``, ``aud``, ``exp``, ``kid``, ``jkt``, ``entry``; for unix callers ``pid``, ``uid``,
 ``gid``, ``exe``, ``sha256``; for Kubernetes callers ``cluster``, ``namespace``,
 ``service_account``. A token, a proof or a key is NEVER written: the record type has no field
-that could hold one, and ``detail`` strings are built by this package, not copied from input.
+that could hold one, and ``detail`` strings are built by this package. Client values that do
+appear (``sub``, ``jti``, an audience in a detail) are JSON-escaped with ``ensure_ascii``: a
+record is always exactly one line.
 
 Lines are written in batches: one ``write`` per event-loop iteration, so a burst of issuances
 costs one system call, and ordering is preserved.

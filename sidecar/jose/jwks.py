@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from sidecar.jose.rfc7517_jwk import JWKError, PublicJWK, import_jwks
+from sidecar.observability.logsafe import logfmt_value
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,9 @@ class JwksSource:
             if self.location.discovery and self.location.uri is None:
                 self._jwks_uri = None  # rediscover next time: the jwks_uri may have moved
             log.warning(
-                "jwks refresh failed issuer=%s error=%s", self.location.issuer, self.last_error
+                "jwks refresh failed issuer=%s error=%s",
+                self.location.issuer,
+                logfmt_value(self.last_error),
             )
             return False
         self.last_error = None
@@ -169,7 +172,7 @@ class JwksSource:
             log.info(
                 "jwks updated issuer=%s kids=%s",
                 self.location.issuer,
-                ",".join(sorted(k.kid or "-" for k in keys)),
+                logfmt_value(",".join(sorted(k.kid or "-" for k in keys))),
             )
         return changed
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.errors import AuthError, Reason
+from sidecar.jose.claim_text import acceptable_text
 from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
 from sidecar.jose.rfc7517_jwk import PublicJWK
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, verify_signature
@@ -58,8 +59,8 @@ def _str_claim(claims: Mapping[str, Any], name: str, *, required: bool) -> str |
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_CLAIM_STRING:
         raise AuthError(Reason.MALFORMED_TOKEN, f"claim {name} is not a non-empty string")
-    if not value.isprintable():
-        # These values become HTTP headers for the app (x-workload-id): no CR/LF, no controls.
+    if not acceptable_text(value):
+        # These values become HTTP headers for the app (x-workload-id) and log fields.
         raise AuthError(Reason.MALFORMED_TOKEN, f"claim {name} contains control characters")
     return value
 
@@ -124,8 +125,8 @@ def verify_access_token(
     if alg not in policy.algorithms:
         raise AuthError(Reason.ALG_NOT_ALLOWED, f"algorithm {alg} is not allowed for this issuer")
     kid = header.get("kid")
-    if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
-        raise AuthError(Reason.MALFORMED_TOKEN, "kid is not a string")
+    if kid is not None and (not isinstance(kid, str) or len(kid) > 256 or not acceptable_text(kid)):
+        raise AuthError(Reason.MALFORMED_TOKEN, "kid is not a printable string")
     candidates = [k for k in keys.keys_for(iss, kid) if k.usable_with(alg)]
     if not candidates:
         raise AuthError(Reason.UNKNOWN_KEY, "no key of this issuer matches kid and alg")

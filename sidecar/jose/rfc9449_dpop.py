@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from sidecar.errors import AuthError, Reason
 from sidecar.jose.b64 import b64url_decode, b64url_encode
+from sidecar.jose.claim_text import acceptable_text
 from sidecar.jose.rfc7515_jws import JWSFormatError, strict_json_object
 from sidecar.jose.rfc7517_jwk import JWKError, PublicJWK, import_public_jwk, public_jwk_dict
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, sign, verify_signature
@@ -216,6 +217,10 @@ def verify_proof(
     nonce = claims.get("nonce")
     if nonce is not None and (not isinstance(nonce, str) or len(nonce) > MAX_NONCE):
         raise AuthError(Reason.PROOF_INVALID, "proof nonce is not a string")
+    # The jti becomes part of the replay key and of log lines: refuse control characters
+    # (and in htm, htu and nonce, which no honest client puts there either).
+    if not all(acceptable_text(v) for v in (jti, htm, htu, nonce or "")):
+        raise AuthError(Reason.PROOF_INVALID, "proof claim contains control characters")
     # Step 8: htm matches the request method (case-sensitive, RFC 9110 §9.1).
     if htm != method:
         raise AuthError(Reason.HTM_MISMATCH, "proof htm does not match the request method")
