@@ -22,8 +22,9 @@ it ``to_dict``) and 3 ms to dump as YAML. The hand-written dicts this replaced t
 
 proto3 JSON leaves out every field equal to its default (``lb_policy: ROUND_ROBIN``,
 ``codec_type: AUTO``, ``false`` booleans...). The few defaults that *are* the security decision
-(fail closed, no peer certificate sent to the authorizer, the JWT not forwarded to the app) are
-written out anyway (:data:`EXPLICIT_DEFAULTS`) so a reader of the YAML sees them.
+(fail closed, no peer certificate sent to the authorizer, the JWT not forwarded to the app, no
+trusted proxy hops so that ``x-forwarded-proto`` is Envoy's own) are written out anyway
+(:data:`EXPLICIT_DEFAULTS`) so a reader of the YAML sees them.
 
 Field names were checked against the Envoy 1.40 API (``envoy --mode validate``). Things that
 bite (the typed classes raise a ``DeprecationWarning`` when a deprecated field is set):
@@ -205,6 +206,7 @@ HTTP_AUTHZ_METADATA_HEADERS: _Matchers = (("prefix", "x-authz-"),)
 # Fields written to the dict/YAML even though they equal their proto3 default (see module doc).
 EXPLICIT_DEFAULTS: dict[type[betterproto2.Message], tuple[str, ...]] = {
     ExtAuthz: ("failure_mode_allow", "include_peer_certificate"),
+    HttpConnectionManager: ("xff_num_trusted_hops",),
     JwtProvider: ("forward",),
 }
 
@@ -360,7 +362,10 @@ def _http_connection_manager(http_filters: list[HttpFilter]) -> HttpConnectionMa
         stat_prefix=HCM_STAT_PREFIX,
         codec_type=HttpConnectionManagerCodecType.AUTO,
         # The client is whoever connected to us: never trust a client-sent X-Forwarded-For.
+        # With no trusted hops Envoy also overwrites x-forwarded-proto from the connection's
+        # TLS state; the authorizer takes the request's scheme from it (authz/forwarded.py).
         use_remote_address=True,
+        xff_num_trusted_hops=0,
         normalize_path=True,
         merge_slashes=True,
         request_headers_timeout=timedelta(seconds=10),

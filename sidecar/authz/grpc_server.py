@@ -32,6 +32,7 @@ from google.rpc import code_pb2, status_pb2
 
 from sidecar.authz.core import Authorizer, IORequest, RefreshKeys, advance
 from sidecar.authz.decision import Allow, Decision, Header, RequestView
+from sidecar.authz.forwarded import connection_scheme
 from sidecar.errors import ReplayStoreUnavailable
 from sidecar.observability.logsafe import logfmt, logfmt_value
 from sidecar.observability.metrics import AuthzMetrics
@@ -49,7 +50,8 @@ def view_from_check(request: Any, default_scheme: str = "http") -> RequestView:
     peer = request.attributes.source.address.socket_address.address or None
     return RequestView(
         method=http.method,
-        scheme=http.scheme or headers.get("x-forwarded-proto") or default_scheme,
+        # Never http.scheme: that is the client's own ``:scheme`` (see authz.forwarded).
+        scheme=connection_scheme(headers, default_scheme),
         authority=http.host or headers.get(":authority", ""),
         path=http.path,
         headers=headers,  # a protobuf map: read-only Mapping[str, str], no copy

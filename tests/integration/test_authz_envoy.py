@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import yaml
 
@@ -327,3 +331,56 @@ def test_wrong_claim_types_are_malformed(stack: Stack) -> None:
         "GET", "/orders/4", [("Authorization", f"DPoP {token}"), ("DPoP", proof)]
     )
     assert_denied(result, 401, "malformed_token", "invalid_token")
+
+
+def h2c_request(
+    port: int, method: str, path: str, headers: list[tuple[str, str]], *, scheme: str
+) -> tuple[int, dict[str, str], dict[str, Any] | str]:
+    """One cleartext HTTP/2 request (prior knowledge) with the ``:scheme`` the caller picks:
+    HTTP/2 lets a client claim ``https`` on a connection that has no TLS."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    status, hdrs, body = 0, {}, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        request = [(":method", method), (":scheme", scheme), (":authority", f"127.0.0.1:{port}"),
+                   (":path", path)]  # fmt: skip
+        conn.send_headers(stream, request + [(k.lower(), v) for k, v in headers], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        done = False
+        while not done:
+            data = sock.recv(65536)
+            assert data, "Envoy closed the HTTP/2 connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    hdrs = {k.decode(): v.decode() for k, v in event.headers}
+                    status = int(hdrs.pop(":status"))
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    done = True
+            sock.sendall(conn.data_to_send())
+    try:
+        return status, hdrs, json.loads(body)
+    except ValueError:
+        return status, hdrs, body.decode(errors="replace")
+
+
+def test_client_claimed_https_scheme_over_cleartext_is_denied(stack: Stack) -> None:
+    """Issue 14 item 1: the scheme is what Envoy says about the connection, on both transports.
+    A proof made for https:// does not match a cleartext request that claims ``:scheme: https``.
+    """
+    path = "/orders/11"
+    https_url = f"https://127.0.0.1:{stack.envoy_port}{path}"
+    claimed = h2c_request(
+        stack.envoy_port, "GET", path, dpop_headers(stack, path, proof_url=https_url),
+        scheme="https",
+    )  # fmt: skip
+    assert_denied(claimed, 401, "htu_mismatch", "invalid_dpop_proof")
+    # The same h2c client with the truthful scheme and a proof for it gets through.
+    status, _, body = h2c_request(
+        stack.envoy_port, "GET", path, dpop_headers(stack, path), scheme="http"
+    )
+    assert status == 200, body
+    assert isinstance(body, dict) and body["headers"]["x-workload-id"] == FRONTEND

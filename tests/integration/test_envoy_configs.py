@@ -141,6 +141,8 @@ def test_common_shape() -> None:
         cfg = _base(mode=mode, authz_port=9191)
         hcm = _hcm(cfg)
         assert hcm["use_remote_address"] is True
+        # No trusted hops: Envoy overwrites x-forwarded-proto, the authorizer's scheme source.
+        assert hcm["xff_num_trusted_hops"] == 0
         assert _filters(cfg)[-1] == "envoy.filters.http.router"
         route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
         assert route == {"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "30s"}}
