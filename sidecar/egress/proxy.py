@@ -38,6 +38,7 @@ from sidecar.egress.nonce import NonceCache, is_use_dpop_nonce
 from sidecar.identity.errors import IdentityError
 from sidecar.identity.token import IssuedToken
 from sidecar.jose.rfc9449_dpop import ProofSigner
+from sidecar.observability.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class EgressProxy:
         signer: ProofSigner,
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.time,
+        log_interval: float = 30.0,
     ) -> None:
         self.cfg = cfg
         self._tokens = tokens
@@ -110,6 +112,9 @@ class EgressProxy:
         self._clock = clock
         self.metrics = EgressMetrics(registry)
         self.nonces = NonceCache()
+        # An outage answers every request with the same 5xx: one line per upstream and
+        # reason per interval, with a count.
+        self._warn = RateLimitedLog(log, log_interval)
         self._session: aiohttp.ClientSession | None = None
         self._runners: list[web.BaseRunner] = []
         self.ports: dict[str, int] = {}
@@ -253,7 +258,10 @@ class EgressProxy:
         self.metrics.local_response(label, answer.reason)
         self.metrics.request(label, answer.status, time.perf_counter() - started, -1.0)
         if answer.status >= 500:
-            log.warning("egress %s %s %s: %s", label, request.method, answer.reason, answer.detail)
+            self._warn.warning(
+                (label, answer.reason),
+                "egress %s %s %s: %s", label, request.method, answer.reason, answer.detail,
+            )  # fmt: skip
         return _local_response(answer, label)
 
     async def _token(self, target: Target) -> IssuedToken:

@@ -14,8 +14,9 @@ next deadline and does the waiting. Tests drive them with a fake clock and fixed
   later than the moment it stops being usable. Non-retryable errors (``invalid_target``,
   ``access_denied``...) are retried only at the cap: a registration entry may be fixed.
 * On demand: a request that finds no usable token may trigger a fetch, at most once per
-  ``demand_interval`` — so traffic resumes within about that long after the issuer returns,
-  and an outage costs the issuer at most one request per interval per audience.
+  ``demand_interval``. After a failure, demand fetches share the backoff: an outage costs the
+  issuer the backoff schedule per audience whatever the request rate, and traffic resumes
+  within one backoff delay (at most ``backoff_max``) after the issuer returns.
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ class AudienceState:
         """A request found no usable token: may it trigger a fetch right now?"""
         if self.usable(now) is not None:
             return False
-        if self.last_error is not None and not self.last_error.retryable:
+        if self.last_error is not None:
+            # The issuer is failing: a demand fetch keeps to the backoff like the refresher,
+            # so a fleet with traffic costs a dead issuer no more than an idle one.
             return now >= self.next_attempt_at
         return now - self.last_attempt_at >= self.policy.demand_interval
 

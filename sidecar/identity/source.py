@@ -25,6 +25,7 @@ from sidecar.identity.errors import IdentityError, NoValidToken
 from sidecar.identity.metrics import IdentityMetrics
 from sidecar.identity.schedule import AudienceState, RefreshPolicy
 from sidecar.identity.token import IssuedToken
+from sidecar.observability.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class TokenSource:
         metrics: IdentityMetrics | None = None,
         clock: Callable[[], float] = time.time,
         draw: Callable[[], float] = random.random,
+        log_interval: float = 30.0,
     ) -> None:
         self.attestor = attestor
         self.policy = policy
@@ -59,6 +61,8 @@ class TokenSource:
         self._draw = draw
         self._slots: dict[str, _Slot] = {}
         self._closed = False
+        # At most one failure line per audience per interval, however fast fetches fail.
+        self._failures_log = RateLimitedLog(log, log_interval, clock=clock)
         if metrics is not None:
             metrics.watch_expiry(self._expiry_snapshot)
 
@@ -243,13 +247,16 @@ class TokenSource:
             state.on_failure(err, now, self._draw())
             if self._metrics is not None:
                 self._metrics.fetched(audience, trigger, err.code)
-            log.warning(
+            self._failures_log.warning(
+                audience,
                 "token fetch failed audience=%s trigger=%s code=%s retryable=%s failures=%d "
                 "next_in=%.2fs detail=%s",
                 audience, trigger, err.code, err.retryable, state.failures,
                 state.next_attempt_at - now, err.detail,
             )  # fmt: skip
         else:
+            if had_error:
+                self._failures_log.resolved(audience)
             now = self._clock()
             state.on_success(token, now, self._draw())
             if self._metrics is not None:

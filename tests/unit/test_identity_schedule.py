@@ -115,11 +115,25 @@ def test_failure_keeps_the_cached_token_and_retries_before_it_becomes_unusable()
 
 def test_on_demand_fetches_are_rate_limited() -> None:
     state = AudienceState(AUD, RefreshPolicy(demand_interval=1.0))
+    state.on_success(token(20), NOW, 0.5)
+    state.on_attempt(NOW + 16)  # a refresh; the token is no longer usable and nothing failed
+    assert not state.may_fetch_on_demand(NOW + 16.5)
+    assert state.may_fetch_on_demand(NOW + 17.0)
+
+
+def test_on_demand_fetches_keep_to_the_backoff_while_the_issuer_fails() -> None:
+    policy = RefreshPolicy(backoff_initial=1, backoff_max=8, demand_interval=0.1)
+    state = AudienceState(AUD, policy)
     assert state.may_fetch_on_demand(NOW)
-    state.on_attempt(NOW)
-    state.on_failure(UNAVAILABLE, NOW, 0.9)
-    assert not state.may_fetch_on_demand(NOW + 0.5)
-    assert state.may_fetch_on_demand(NOW + 1.0)
+    now = NOW
+    for failures in range(1, 7):
+        state.on_attempt(now)
+        state.on_failure(UNAVAILABLE, now, 1.0)
+        backoff = min(8, 2 ** (failures - 1))
+        # demand_interval alone would allow a fetch 0.1 s later; the backoff does not.
+        assert not state.may_fetch_on_demand(now + backoff - 0.01)
+        assert state.may_fetch_on_demand(now + backoff)
+        now += backoff
 
 
 def test_no_on_demand_fetch_while_a_usable_token_is_cached() -> None:
