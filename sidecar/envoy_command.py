@@ -48,6 +48,7 @@ DEFAULT_ADMIN_PORT = 9901
 DEFAULT_AUTHZ_PORTS = {"grpc": 9191, "http": 9192}
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_AUTHZ_TIMEOUT_MS = 250
+MAX_AUTHZ_WORKERS = 256
 VALIDATE_TIMEOUT_S = 60.0
 
 _HOSTNAME = re.compile(
@@ -98,6 +99,29 @@ def _timeout_ms(text: str) -> int:
             f"expected milliseconds, a whole number 1-3600000, got {text!r}"
         )
     return ms
+
+
+def _unix_path(text: str) -> str:
+    from sidecar.listen_address import MAX_UNIX_PATH
+
+    if not text.startswith("/") or len(os.fsencode(text)) > MAX_UNIX_PATH or "\x00" in text:
+        raise argparse.ArgumentTypeError(
+            f"expected an absolute path of at most {MAX_UNIX_PATH} bytes, got {text!r}"
+        )
+    return text
+
+
+def _workers(text: str) -> int:
+    try:
+        count = int(text, 10)
+    except ValueError:
+        count = 0
+    if not 0 < count <= MAX_AUTHZ_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number 1-{MAX_AUTHZ_WORKERS} (the sidecar's authz.workers), "
+            f"got {text!r}"
+        )
+    return count
 
 
 def _text(text: str) -> str:
@@ -153,6 +177,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--authz-host", metavar="HOST", type=_host, help=f"IP or DNS name (default {DEFAULT_HOST})"
+    )
+    p.add_argument(
+        "--authz-unix",
+        metavar="PATH",
+        type=_unix_path,
+        help="the sidecar's ext_authz unix socket (authz.grpc/http.listen: unix:PATH) "
+        "instead of --authz-host/--authz-port",
+    )
+    p.add_argument(
+        "--authz-workers",
+        metavar="N",
+        type=_workers,
+        help="the sidecar's authz.workers: list all N listeners (port+i or PATH.i) as "
+        "endpoints of the ext_authz cluster (default 1)",
     )
     p.add_argument(
         "--authz-timeout-ms",
@@ -218,6 +256,8 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
             for opt, value in (
                 ("--authz-port", args.authz_port),
                 ("--authz-host", args.authz_host),
+                ("--authz-unix", args.authz_unix),
+                ("--authz-workers", args.authz_workers),
                 ("--authz-timeout-ms", args.authz_timeout_ms),
             )
             if value is not None
@@ -252,8 +292,22 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
             f"--listen-port and --admin-port: expected two different ports, "
             f"both are {kwargs['listen_port']}"
         )
-    if mode in AUTHZ_MODES:
+    if args.authz_unix is not None:
+        given = [
+            opt
+            for opt, value in (("--authz-port", args.authz_port), ("--authz-host", args.authz_host))
+            if value is not None
+        ]
+        if given:
+            raise OptionError(f"{', '.join(given)}: not used with --authz-unix (a unix socket)")
+        kwargs["authz_unix"] = args.authz_unix
+    elif mode in AUTHZ_MODES:
         kwargs["authz_port"] = _or(args.authz_port, DEFAULT_AUTHZ_PORTS[mode])
+        if args.authz_workers is not None and kwargs["authz_port"] + args.authz_workers > 65536:
+            raise OptionError(
+                f"--authz-port and --authz-workers: {args.authz_workers} workers from port "
+                f"{kwargs['authz_port']} run past 65535"
+            )
     if mode == "jwt_authn":
         kwargs["jwt_issuer"] = args.jwt_issuer
         kwargs["jwt_audiences"] = list(args.jwt_audience)
@@ -263,6 +317,7 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
         ("listen_host", args.listen_host, DEFAULT_HOST),
         ("upstream_host", args.upstream_host, DEFAULT_HOST),
         ("authz_host", args.authz_host, DEFAULT_HOST),
+        ("authz_workers", args.authz_workers, 1),
         ("authz_timeout_ms", args.authz_timeout_ms, DEFAULT_AUTHZ_TIMEOUT_MS),
     ):
         if value is not None and value != default:
@@ -281,6 +336,8 @@ def command_line(kwargs: dict[str, Any]) -> str:
         "admin_port",
         "authz_host",
         "authz_port",
+        "authz_unix",
+        "authz_workers",
         "authz_timeout_ms",
         "jwt_issuer",
     ):

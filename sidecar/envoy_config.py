@@ -71,18 +71,25 @@ with warnings.catch_warnings():
         ClusterDiscoveryType,
         ClusterDnsLookupFamily,
         ClusterLbPolicy,
+        OutlierDetection,
     )
     from envoy_data_plane.envoy.config.core.v3 import (
         Address,
         ApiVersion,
+        BackoffStrategy,
         DataSource,
         GrpcService,
         GrpcServiceEnvoyGrpc,
+        HealthCheck,
+        HealthCheckTcpHealthCheck,
         Http2ProtocolOptions,
         HttpProtocolOptions,
         HttpProtocolOptionsHeadersWithUnderscoresAction,
         HttpUri,
         Node,
+        Pipe,
+        RetryPolicy,
+        RetryPolicyRetryHostPredicate,
         SocketAddress,
         SubstitutionFormatString,
     )
@@ -122,6 +129,9 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
         DownstreamConnectionsConfig,
     )
+    from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import (
+        PreviousHostsPredicate,
+    )
     from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
         HttpProtocolOptions as UpstreamHttpProtocolOptions,
     )
@@ -131,6 +141,8 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, StringMatcher
     from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
     from envoy_data_plane.google.protobuf import Any as AnyProto
+
+from sidecar.listen_address import ListenAddress
 
 __all__ = [
     "ACCESS_LOG_FORMAT",
@@ -163,6 +175,7 @@ ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 STDOUT_ACCESS_LOG = "envoy.access_loggers.stdout"
 DOWNSTREAM_CONNECTIONS_MONITOR = "envoy.resource_monitors.global_downstream_max_connections"
+PREVIOUS_HOSTS_PREDICATE = "envoy.retry_host_predicates.previous_hosts"
 
 # One line per request. Never log credentials (Authorization, DPoP): only what the authorizer
 # chose to put in dynamic metadata (identity, deny reason).
@@ -243,45 +256,107 @@ def _address(host: str, port: int) -> Address:
     return Address(socket_address=SocketAddress(address=host, port_value=port))
 
 
+def _endpoint_address(address: ListenAddress) -> Address:
+    if address.path is not None:
+        return Address(pipe=Pipe(path=address.path))
+    return _address(address.host, address.port)
+
+
+def _protocol_options_http2() -> dict[str, AnyProto]:
+    # Cluster.http2_protocol_options is deprecated; the map key is the extension's name,
+    # which is the full name of its config message (the type URL without its prefix).
+    options = AnyProto.pack(
+        UpstreamHttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                http2_protocol_options=Http2ProtocolOptions()
+            )
+        )
+    )
+    return {options.type_url.rpartition("/")[2]: options}
+
+
 def _cluster(
     name: str,
-    host: str,
-    port: int,
+    endpoints: list[ListenAddress],
     *,
     http2: bool = False,
     connect_timeout: timedelta = timedelta(seconds=1),
 ) -> Cluster:
-    """A single-endpoint cluster: STATIC for an IP literal, STRICT_DNS for a host name."""
-    is_ip = _is_ip(host)
-    protocol_options: dict[str, AnyProto] = {}
-    if http2:
-        # Cluster.http2_protocol_options is deprecated; the map key is the extension's name,
-        # which is the full name of its config message (the type URL without its prefix).
-        options = AnyProto.pack(
-            UpstreamHttpProtocolOptions(
-                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                    http2_protocol_options=Http2ProtocolOptions()
-                )
-            )
-        )
-        protocol_options[options.type_url.rpartition("/")[2]] = options
-    return Cluster(
+    """STATIC for IP literals and unix sockets, STRICT_DNS for a host name. With more than
+    one endpoint (authorizer workers) the cluster also avoids a dead one: see
+    :func:`_avoid_dead_endpoints`."""
+    dns = any(e.path is None and not _is_ip(e.host) for e in endpoints)
+    cluster = Cluster(
         name=name,
-        type=ClusterDiscoveryType.STATIC if is_ip else ClusterDiscoveryType.STRICT_DNS,
+        type=ClusterDiscoveryType.STRICT_DNS if dns else ClusterDiscoveryType.STATIC,
         connect_timeout=connect_timeout,
         lb_policy=ClusterLbPolicy.ROUND_ROBIN,
         load_assignment=ClusterLoadAssignment(
             cluster_name=name,
             endpoints=[
                 LocalityLbEndpoints(
-                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(host, port)))]
+                    lb_endpoints=[
+                        LbEndpoint(endpoint=Endpoint(address=_endpoint_address(e)))
+                        for e in endpoints
+                    ]
                 )
             ],
         ),
         dns_lookup_family=(
-            ClusterDnsLookupFamily.AUTO if is_ip else ClusterDnsLookupFamily.V4_PREFERRED
+            ClusterDnsLookupFamily.V4_PREFERRED if dns else ClusterDnsLookupFamily.AUTO
         ),
-        typed_extension_protocol_options=protocol_options,
+        typed_extension_protocol_options=_protocol_options_http2() if http2 else {},
+    )
+    if len(endpoints) > 1:
+        _avoid_dead_endpoints(cluster)
+    return cluster
+
+
+def _avoid_dead_endpoints(cluster: Cluster) -> None:
+    """Several authorizer workers: send each check to the least busy one, probe every worker
+    with a TCP connect each second (a dead one leaves the rotation within a second and comes
+    back as soon as its replacement listens), and eject one on its first local connect
+    failure. Checks that fail to connect or are reset are retried on another worker
+    (:func:`_authz_retry_policy`)."""
+    cluster.lb_policy = ClusterLbPolicy.LEAST_REQUEST
+    cluster.health_checks = [
+        HealthCheck(
+            timeout=timedelta(milliseconds=250),
+            interval=timedelta(seconds=1),
+            no_traffic_interval=timedelta(seconds=1),
+            unhealthy_threshold=1,
+            healthy_threshold=1,
+            tcp_health_check=HealthCheckTcpHealthCheck(),
+        )
+    ]
+    cluster.outlier_detection = OutlierDetection(
+        split_external_local_origin_errors=True,
+        consecutive_local_origin_failure=1,
+        enforcing_consecutive_local_origin_failure=100,
+        interval=timedelta(seconds=1),
+        base_ejection_time=timedelta(seconds=1),
+        max_ejection_percent=50,
+    )
+
+
+def _authz_retry_policy() -> RetryPolicy:
+    """Retry a check that never reached a worker or whose worker died (connect failure,
+    reset), on a different worker. A deny or an error answer is never retried: a check is
+    decided once. A DPoP proof whose worker died after recording it is denied as replayed on
+    the retry (fail closed; the client signs a new proof)."""
+    return RetryPolicy(
+        retry_on="connect-failure,refused-stream,reset",
+        num_retries=2,
+        retry_back_off=BackoffStrategy(
+            base_interval=timedelta(milliseconds=5), max_interval=timedelta(milliseconds=50)
+        ),
+        retry_host_predicate=[
+            RetryPolicyRetryHostPredicate(
+                name=PREVIOUS_HOSTS_PREDICATE,
+                typed_config=AnyProto.pack(PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=5,
     )
 
 
@@ -304,22 +379,26 @@ def _ext_authz_filter(
     return HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=AnyProto.pack(config))
 
 
-def _ext_authz_grpc_filter(timeout: timedelta) -> HttpFilter:
+def _ext_authz_grpc_filter(timeout: timedelta, retry: RetryPolicy | None) -> HttpFilter:
     # No allowed_headers: it would also filter the gRPC CheckRequest (see module doc).
     return _ext_authz_filter(
         grpc_service=GrpcService(
-            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_GRPC_CLUSTER), timeout=timeout
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_GRPC_CLUSTER),
+            timeout=timeout,
+            retry_policy=retry,
         )
     )
 
 
-def _ext_authz_http_filter(host: str, port: int, timeout: timedelta) -> HttpFilter:
-    uri_host = f"[{host}]" if ":" in host else host
+def _ext_authz_http_filter(
+    address: ListenAddress, timeout: timedelta, retry: RetryPolicy | None
+) -> HttpFilter:
+    # The URI only names the cluster's first endpoint: Envoy sends to the cluster's hosts.
+    uri = "http://localhost" if address.path is not None else f"http://{address}"
     return _ext_authz_filter(
         http_service=HttpService(
-            server_uri=HttpUri(
-                uri=f"http://{uri_host}:{port}", cluster=AUTHZ_HTTP_CLUSTER, timeout=timeout
-            ),
+            server_uri=HttpUri(uri=uri, cluster=AUTHZ_HTTP_CLUSTER, timeout=timeout),
+            retry_policy=retry,
             authorization_response=AuthorizationResponse(
                 allowed_upstream_headers=_patterns(HTTP_AUTHZ_UPSTREAM_HEADERS),
                 allowed_client_headers=_patterns(HTTP_AUTHZ_CLIENT_HEADERS),
@@ -415,6 +494,8 @@ def ingress_bootstrap_message(
     listen_host: str = "127.0.0.1",
     upstream_host: str = "127.0.0.1",
     authz_host: str = "127.0.0.1",
+    authz_unix: str | None = None,
+    authz_workers: int = 1,
     authz_timeout_ms: int = 250,
 ) -> Bootstrap:
     """Envoy bootstrap: one ingress listener routing ``/`` to the ``app`` cluster.
@@ -427,6 +508,11 @@ def ingress_bootstrap_message(
     * ``none``: no auth filter (baseline).
     * ``jwt_authn``: Envoy's native JWT filter with one provider (baseline).
 
+    ``authz_unix`` replaces ``authz_host:authz_port`` by a unix socket (an Envoy ``pipe``).
+    ``authz_workers`` > 1 lists every worker of ``sidecar authz`` (port + i, or path + ``.i``,
+    as :meth:`ListenAddress.for_worker` derives them) as an endpoint of the ext_authz cluster,
+    with health checks, outlier ejection and retries on another worker.
+
     Both ext_authz modes fail closed: an unreachable or erroring authorizer yields 503.
 
     :func:`ingress_bootstrap` takes the same arguments and returns a fresh plain dict
@@ -436,23 +522,27 @@ def ingress_bootstrap_message(
         raise ValueError(f"unknown mode {mode!r}")
     timeout = _duration_ms(authz_timeout_ms)
     http_filters: list[HttpFilter] = []
-    clusters = [_cluster(UPSTREAM_CLUSTER, upstream_host, upstream_port)]
+    clusters = [_cluster(UPSTREAM_CLUSTER, [ListenAddress(upstream_host, upstream_port)])]
 
     if mode in ("grpc", "http"):
-        if authz_port is None:
-            raise ValueError(f"mode {mode!r} needs authz_port")
+        if authz_unix is not None:
+            base = ListenAddress(path=authz_unix)
+        elif authz_port is None:
+            raise ValueError(f"mode {mode!r} needs authz_port or authz_unix")
+        else:
+            base = ListenAddress(authz_host, authz_port)
+        if authz_workers < 1:
+            raise ValueError(f"authz_workers must be at least 1, got {authz_workers}")
+        endpoints = [base.for_worker(i, authz_workers) for i in range(authz_workers)]
+        retry = _authz_retry_policy() if authz_workers > 1 else None
         if mode == "grpc":
-            http_filters.append(_ext_authz_grpc_filter(timeout))
+            http_filters.append(_ext_authz_grpc_filter(timeout, retry))
             clusters.append(
-                _cluster(
-                    AUTHZ_GRPC_CLUSTER, authz_host, authz_port, http2=True, connect_timeout=timeout
-                )
+                _cluster(AUTHZ_GRPC_CLUSTER, endpoints, http2=True, connect_timeout=timeout)
             )
         else:
-            http_filters.append(_ext_authz_http_filter(authz_host, authz_port, timeout))
-            clusters.append(
-                _cluster(AUTHZ_HTTP_CLUSTER, authz_host, authz_port, connect_timeout=timeout)
-            )
+            http_filters.append(_ext_authz_http_filter(base, timeout, retry))
+            clusters.append(_cluster(AUTHZ_HTTP_CLUSTER, endpoints, connect_timeout=timeout))
     elif mode == "jwt_authn":
         if not jwt_issuer or not jwt_audiences or not jwt_jwks_file:
             raise ValueError("mode 'jwt_authn' needs jwt_issuer, jwt_audiences and jwt_jwks_file")

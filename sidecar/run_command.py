@@ -119,8 +119,8 @@ async def serve(data: dict[str, Any]) -> None:
             "sidecar",
             egress=egress_ports or None,
             forward=proxy.forward_port if proxy else None,
-            grpc=service.grpc_port if service else None,
-            http=service.http_port if service else None,
+            grpc=service.grpc_address if service else None,
+            http=service.http_address if service else None,
             admin=admin_bound,
             jkt=signer.thumbprint if tokens is not None else None,
         )

@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from sidecar.listen_address import ListenAddress, bind_unix
+
 
 def install_uvloop() -> None:
     if os.environ.get("SIDECAR_EVENT_LOOP") == "asyncio":  # for comparisons in benchmarks
@@ -33,9 +35,22 @@ async def wait_for_stop_signal() -> None:
 async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    bound = next(a[1] for a in runner.addresses if isinstance(a, tuple))
-    return runner, int(bound)
+    bound = await start_listener_site(runner, ListenAddress(host, port))
+    return runner, bound.port
+
+
+async def start_listener_site(
+    runner: web.AppRunner, address: ListenAddress, backlog: int = 1024
+) -> ListenAddress:
+    """Bind ``runner`` (already set up) to a TCP address or a 0600 unix socket; returns the
+    address bound (the real port when 0 was asked for)."""
+    if address.path is not None:
+        await web.SockSite(runner, bind_unix(address.path, backlog)).start()
+        return address
+    await web.TCPSite(runner, address.host, address.port, backlog=backlog).start()
+    # One site per runner here: its TCP address carries the real port.
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    return ListenAddress(address.host, int(port))
 
 
 def announce(name: str, **ports: Any) -> None:

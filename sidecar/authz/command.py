@@ -32,9 +32,9 @@ async def serve(data: dict[str, Any]) -> None:
     )
     announce(
         "authz",
-        grpc=service.grpc_port,
+        grpc=service.grpc_address,
         engine=service.cfg.grpc_engine,
-        http=service.http_port,
+        http=service.http_address,
         admin=admin_bound,
     )
     try:

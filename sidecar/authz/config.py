@@ -26,12 +26,12 @@ from sidecar.config_util import (
     get_str,
     get_str_list,
     known_keys,
-    parse_listen,
     section,
 )
 from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc9068_access_token import IssuerPolicy, normalize_typ
+from sidecar.listen_address import ListenAddress, parse_listen_address
 
 #: ext_authz gRPC engines (see sidecar.authz.grpc_server): grpcio's threaded server (faster
 #: per call, measured) or its asyncio server.
@@ -52,10 +52,10 @@ class AuthzConfig:
     settings: AuthzSettings
     policy: Policy
     sources: tuple[IssuerSource, ...]
-    grpc_listen: tuple[str, int] | None
+    grpc_listen: ListenAddress | None
     grpc_engine: str
     grpc_workers: int
-    http_listen: tuple[str, int] | None
+    http_listen: ListenAddress | None
     http_path_prefix: str
     default_scheme: str
     nonce_secret: bytes
@@ -201,12 +201,12 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
     known_keys(grpc, f"{path}.grpc", {"listen", "enabled", "engine", "workers"})
     known_keys(http, f"{path}.http", {"listen", "enabled", "path_prefix"})
     grpc_listen = (
-        parse_listen(grpc.get("listen", "127.0.0.1:9191"), f"{path}.grpc.listen")
+        parse_listen_address(grpc.get("listen", "127.0.0.1:9191"), f"{path}.grpc.listen")
         if get_bool(grpc, "enabled", f"{path}.grpc", True)
         else None
     )
     http_listen = (
-        parse_listen(http.get("listen", "127.0.0.1:9192"), f"{path}.http.listen")
+        parse_listen_address(http.get("listen", "127.0.0.1:9192"), f"{path}.http.listen")
         if get_bool(http, "enabled", f"{path}.http", True)
         else None
     )

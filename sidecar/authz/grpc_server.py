@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from sidecar.authz.core import Authorizer, IORequest, RefreshKeys, advance
 from sidecar.authz.decision import Allow, Decision, Header, RequestView
 from sidecar.authz.forwarded import connection_scheme
 from sidecar.errors import ReplayStoreUnavailable
+from sidecar.listen_address import SOCKET_MODE, ListenAddress, remove_stale_socket, socket_umask
 from sidecar.observability.logsafe import logfmt, logfmt_value
 from sidecar.observability.metrics import AuthzMetrics
 
@@ -204,13 +206,13 @@ _SERVER_OPTIONS = [
 
 async def start_grpc_server(
     servicer: AuthorizationServicer,
-    host: str,
-    port: int,
+    address: ListenAddress,
     *,
     max_concurrent: int = 1000,
     workers: int = 4,
-) -> tuple[Any, int]:
-    """Serve ``servicer`` (its class picks the engine); returns the server and its port.
+) -> tuple[Any, ListenAddress]:
+    """Serve ``servicer`` (its class picks the engine); returns the server and the address it
+    bound (the real port when 0 was asked for).
 
     Beyond ``max_concurrent`` calls in progress grpcio answers RESOURCE_EXHAUSTED, which
     Envoy (failure mode closed) turns into a deny: bounded, and never an allow."""
@@ -224,13 +226,20 @@ async def start_grpc_server(
     else:
         server = grpc.aio.server(maximum_concurrent_rpcs=max_concurrent, options=_SERVER_OPTIONS)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if address.path is not None:
+        remove_stale_socket(address.path)
+        with socket_umask():  # grpcio binds here: the socket is created 0600
+            bound = server.add_insecure_port(address.grpc_target())
+        os.chmod(address.path, SOCKET_MODE)
+    else:
+        bound = server.add_insecure_port(address.grpc_target())
+        address = ListenAddress(address.host, bound)
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port} for ext_authz gRPC")
+        raise OSError(f"cannot listen on {address} for ext_authz gRPC")
     started = server.start()
     if asyncio.iscoroutine(started):
         await started
-    return server, bound
+    return server, address
 
 
 async def stop_grpc_server(server: Any, grace: float = 1.0) -> None:

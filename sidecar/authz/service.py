@@ -27,7 +27,9 @@ from sidecar.authz.nonce import NonceService
 from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
 from sidecar.authz.revocation import RevocationList
 from sidecar.jose.jwks import JwksSource, KeyStore
+from sidecar.listen_address import ListenAddress, unlink_socket
 from sidecar.observability.metrics import AuthzMetrics
+from sidecar.runtime import start_listener_site
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,9 @@ class AuthzService:
         self._tasks: list[asyncio.Task[None]] = []
         self._grpc: Any = None
         self._http: web.AppRunner | None = None
-        self.grpc_port: int | None = None
-        self.http_port: int | None = None
+        # The addresses bound (the real port when 0 was configured), for the ready line.
+        self.grpc_address: ListenAddress | None = None
+        self.http_address: ListenAddress | None = None
 
     async def _on_unknown_key(self, issuer: str | None) -> bool:
         """A token names a kid we do not hold: refetch that issuer's keys (rate-limited) and
@@ -150,8 +153,8 @@ class AuthzService:
                 servicer = AuthorizationServicer(
                     self.authorizer, self.metrics, self.cfg.default_scheme
                 )
-            self._grpc, self.grpc_port = await start_grpc_server(
-                servicer, *self.cfg.grpc_listen, workers=self.cfg.grpc_workers
+            self._grpc, self.grpc_address = await start_grpc_server(
+                servicer, self.cfg.grpc_listen, workers=self.cfg.grpc_workers
             )
         if self.cfg.http_listen is not None:
             app = make_http_app(
@@ -170,9 +173,7 @@ class AuthzService:
                 max_line_size=64 * 1024,
             )
             await self._http.setup()
-            site = web.TCPSite(self._http, *self.cfg.http_listen, backlog=1024)
-            await site.start()
-            self.http_port = _bound_port(self._http)
+            self.http_address = await start_listener_site(self._http, self.cfg.http_listen)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -182,6 +183,8 @@ class AuthzService:
             await stop_grpc_server(self._grpc, grace=1.0)
         if self._http is not None:
             await self._http.cleanup()
+        unlink_socket(self.grpc_address)
+        unlink_socket(self.http_address)
         close = getattr(self.replay, "close", None)
         if close is not None:
             await close()
@@ -214,10 +217,3 @@ class AuthzService:
 def _str_list(doc: Any, key: str) -> list[str]:
     value = doc.get(key, []) if isinstance(doc, dict) else []
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for addr in runner.addresses:
-        if isinstance(addr, tuple):
-            return int(addr[1])
-    raise OSError("listener has no TCP address")

@@ -164,6 +164,18 @@ def test_envoy_binary_prefers_the_wheels_envoy() -> None:
             ["--jwt-audience, --jwt-jwks-file", "required with --mode jwt_authn"],
         ),
         (["--mode", "none", "--listen-port", "9901"], ["--listen-port and --admin-port"]),
+        (["--mode", "grpc", "--authz-unix", "rel.sock"], ["--authz-unix", "absolute path"]),
+        (["--mode", "grpc", "--authz-unix", "/" + "a" * 107], ["--authz-unix", "107 bytes"]),
+        (
+            ["--mode", "grpc", "--authz-unix", "/run/a.sock", "--authz-port", "1"],
+            ["--authz-port: not used with --authz-unix"],
+        ),
+        (["--mode", "none", "--authz-workers", "2"], ["--authz-workers: only used with --mode"]),
+        (["--mode", "grpc", "--authz-workers", "0"], ["--authz-workers", "1-256"]),
+        (
+            ["--mode", "grpc", "--authz-port", "65535", "--authz-workers", "2"],
+            ["--authz-port and --authz-workers", "past 65535"],
+        ),
         (  # a newline would end the header comment and inject YAML
             ["--mode", "jwt_authn", "--jwt-issuer", "x\nadmin: {}", "--jwt-audience", "a"],
             ["--jwt-issuer", "without control characters"],
@@ -209,7 +221,7 @@ def test_spellings_of_the_same_options_give_identical_files() -> None:
 def test_header_command_line_reproduces_the_file(mode: str, jwks_file: Path) -> None:
     argv = [*_mode_args(mode, jwks_file), "--upstream-host", "app.internal"]
     if mode in ("grpc", "http"):
-        argv += ["--authz-host", "::1"]
+        argv += ["--authz-host", "::1", "--authz-workers", "2"]
     rendered = envoy_command.render_args(argv)
     line = rendered.text.splitlines()[1]
     prefix = "# Rendered by: sidecar envoy-config "
@@ -217,6 +229,39 @@ def test_header_command_line_reproduces_the_file(mode: str, jwks_file: Path) -> 
     again = envoy_command.render_args(shlex.split(line[len(prefix) :]))
     assert again.text == rendered.text
     assert again.kwargs == rendered.kwargs
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", envoy_command.AUTHZ_MODES)
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+def test_workers_are_all_endpoints_of_the_authz_cluster(mode: str, where: str) -> None:
+    argv = ["--mode", mode, "--authz-workers", "3"]
+    argv += ["--authz-unix", "/run/wis/authz.sock"] if where == "unix" else ["--authz-port", "9300"]
+    result = _sidecar(*argv, "--validate")
+    assert result.returncode == 0, result.stderr.decode()
+    cfg = yaml.safe_load(result.stdout)
+    (cluster,) = [c for c in cfg["static_resources"]["clusters"] if c["name"] != "app"]
+    addresses = [
+        e["endpoint"]["address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    if where == "unix":
+        assert addresses == [{"pipe": {"path": f"/run/wis/authz.sock.{i}"}} for i in range(3)]
+    else:
+        assert [a["socket_address"]["port_value"] for a in addresses] == [9300, 9301, 9302]
+    # A dead worker leaves the rotation (health check, ejection) and its checks are retried
+    # on another worker, but only when they never got an answer.
+    assert cluster["lb_policy"] == "LEAST_REQUEST"
+    assert cluster["health_checks"][0]["tcp_health_check"] == {}
+    assert cluster["outlier_detection"]["consecutive_local_origin_failure"] == 1
+    http_filter = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    ext_authz = http_filter["typed_config"]["http_filters"][0]["typed_config"]
+    service = ext_authz["grpc_service" if mode == "grpc" else "http_service"]
+    retry = service["retry_policy"]
+    assert retry["retry_on"] == "connect-failure,refused-stream,reset"
+    assert retry["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+    # One worker (the default) renders exactly what it always did.
+    single = envoy_command.render_args(["--mode", mode, "--authz-workers", "1"]).text
+    assert single == envoy_command.render_args(["--mode", mode]).text
 
 
 def test_modes_are_those_of_ingress_bootstrap() -> None:
