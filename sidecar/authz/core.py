@@ -35,7 +35,15 @@ from sidecar.jose.rfc9068_access_token import IssuerPolicy, VerifiedToken, verif
 from sidecar.jose.rfc9449_dpop import DPoPPolicy, ProofKeyCache, VerifiedProof, verify_proof
 
 IDENTITY_PREFIX = "x-workload-"
-STRIPPED = ("authorization", "dpop")
+#: Removed from every allowed request: the credentials, and the method-override headers some
+#: frameworks honour, which would let the app run another method than the one allowed.
+STRIPPED = (
+    "authorization",
+    "dpop",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,14 @@
 """Which client-supplied strings (claims, header parameters) are acceptable at all.
 
 They end up in decisions, HTTP headers for the app (``x-workload-id``) and log lines: a
-control character there could split a header or forge a log line, so one is refused outright.
+control character there could split a header or forge a log line, and a non-ASCII one could
+look like another identity (homoglyphs) or be encoded differently by the app's framework, so
+both are refused outright: visible ASCII and space only.
 """
 
 from __future__ import annotations
 
 
 def acceptable_text(value: str) -> bool:
-    """True for a string without control characters (C0, DEL, C1 and other non-printables)."""
-    return value.isprintable()
+    """True for printable ASCII (0x20-0x7e): no control character, no non-ASCII."""
+    return value.isascii() and value.isprintable()

@@ -61,7 +61,7 @@ def _str_claim(claims: Mapping[str, Any], name: str, *, required: bool) -> str |
         raise AuthError(Reason.MALFORMED_TOKEN, f"claim {name} is not a non-empty string")
     if not acceptable_text(value):
         # These values become HTTP headers for the app (x-workload-id) and log fields.
-        raise AuthError(Reason.MALFORMED_TOKEN, f"claim {name} contains control characters")
+        raise AuthError(Reason.MALFORMED_TOKEN, f"claim {name} is not printable ASCII")
     return value
 
 

@@ -217,10 +217,10 @@ def verify_proof(
     nonce = claims.get("nonce")
     if nonce is not None and (not isinstance(nonce, str) or len(nonce) > MAX_NONCE):
         raise AuthError(Reason.PROOF_INVALID, "proof nonce is not a string")
-    # The jti becomes part of the replay key and of log lines: refuse control characters
-    # (and in htm, htu and nonce, which no honest client puts there either).
+    # The jti becomes part of the replay key and of log lines: printable ASCII only (and so
+    # are htm, htu and nonce: no honest client puts anything else there).
     if not all(acceptable_text(v) for v in (jti, htm, htu, nonce or "")):
-        raise AuthError(Reason.PROOF_INVALID, "proof claim contains control characters")
+        raise AuthError(Reason.PROOF_INVALID, "proof claim is not printable ASCII")
     # Step 8: htm matches the request method (case-sensitive, RFC 9110 §9.1).
     if htm != method:
         raise AuthError(Reason.HTM_MISMATCH, "proof htm does not match the request method")

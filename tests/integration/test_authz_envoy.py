@@ -194,6 +194,19 @@ def test_valid_dpop_request_reaches_app_with_identity(stack: Stack) -> None:
     assert body["path"] == "/orders/42?expand=1"
 
 
+def test_method_override_headers_never_reach_the_app(stack: Stack) -> None:
+    # Allowed as GET; an app framework honouring an override header would run DELETE.
+    overrides = [("X-HTTP-Method-Override", "DELETE"), ("X-HTTP-Method", "DELETE")]
+    overrides.append(("X-Method-Override", "DELETE"))
+    status, _, body = stack.request(
+        "GET", "/orders/7", dpop_headers(stack, "/orders/7") + overrides
+    )
+    assert status == 200, body
+    assert isinstance(body, dict) and body["method"] == "GET"
+    seen = body["headers"]
+    assert not {"x-http-method-override", "x-http-method", "x-method-override"} & set(seen), seen
+
+
 def test_replayed_request_is_denied(stack: Stack) -> None:
     headers = dpop_headers(stack, "/orders/1")
     assert stack.request("GET", "/orders/1", headers)[0] == 200

@@ -56,6 +56,25 @@ def test_dpop_allow_sets_identity_and_strips_credentials(h: Harness) -> None:
     assert allow.response_headers == ()  # /orders does not use nonces
 
 
+METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
+
+
+@pytest.mark.parametrize("request_kind", ["dpop", "bearer"])
+def test_allow_strips_method_override_headers(h: Harness, request_kind: str) -> None:
+    # The decision was for GET: a framework honouring an override would run DELETE instead.
+    overrides = dict.fromkeys(METHOD_OVERRIDES, "DELETE")
+    request = (
+        h.dpop_request(headers=overrides)
+        if request_kind == "dpop"
+        else h.bearer_request(headers=overrides)
+    )
+    allow = allowed(h.decide(request))
+    assert set(METHOD_OVERRIDES) <= set(allow.headers_to_remove)
+    # Removed even when the authorizer never saw them (Envoy's HTTP mode forwards only a few
+    # headers to it).
+    assert set(METHOD_OVERRIDES) <= set(allowed(h.decide(h.dpop_request())).headers_to_remove)
+
+
 def test_bearer_route_accepts_an_unbound_token(h: Harness) -> None:
     allow = allowed(h.decide(h.bearer_request(path="/public/info")))
     assert header(allow, "x-workload-id") == FRONTEND

@@ -95,10 +95,46 @@ def test_proof_claims_with_control_characters_are_refused(
     request = h.dpop_request(token=token, headers={"dpop": proof})
     deny = h.decide(request)
     assert isinstance(deny, Deny) and deny.reason is Reason.PROOF_INVALID, deny
-    assert "control characters" in deny.detail
+    assert "printable ASCII" in deny.detail
 
 
 def test_token_kid_with_control_characters_is_refused(h: Harness) -> None:
     token = h.issuer.token(kid="es-1\nforged", jkt=h.client.thumbprint)
     deny = h.decide(h.dpop_request(token=token))
     assert isinstance(deny, Deny) and deny.reason is Reason.MALFORMED_TOKEN
+
+
+# -- non-ASCII claims (THREAT_MODEL.md: refused) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"jti": "j\u00e9ti"},
+        {"htu": "https://orders.demo.local/\u00f6rders"},
+        {"nonce": "n\u0430nce"},  # Cyrillic a
+    ],
+    ids=["jti", "htu", "nonce"],
+)
+def test_proof_claims_with_non_ascii_are_refused(h: Harness, claims: dict[str, str]) -> None:
+    token = h.token()
+    deny = h.decide(
+        h.dpop_request(token=token, headers={"dpop": h.manual_proof(token, claims=claims)})
+    )
+    assert isinstance(deny, Deny) and deny.reason is Reason.PROOF_INVALID, deny
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        {"sub": "spiffe://demo.local/ns/shop/sa/fr\u043entend"},  # Cyrillic o: a homoglyph
+        {"jti": "t\u00f6ken"},
+        {"client_id": "fr\u00f6ntend"},
+        {"iss": "https://issuer.demo.local/\u00e9"},
+    ],
+    ids=["sub", "jti", "client_id", "iss"],
+)
+def test_token_claims_with_non_ascii_are_refused(h: Harness, claim: dict[str, str]) -> None:
+    token = h.issuer.token(jkt=h.client.thumbprint, **claim)
+    deny = h.decide(h.dpop_request(token=token))
+    assert isinstance(deny, Deny) and deny.reason is Reason.MALFORMED_TOKEN, deny
