@@ -51,6 +51,7 @@ def _check_top_level(data: dict[str, Any]) -> None:
 async def serve(data: dict[str, Any]) -> None:
     from sidecar.egress.config import parse_egress_config
     from sidecar.egress.proxy import EgressProxy
+    from sidecar.identity.clock_offset import ClockOffsets
     from sidecar.identity.config import parse_identity_config
     from sidecar.identity.key import generate_signer, write_public_jwk
     from sidecar.identity.metrics import IdentityMetrics
@@ -77,6 +78,7 @@ async def serve(data: dict[str, Any]) -> None:
 
     registry = CollectorRegistry()
     signer = generate_signer()  # in memory only; never written anywhere
+    offsets = ClockOffsets()  # peers' clocks, learned by identity and egress alike
     tokens: TokenSource | None = None
     proxy: EgressProxy | None = None
     service: Any = None
@@ -85,15 +87,19 @@ async def serve(data: dict[str, Any]) -> None:
         if identity_cfg is not None:
             if identity_cfg.public_jwk_file:
                 write_public_jwk(signer, identity_cfg.public_jwk_file)
+            metrics = IdentityMetrics(registry)
+            metrics.watch_clock_offsets(offsets.snapshot)
             tokens = TokenSource(
-                identity_cfg.build_attestor(signer),
+                identity_cfg.build_attestor(signer, offsets=offsets),
                 identity_cfg.policy,
                 list(identity_cfg.audiences),
-                metrics=IdentityMetrics(registry),
+                metrics=metrics,
             )
             await tokens.start()
         if egress_cfg is not None and tokens is not None:
-            proxy = EgressProxy(egress_cfg, tokens=tokens, signer=signer, registry=registry)
+            proxy = EgressProxy(
+                egress_cfg, tokens=tokens, signer=signer, registry=registry, offsets=offsets
+            )
             await proxy.start()
         if authz_cfg is not None:
             from sidecar.authz.service import AuthzService

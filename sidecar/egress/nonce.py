@@ -55,6 +55,16 @@ def parse_challenges(value: str) -> list[tuple[str, dict[str, str]]]:
     return out
 
 
+def dpop_error(www_authenticate: Iterable[str]) -> str | None:
+    """The ``error`` of the first DPoP challenge that has one (RFC 9449 §7.1), or None."""
+    for value in www_authenticate:
+        for scheme, params in parse_challenges(value):
+            error = params.get("error")
+            if scheme.lower() == "dpop" and error is not None:
+                return error
+    return None
+
+
 def is_use_dpop_nonce(www_authenticate: Iterable[str]) -> bool:
     """True if a DPoP challenge says ``error="use_dpop_nonce"``."""
     return any(

@@ -9,7 +9,9 @@ Per request (:meth:`EgressProxy._forward`):
 4. build the upstream headers (:mod:`sidecar.egress.headers`) and sign a fresh DPoP proof for
    the exact method and upstream URL, with the origin's latest nonce;
 5. send, streaming the request body (a body up to ``nonce_retry_buffer`` bytes is buffered so
-   that a ``use_dpop_nonce`` challenge can be answered by ONE retry with the new nonce);
+   that a ``use_dpop_nonce`` challenge can be answered by ONE retry with the new nonce, and a
+   proof refused while the upstream's ``Date`` shows its clock elsewhere by ONE retry with a
+   corrected ``iat`` — :mod:`sidecar.identity.clock_offset`);
 6. stream the response back, minus hop-by-hop headers.
 
 Bodies are never held whole: aiohttp's readers have flow control (a bounded buffer that pauses
@@ -34,7 +36,8 @@ from yarl import URL
 from sidecar.egress.config import EgressConfig, ForwardProxyConfig, Target
 from sidecar.egress.headers import request_headers, response_headers
 from sidecar.egress.metrics import EgressMetrics
-from sidecar.egress.nonce import NonceCache, is_use_dpop_nonce
+from sidecar.egress.nonce import NonceCache, dpop_error
+from sidecar.identity.clock_offset import ClockOffsets, says_time_was_wrong
 from sidecar.identity.errors import IdentityError
 from sidecar.identity.token import IssuedToken
 from sidecar.jose.rfc9449_dpop import ProofSigner
@@ -105,6 +108,7 @@ class EgressProxy:
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.time,
         log_interval: float = 30.0,
+        offsets: ClockOffsets | None = None,
     ) -> None:
         self.cfg = cfg
         self._tokens = tokens
@@ -112,6 +116,8 @@ class EgressProxy:
         self._clock = clock
         self.metrics = EgressMetrics(registry)
         self.nonces = NonceCache()
+        # Per upstream origin: its clock minus ours, for the proofs' iat (shared with identity).
+        self.offsets = offsets if offsets is not None else ClockOffsets(clock)
         # An outage answers every request with the same 5xx: one line per upstream and
         # reason per interval, with a count.
         self._warn = RateLimitedLog(log, log_interval)
@@ -340,14 +346,16 @@ class EgressProxy:
         sent_at = 0.0
         resp: aiohttp.ClientResponse | None = None
         try:
+            offsets = self.offsets
             for attempt in (0, 1):
+                signed_at = self._clock()
                 if token is not None:
                     headers["Authorization"] = token.authorization
                     if token.is_dpop:
                         headers["DPoP"] = self._signer.proof(
                             method=method,
                             url=htu,
-                            now=self._clock(),
+                            now=signed_at + offsets.offset(origin),
                             access_token=token.token,
                             nonce=self.nonces.get(origin),
                         )
@@ -357,20 +365,21 @@ class EgressProxy:
                 )
                 upstream_time = time.perf_counter() - sent_at
                 offered = self.nonces.offer(origin, resp.headers.get("DPoP-Nonce"))
+                again = None
                 if (
-                    attempt == 0
-                    and resp.status == 401
-                    and token is not None
+                    token is not None
                     and token.is_dpop
-                    and offered
-                    and is_use_dpop_nonce(resp.headers.getall("WWW-Authenticate", ()))
+                    and (resp.status == 401 or offsets.in_force(origin))
                 ):
+                    again = self._sign_again(resp, origin, offered, signed_at)
+                if again is not None and attempt == 0:
+                    if again == "nonce":
+                        outcome = "retried" if replayable else "not_replayable"
+                        self.metrics.nonce_retries.labels(label, outcome).inc()
                     if replayable:
-                        self.metrics.nonce_retries.labels(label, "retried").inc()
                         resp.release()
                         resp = None
                         continue
-                    self.metrics.nonce_retries.labels(label, "not_replayable").inc()
                 break
         except TimeoutError:
             return self._answer(
@@ -398,6 +407,28 @@ class EgressProxy:
             )
         assert resp is not None
         return await self._relay(request, resp, label, started, sent_at, upstream_time)
+
+    def _sign_again(
+        self, resp: aiohttp.ClientResponse, origin: str, offered: bool, signed_at: float
+    ) -> str | None:
+        """Why a new proof would fix the upstream's refusal: ``nonce`` (a ``use_dpop_nonce``
+        challenge with a new nonce) or ``clock`` (a proof refusal whose ``Date`` corrected
+        the upstream's clock offset); None if it would not. Also keeps a correction in force
+        up to date from ordinary answers."""
+        error = None
+        if resp.status == 401:
+            error = dpop_error(resp.headers.getall("WWW-Authenticate", ()))
+        refused = error in ("invalid_dpop_proof", "use_dpop_nonce")
+        corrected = (refused or self.offsets.in_force(origin)) and self.offsets.learn(
+            origin,
+            resp.headers.get("Date"),
+            signed_at,
+            self._clock(),
+            time_refused=refused and says_time_was_wrong(resp.headers),
+        )
+        if error == "use_dpop_nonce" and offered:
+            return "nonce"
+        return "clock" if refused and corrected else None
 
     async def _relay(
         self,

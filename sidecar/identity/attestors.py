@@ -17,7 +17,9 @@
 
 The unix and k8s attestors send a DPoP proof (RFC 9449 §5) so the token is bound to our key,
 and answer an authorization server's nonce demand (§8) by retrying once with the nonce; the
-latest nonce per server is kept for the next request. Foreign exceptions (aiohttp, OS,
+latest nonce per server is kept for the next request. A proof refused while the server's
+``Date`` shows its clock elsewhere is retried once with an ``iat`` on the server's clock
+(:mod:`sidecar.identity.clock_offset`). Foreign exceptions (aiohttp, OS,
 timeouts) become IdentityError at one place: :func:`_map_errors`.
 """
 
@@ -34,6 +36,7 @@ from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
+from sidecar.identity.clock_offset import ClockOffsets, says_time_was_wrong
 from sidecar.identity.errors import IdentityError
 from sidecar.identity.rfc8693_exchange import (
     JWT_TOKEN_TYPE,
@@ -44,6 +47,7 @@ from sidecar.identity.rfc8693_exchange import (
     fresh_nonce,
     nonce_challenge,
     parse_token_response,
+    proof_refused,
 )
 from sidecar.identity.token import (
     IssuedToken,
@@ -106,8 +110,10 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 class DPoPTokenClient:
-    """POSTs token requests with a DPoP proof; handles the §8 nonce demand (one retry) and
-    keeps the latest nonce per server origin."""
+    """POSTs token requests with a DPoP proof; keeps the latest nonce per server origin and
+    the server's clock offset (:class:`ClockOffsets`, shared with egress). A refused proof is
+    signed again ONCE, when the server demanded a nonce (§8) or its ``Date`` corrected the
+    offset. ``peer`` names the server for the offset (default: the ``htu`` origin)."""
 
     def __init__(
         self,
@@ -117,6 +123,8 @@ class DPoPTokenClient:
         clock: Clock,
         require_dpop: bool,
         what: str,
+        offsets: ClockOffsets | None = None,
+        peer: str | None = None,
     ) -> None:
         self._session = session
         self._signer = signer
@@ -124,16 +132,23 @@ class DPoPTokenClient:
         self._require_dpop = require_dpop
         self._what = what
         self._nonces: dict[str, str] = {}
+        self._offsets = offsets if offsets is not None else ClockOffsets(clock)
+        self._peer = peer
 
     async def request(self, req: TokenRequest, audience: str) -> IssuedToken:
         parts = urlsplit(req.htu)
         origin = f"{parts.scheme}://{parts.netloc}"
+        peer = self._peer or origin
+        offsets = self._offsets
         nonce = self._nonces.get(origin)
         body = urlencode(req.form).encode("ascii")
         for attempt in (0, 1):
             started = self._clock()
+            proof = self._signer.proof(
+                method="POST", url=req.htu, now=started + offsets.offset(peer), nonce=nonce
+            )
             headers = {
-                "DPoP": self._signer.proof(method="POST", url=req.htu, now=started, nonce=nonce),
+                "DPoP": proof,
                 "Content-Type": "application/x-www-form-urlencoded",
                 "Accept": "application/json",
             }
@@ -146,10 +161,19 @@ class DPoPTokenClient:
             offered = fresh_nonce(resp_headers)
             if offered is not None:
                 self._nonces[origin] = offered
+            refused = proof_refused(status, resp_headers, payload)
+            corrected = (refused or offsets.in_force(peer)) and offsets.learn(
+                peer,
+                resp_headers.get("Date"),
+                started,
+                self._clock(),
+                time_refused=refused and says_time_was_wrong(resp_headers),
+            )
             demanded = nonce_challenge(status, resp_headers, payload)
-            if demanded is not None and attempt == 0:
-                # RFC 9449 §8: retry once with the server-provided nonce.
-                nonce = demanded
+            if attempt == 0 and (demanded is not None or (refused and corrected)):
+                # RFC 9449 §8: retry once with the server-provided nonce and/or an iat on the
+                # server's clock.
+                nonce = demanded or nonce
                 continue
             return parse_token_response(
                 status,
@@ -159,6 +183,7 @@ class DPoPTokenClient:
                 requested_at=started,
                 expected_jkt=self._signer.thumbprint,
                 require_dpop=self._require_dpop,
+                clock_offset=offsets.offset(peer),
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -188,6 +213,7 @@ class UnixAttestor:
         clock: Clock = time.time,
         timeout: float = 5.0,
         require_dpop: bool = True,
+        offsets: ClockOffsets | None = None,
     ) -> None:
         self.socket_path = socket_path
         self._session = _session(timeout, aiohttp.UnixConnector(path=socket_path))
@@ -197,6 +223,8 @@ class UnixAttestor:
             clock=clock,
             require_dpop=require_dpop,
             what=f"broker socket {socket_path}",
+            offsets=offsets,
+            peer=f"unix:{socket_path}",  # every socket's htu origin is http://localhost
         )
 
     async def fetch(self, audience: str) -> IssuedToken:
@@ -244,6 +272,7 @@ class K8sAttestor:
         scope: str | None = None,
         client_id: str | None = None,
         require_dpop: bool = True,
+        offsets: ClockOffsets | None = None,
     ) -> None:
         self.issuer = issuer
         self.token_file = token_file
@@ -257,7 +286,12 @@ class K8sAttestor:
         self._client_id = client_id
         self._session = _session(timeout)
         self._client = DPoPTokenClient(
-            self._session, signer, clock=clock, require_dpop=require_dpop, what="token endpoint"
+            self._session,
+            signer,
+            clock=clock,
+            require_dpop=require_dpop,
+            what="token endpoint",
+            offsets=offsets,
         )
 
     async def _read_subject_token(self) -> str:

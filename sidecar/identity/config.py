@@ -30,6 +30,7 @@ from sidecar.config_util import (
 )
 from sidecar.errors import ConfigError
 from sidecar.identity.attestors import Attestor, FileAttestor, K8sAttestor, UnixAttestor
+from sidecar.identity.clock_offset import ClockOffsets
 from sidecar.identity.rfc8693_exchange import JWT_TOKEN_TYPE
 from sidecar.identity.schedule import RefreshPolicy
 from sidecar.jose.rfc9449_dpop import ProofSigner
@@ -70,14 +71,18 @@ class IdentityConfig:
     public_jwk_file: str | None
 
     def build_attestor(
-        self, signer: ProofSigner, clock: Callable[[], float] = time.time
+        self,
+        signer: ProofSigner,
+        clock: Callable[[], float] = time.time,
+        offsets: ClockOffsets | None = None,
     ) -> Attestor:
         a = self.attestor
         if a.kind == "unix":
             assert a.socket is not None
             return UnixAttestor(
-                a.socket, signer, clock=clock, timeout=a.timeout, require_dpop=self.require_dpop
-            )
+                a.socket, signer, clock=clock, timeout=a.timeout, require_dpop=self.require_dpop,
+                offsets=offsets,
+            )  # fmt: skip
         if a.kind == "k8s":
             assert a.token_file is not None
             return K8sAttestor(
@@ -92,6 +97,7 @@ class IdentityConfig:
                 scope=a.scope,
                 client_id=a.client_id,
                 require_dpop=self.require_dpop,
+                offsets=offsets,
             )
         assert a.path is not None
         return FileAttestor(a.path, signer, clock=clock, poll_interval=a.poll_interval)

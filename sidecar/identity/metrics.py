@@ -7,6 +7,8 @@
 * ``sidecar_identity_token_expiry_seconds{audience}`` — seconds until the cached token expires
   (negative once expired; absent before the first token). Computed at scrape time.
 * ``sidecar_identity_token_usable{audience}`` — 1 if a token may be sent now, else 0.
+* ``sidecar_clock_offset_seconds{peer}`` — the correction DPoP proofs to a peer carry (its
+  clock minus ours, from the ``Date`` of its answers; absent until one was learned).
 """
 
 from __future__ import annotations
@@ -42,6 +44,21 @@ class _ExpiryCollector(Collector):
         yield usable
 
 
+class _ClockOffsetCollector(Collector):
+    def __init__(self, snapshot: Callable[[], list[tuple[str, float]]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        family = GaugeMetricFamily(
+            "sidecar_clock_offset_seconds",
+            "A peer's clock minus ours, as learned from its Date; DPoP proofs to it add this",
+            labels=["peer"],
+        )
+        for peer, offset in self._snapshot():
+            family.add_metric([peer], offset)
+        yield family
+
+
 class IdentityMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -60,6 +77,9 @@ class IdentityMetrics:
 
     def watch_expiry(self, snapshot: Callable[[], list[tuple[str, float | None, bool]]]) -> None:
         self.registry.register(_ExpiryCollector(snapshot))
+
+    def watch_clock_offsets(self, snapshot: Callable[[], list[tuple[str, float]]]) -> None:
+        self.registry.register(_ClockOffsetCollector(snapshot))
 
     def fetched(self, audience: str, trigger: str, result: str) -> None:
         self.fetches.labels(audience, trigger, result).inc()

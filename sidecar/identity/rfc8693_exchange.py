@@ -109,6 +109,22 @@ def nonce_challenge(status: int, headers: Mapping[str, str], body: bytes) -> str
     return None
 
 
+_PROOF_ERRORS = ("invalid_dpop_proof", "use_dpop_nonce")
+
+
+def proof_refused(status: int, headers: Mapping[str, str], body: bytes) -> bool:
+    """True if the answer refuses the DPoP proof (RFC 9449 §5/§8: ``invalid_dpop_proof`` or
+    ``use_dpop_nonce``, in the error object or a DPoP challenge) — a refusal after which a
+    proof with a corrected ``iat`` may succeed."""
+    if status == 400:
+        doc = _json_object(body[:MAX_RESPONSE_BYTES])
+        return doc is not None and doc.get("error") in _PROOF_ERRORS
+    if status == 401:
+        challenge = _header(headers, "WWW-Authenticate") or ""
+        return any(error in challenge for error in _PROOF_ERRORS)
+    return False
+
+
 def fresh_nonce(headers: Mapping[str, str]) -> str | None:
     """A ``DPoP-Nonce`` offered in any response (§8.2: the server may supply a new nonce at
     any time), if well formed."""
@@ -168,12 +184,14 @@ def parse_token_response(
     requested_at: float,
     expected_jkt: str,
     require_dpop: bool,
+    clock_offset: float = 0.0,
 ) -> IssuedToken:
     """Turn a token endpoint's answer into an IssuedToken, or raise IdentityError.
 
     ``requested_at`` is when the request was sent: RFC 6749 §5.1 ``expires_in`` counts from
     the response, so counting from the request errs on the safe side. If the token is a JWT
-    whose ``exp`` comes earlier still, that wins: a token is never kept past either bound."""
+    whose ``exp`` comes earlier still, that wins: a token is never kept past either bound.
+    ``exp`` is on the issuer's clock: ``clock_offset`` (issuer minus ours) brings it to ours."""
     if status != 200:
         raise error_from_response(status, headers, body)
     if len(body) > MAX_RESPONSE_BYTES:
@@ -208,6 +226,8 @@ def parse_token_response(
     claims = unverified_claims(token)
     expires_in = doc.get("expires_in")
     exp = numeric_claim(claims, "exp")
+    if exp is not None:
+        exp -= clock_offset
     if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | type(None)):
         raise IdentityError("bad_response", "expires_in is not a number", retryable=True)
     if expires_in is not None and expires_in <= 0:

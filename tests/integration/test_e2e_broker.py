@@ -15,8 +15,10 @@ within about a second after the broker returns — with a bounded number of toke
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,12 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import CollectorRegistry, generate_latest
 
+from sidecar.egress.config import parse_egress_config
+from sidecar.egress.proxy import EgressProxy
 from sidecar.envoy_config import ingress_bootstrap
+from sidecar.identity.attestors import UnixAttestor
+from sidecar.identity.clock_offset import ClockOffsets
+from sidecar.identity.key import generate_signer
+from sidecar.identity.metrics import IdentityMetrics
+from sidecar.identity.schedule import RefreshPolicy
+from sidecar.identity.source import TokenSource
 from tests.integration.harness import (
     REPO_ROOT,
     ManagedProcess,
@@ -356,6 +368,78 @@ def test_continuous_traffic_across_five_refresh_cycles(stack: Stack) -> None:
     cycles = len(issuances(audit)) - before
     print(f"{len(results)} requests in {duration:.1f}s, all 200; {cycles} token refreshes")
     assert cycles >= 5, f"only {cycles} token refreshes in {duration:.1f}s"
+
+
+async def _skewed_sidecar_calls(stack: Stack, skew: float) -> dict[str, Any]:
+    """Sidecar A's parts in this process, on a clock ``skew`` seconds off (passed in, as the
+    code does everywhere): a token from the real broker, then calls through egress → Envoy →
+    sidecar B."""
+    skewed = lambda: time.time() + skew  # noqa: E731
+    offsets = ClockOffsets(skewed)
+    registry = CollectorRegistry()
+    metrics = IdentityMetrics(registry)
+    metrics.watch_clock_offsets(offsets.snapshot)
+    signer = generate_signer()
+    socket_path = str(stack.tmp / "broker" / "attest.sock")
+    tokens = TokenSource(
+        UnixAttestor(socket_path, signer, clock=skewed, offsets=offsets),
+        RefreshPolicy(),
+        [ORDERS],
+        metrics=metrics,
+        clock=skewed,
+    )
+    upstream = f"http://127.0.0.1:{stack.envoy_port}"
+    cfg = parse_egress_config(
+        {"upstreams": [{"name": "orders", "listen": "127.0.0.1:0", "upstream": upstream,
+                        "audience": ORDERS}]}
+    )  # fmt: skip
+    proxy = EgressProxy(
+        cfg, tokens=tokens, signer=signer, registry=registry, clock=skewed, offsets=offsets
+    )
+    await tokens.start()
+    await proxy.start()
+    answers = []
+    try:
+        token = await tokens.get(ORDERS)
+        async with aiohttp.ClientSession() as session:
+            for i in range(3):
+                url = f"http://127.0.0.1:{proxy.ports['orders']}/orders/{i}"
+                async with session.get(url) as resp:
+                    answers.append((resp.status, await resp.json()))
+    finally:
+        await proxy.stop()
+        await tokens.close()
+    return {
+        "token": token,
+        "answers": answers,
+        "broker_offset": offsets.offset(f"unix:{socket_path}"),
+        "upstream_offset": offsets.offset(upstream),
+        "metrics": generate_latest(registry).decode(),
+    }
+
+
+@pytest.mark.parametrize("skew", [30.0, -30.0])
+def test_a_sidecar_with_a_skewed_clock_heals_itself(
+    stack: Stack, skew: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    # +30 s: the broker and B refuse every proof (iat beyond their 5 s leeway) until the
+    # sidecar learns their clock from the refusal's Date and signs again. -30 s: inside their
+    # 60 s max_age, accepted as before.
+    caplog.set_level(logging.INFO)
+    seen = asyncio.run(_skewed_sidecar_calls(stack, skew))
+    assert seen["token"].claims["sub"] == FRONTEND
+    for status, body in seen["answers"]:
+        assert_reached_b_as_a(status, body)
+    if skew > 0:
+        for key in ("broker_offset", "upstream_offset"):
+            assert seen[key] == pytest.approx(-skew, abs=1.5), (key, seen[key])
+        assert re.search(r'sidecar_clock_offset_seconds\{peer="unix:[^"]+"\} -(29|30|31)\.',
+                         seen["metrics"]), seen["metrics"]  # fmt: skip
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("clock offset peer=unix:" in m for m in warned), warned
+        assert any(f"clock offset peer=http://127.0.0.1:{stack.envoy_port}" in m for m in warned)
+    else:
+        assert seen["broker_offset"] == seen["upstream_offset"] == 0.0, "nothing to correct"
 
 
 def test_broker_outage_then_recovery(stack: Stack) -> None:
