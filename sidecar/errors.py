@@ -27,6 +27,7 @@ class Reason(enum.StrEnum):
     PROOF_KEY_MISMATCH = "proof_key_mismatch"
     HTM_MISMATCH = "htm_mismatch"
     HTU_MISMATCH = "htu_mismatch"
+    UNKNOWN_AUTHORITY = "unknown_authority"
     ATH_MISMATCH = "ath_mismatch"
     IAT_OUT_OF_WINDOW = "iat_out_of_window"
     REPLAYED = "replayed"
@@ -49,6 +50,7 @@ PROOF_REASONS = frozenset(
         Reason.PROOF_KEY_MISMATCH,
         Reason.HTM_MISMATCH,
         Reason.HTU_MISMATCH,
+        Reason.UNKNOWN_AUTHORITY,
         Reason.ATH_MISMATCH,
         Reason.IAT_OUT_OF_WINDOW,
         Reason.REPLAYED,

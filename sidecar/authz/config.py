@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from sidecar.authz.core import AuthzSettings
 from sidecar.authz.policy import Policy
+from sidecar.authz.target import parse_authority
 from sidecar.config_util import (
     get_algorithms,
     get_bool,
@@ -118,6 +119,27 @@ def _http_url(value: str | None, key: str) -> str | None:
     return value
 
 
+def _authorities(root: Mapping[str, Any], path: str) -> frozenset[str]:
+    values = get_str_list(root, "authorities", path, [])
+    origins = set()
+    for i, value in enumerate(values):
+        try:
+            origins.add(parse_authority(value))
+        except ValueError:
+            raise ConfigError(
+                f"{path}.authorities[{i}]",
+                "an origin scheme://host[:port] (http or https, no path, query or fragment)",
+                value,
+            ) from None
+    if not origins:
+        log.warning(
+            "%s.authorities is not set: a DPoP proof's htu is compared with the origin the "
+            "client's Host header names; list the scheme://host[:port] this service answers to",
+            path,
+        )
+    return frozenset(origins)
+
+
 def _workers(grpc: Mapping[str, Any], path: str) -> int:
     workers = get_int(grpc, "workers", path, 4, minimum=1)
     if workers > 64:  # the workers take turns on one lock: more only costs memory
@@ -155,7 +177,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         path,
         {"audience", "audiences", "issuers", "grpc", "http", "default_scheme", "leeway", "dpop",
          "nonce", "replay", "limits", "token_cache_size", "routes", "rules", "unknown_kid_wait",
-         "revocation"},
+         "revocation", "authorities"},
     )  # fmt: skip
     audiences = get_str_list(root, "audiences", path, None) if "audiences" in root else None
     if audiences is None:
@@ -195,6 +217,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         dpop=get_dpop_policy(dpop, f"{path}.dpop", limits=limits, limits_path=f"{path}.limits"),
         max_token_bytes=get_int(limits, "max_token_bytes", f"{path}.limits", 8192, minimum=256),
         token_cache_size=get_int(root, "token_cache_size", path, 10_000),
+        authorities=_authorities(root, path),
     )
     grpc = section(root.get("grpc"), f"{path}.grpc")
     http = section(root.get("http"), f"{path}.http")

@@ -20,6 +20,7 @@ from sidecar.authz.nonce import NonceService
 from sidecar.authz.policy import Policy, Route, canonical_path
 from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
 from sidecar.authz.revocation import RevocationList
+from sidecar.authz.target import RequestTarget
 from sidecar.authz.token_cache import VerifiedTokenCache
 from sidecar.errors import (
     NONCE_REASONS,
@@ -52,6 +53,9 @@ class AuthzSettings:
     issuers: Mapping[str, IssuerPolicy]
     leeway: float = 5.0
     dpop: DPoPPolicy = field(default_factory=DPoPPolicy)
+    #: Normalized origins this service answers to (``target.parse_authority``); empty: the
+    #: request's own origin (Host, connection scheme) is what a proof's htu must name.
+    authorities: frozenset[str] = frozenset()
     max_token_bytes: int = 8192
     token_cache_size: int = 10_000
     proof_key_cache_size: int = 4096
@@ -130,6 +134,7 @@ class Authorizer:
         self.on_unknown_key = on_unknown_key
         self.token_cache = VerifiedTokenCache(settings.token_cache_size)
         self.proof_keys = ProofKeyCache(settings.proof_key_cache_size)
+        self.target = RequestTarget(settings.authorities)
         self._sync_replay = replay if isinstance(replay, InMemoryReplayStore) else None
         algs = " ".join(sorted(settings.dpop.algorithms))
         self._dpop_challenge = f'DPoP algs="{algs}"'
@@ -319,6 +324,7 @@ class Authorizer:
             now=now,
             policy=self.settings.dpop,
             key_cache=self.proof_keys,
+            check_htu=lambda htu: self.target.check(htu, view),
         )
 
     def _check_nonce(self, route: Route, proof: VerifiedProof, now: float) -> None:

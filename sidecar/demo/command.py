@@ -143,7 +143,15 @@ class Demo:
         ready(t, p.url("orders", "http"))
 
         t = progress(4, "orders' sidecar (ext_authz gRPC, policy, replay and nonce checks)")
-        cfg = _write(self.workdir / "orders-sidecar.yaml", topo.orders_sidecar_config(p))
+        # The tap sits on the wire between frontend's sidecar and Envoy, forwarding verbatim:
+        # the place an attacker who can read traffic (but holds no key) would be. Started
+        # now so that orders' sidecar can list its origin among the authorities.
+        self.tap = WireTap(p.port("envoy", "ingress"))
+        tap_port = self.tap.start()
+        cfg = _write(
+            self.workdir / "orders-sidecar.yaml",
+            topo.orders_sidecar_config(p, also_reached_at=(f"http://127.0.0.1:{tap_port}",)),
+        )
         sidecar = self.supervisor.start("orders-sidecar", [*py, "sidecar", "run", "-c", str(cfg)])
         self.supervisor.wait_http(sidecar, f"{p.url('orders-sidecar', 'admin')}/readyz")
         ready(t, f"ext_authz on 127.0.0.1:{p.port('orders-sidecar', 'grpc')}")
@@ -163,10 +171,6 @@ class Demo:
         ready(t, p.url("envoy", "ingress"))
 
         t = progress(6, "frontend's sidecar (k8s attestor; egress through a wire tap)")
-        # The tap sits on the wire between frontend's sidecar and Envoy, forwarding verbatim:
-        # the place an attacker who can read traffic (but holds no key) would be.
-        self.tap = WireTap(p.port("envoy", "ingress"))
-        tap_port = self.tap.start()
         cfg = _write(
             self.workdir / "frontend-sidecar.yaml",
             topo.caller_sidecar_config(

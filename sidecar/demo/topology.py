@@ -165,11 +165,15 @@ def broker_config(
     return config
 
 
-def orders_sidecar_config(p: Placement) -> dict[str, Any]:
-    """Orders' sidecar: ext_authz only (its app makes no outbound calls)."""
+def orders_sidecar_config(p: Placement, *, also_reached_at: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Orders' sidecar: ext_authz only (its app makes no outbound calls).
+
+    Its ``authorities`` are the origin callers use to reach orders (Envoy's ingress), plus
+    ``also_reached_at`` (the demo's wire tap, which forwards the Host it was given)."""
     return {
         "authz": {
             "audience": ORDERS_ID,
+            "authorities": [p.url("envoy", "ingress"), *also_reached_at],
             "issuers": [{"issuer": issuer(p), "discovery": True, "algorithms": ["ES256"]}],
             "grpc": {"listen": p.listen("orders-sidecar", "grpc")},
             "http": {"enabled": False},

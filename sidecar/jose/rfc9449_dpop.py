@@ -11,6 +11,7 @@ import json
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -169,6 +170,15 @@ def _normalized(url: str) -> str:
     return hit
 
 
+def _check_htu(htu: str, url: str) -> None:
+    try:
+        same = _normalized(htu) == _normalized(url)
+    except ValueError:
+        raise AuthError(Reason.HTU_MISMATCH, "proof htu is not a valid http(s) URI") from None
+    if not same:
+        raise AuthError(Reason.HTU_MISMATCH, "proof htu does not match the request URI")
+
+
 def verify_proof(
     proof: str,
     *,
@@ -179,8 +189,13 @@ def verify_proof(
     now: float,
     policy: DPoPPolicy,
     key_cache: ProofKeyCache,
+    check_htu: Callable[[str], None] | None = None,
 ) -> VerifiedProof:
-    """Verify a DPoP proof for one request; raise AuthError with the precise reason."""
+    """Verify a DPoP proof for one request; raise AuthError with the precise reason.
+
+    ``check_htu`` replaces the plain comparison of step 9 (``htu`` equals ``url`` once both are
+    normalized) with the caller's own, which raises AuthError: the ingress knows what its proxy
+    forwards and which origins it answers to (``sidecar.authz.target``)."""
     max_bytes = policy.max_bytes
     # Step 2: a single well-formed compact JWT.
     if len(proof) > max_bytes:
@@ -225,12 +240,10 @@ def verify_proof(
     if htm != method:
         raise AuthError(Reason.HTM_MISMATCH, "proof htm does not match the request method")
     # Step 9: htu matches the target URI, ignoring query and fragment.
-    try:
-        same = _normalized(htu) == _normalized(url)
-    except ValueError:
-        raise AuthError(Reason.HTU_MISMATCH, "proof htu is not a valid http(s) URI") from None
-    if not same:
-        raise AuthError(Reason.HTU_MISMATCH, "proof htu does not match the request URI")
+    if check_htu is not None:
+        check_htu(htu)
+    else:
+        _check_htu(htu, url)
     # Step 11: iat within the acceptance window (nonce freshness is the caller's: step 10).
     if not now - policy.max_age <= iat <= now + policy.future_leeway:
         raise AuthError(Reason.IAT_OUT_OF_WINDOW, "proof iat is outside the acceptance window")

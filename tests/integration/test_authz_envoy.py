@@ -397,3 +397,17 @@ def test_client_claimed_https_scheme_over_cleartext_is_denied(stack: Stack) -> N
     )
     assert status == 200, body
     assert isinstance(body, dict) and body["headers"]["x-workload-id"] == FRONTEND
+
+
+@pytest.mark.parametrize("sent", ["/orders//12", "//orders/12", "/orders/./12", "/orders/x/../12"])
+def test_proof_for_the_path_as_sent_matches_what_envoy_forwards(stack: Stack, sent: str) -> None:
+    """Issue 14 item 10: Envoy merges slashes and removes dot segments before the check and
+    before the app; a proof made for the path the client sent matches that forwarded path."""
+    status, _, body = stack.request("GET", sent, dpop_headers(stack, sent))
+    assert status == 200, body
+    assert isinstance(body, dict) and body["path"] == "/orders/12"
+    # A proof for another path still does not.
+    result = stack.request(
+        "GET", sent, dpop_headers(stack, sent, proof_url=stack.url("/orders/13"))
+    )
+    assert_denied(result, 401, "htu_mismatch", "invalid_dpop_proof")

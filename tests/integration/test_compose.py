@@ -349,6 +349,8 @@ def test_configs_parse_and_reference_each_other() -> None:
         assert topo.ORDERS_ID in cfg.identity.audiences, name
         (upstream,) = cfg.egress.upstreams
         assert upstream.target.origin == f"http://{envoy_host}:{ingress[1]}", name
+        # The origin callers sign their proofs for is one orders' sidecar answers to.
+        assert upstream.target.origin in orders.authz.settings.authorities, name
         assert upstream.target.audience == topo.ORDERS_ID, name
         assert upstream.listen == ("127.0.0.1", P.port(name, "egress")), name
         assert cfg.admin == ("127.0.0.1", P.port(name, "admin")), name

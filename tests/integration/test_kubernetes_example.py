@@ -347,6 +347,7 @@ def test_configs_parse_and_reference_each_other() -> None:
     assert frontend.identity.issuer == issuer
     (upstream,) = frontend.egress.upstreams
     assert upstream.target.origin == P.url("envoy", "ingress")
+    assert orders.authz.settings.authorities == frozenset({upstream.target.origin})
     assert upstream.target.audience == topo.ORDERS_ID
     assert upstream.listen == ("127.0.0.1", P.port("frontend-sidecar", "egress"))
     assert frontend.admin[0] == "127.0.0.1"

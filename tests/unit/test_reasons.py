@@ -404,6 +404,16 @@ CASES = [
         error=P,
     ),
     Case(
+        "htu-origin-not-an-authority",
+        Reason.UNKNOWN_AUTHORITY,
+        lambda h: dpop(
+            make_harness(authorities=frozenset({"https://orders.demo.local"})),
+            h.token(),
+            url="https://other.demo.local/orders",
+        ),
+        error=P,
+    ),
+    Case(
         "ath-of-another-token",
         Reason.ATH_MISMATCH,
         lambda h: with_proof(h, h.proof(h.token(jti="other")), token=h.token()),
