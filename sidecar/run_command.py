@@ -56,8 +56,9 @@ async def serve(data: dict[str, Any]) -> None:
     from sidecar.identity.key import generate_signer, write_public_jwk
     from sidecar.identity.metrics import IdentityMetrics
     from sidecar.identity.source import TokenSource
+    from sidecar.net_limits import FdWatch
     from sidecar.observability.admin import make_admin_app
-    from sidecar.runtime import announce, start_site, wait_for_stop_signal
+    from sidecar.runtime import announce, start_admin_site, wait_for_stop_signal
 
     _check_top_level(data)
     egress_cfg = parse_egress_config(data.get("egress")) if data.get("egress") else None
@@ -77,6 +78,7 @@ async def serve(data: dict[str, Any]) -> None:
     admin_host, admin_port = parse_admin_listen(data)
 
     registry = CollectorRegistry()
+    fds = FdWatch(registry)
     signer = generate_signer()  # in memory only; never written anywhere
     offsets = ClockOffsets()  # peers' clocks, learned by identity and egress alike
     tokens: TokenSource | None = None
@@ -84,6 +86,7 @@ async def serve(data: dict[str, Any]) -> None:
     service: Any = None
     runner: web.AppRunner | None = None
     try:
+        fds.start()
         if identity_cfg is not None:
             if identity_cfg.public_jwk_file:
                 write_public_jwk(signer, identity_cfg.public_jwk_file)
@@ -119,7 +122,7 @@ async def serve(data: dict[str, Any]) -> None:
         app = make_admin_app(registry, readiness)
         app[TOKENS_KEY] = tokens
         app.router.add_get("/tokens", _tokens_handler)
-        runner, admin_bound = await start_site(app, admin_host, admin_port)
+        runner, admin_bound = await start_admin_site(app, admin_host, admin_port, registry)
         egress_ports = ",".join(str(p) for p in proxy.ports.values()) if proxy else ""
         announce(
             "sidecar",
@@ -140,6 +143,7 @@ async def serve(data: dict[str, Any]) -> None:
             await service.stop()
         if tokens is not None:
             await tokens.close()
+        await fds.stop()
 
 
 async def _tokens_handler(request: web.Request) -> web.Response:

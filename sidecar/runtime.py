@@ -10,8 +10,16 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from sidecar.listen_address import ListenAddress, bind_unix
+from sidecar.net_limits import (
+    ADMIN_LIMITS,
+    ConnLimits,
+    GuardedSite,
+    ListenerGuard,
+    server_options,
+)
 
 
 def install_uvloop() -> None:
@@ -32,22 +40,32 @@ async def wait_for_stop_signal() -> None:
     await stop.wait()
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+async def start_admin_site(
+    app: web.Application,
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    limits: ConnLimits = ADMIN_LIMITS,
+) -> tuple[web.AppRunner, int]:
+    """The admin listener (``/healthz``, ``/readyz``, ``/metrics``), with the admin limits."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **server_options(limits))
     await runner.setup()
-    bound = await start_listener_site(runner, ListenAddress(host, port))
+    guard = ListenerGuard("admin", limits, registry)
+    bound = await start_listener_site(runner, ListenAddress(host, port), guard)
     return runner, bound.port
 
 
 async def start_listener_site(
-    runner: web.AppRunner, address: ListenAddress, backlog: int = 1024
+    runner: web.AppRunner, address: ListenAddress, guard: ListenerGuard, backlog: int = 1024
 ) -> ListenAddress:
-    """Bind ``runner`` (already set up) to a TCP address or a 0600 unix socket; returns the
-    address bound (the real port when 0 was asked for)."""
+    """Bind ``runner`` (already set up, with :func:`server_options` of ``guard.limits``) to a
+    TCP address or a 0600 unix socket, its connections kept by ``guard``; returns the address
+    bound (the real port when 0 was asked for)."""
     if address.path is not None:
-        await web.SockSite(runner, bind_unix(address.path, backlog)).start()
+        sock = bind_unix(address.path, backlog)
+        await GuardedSite(runner, guard, sock, backlog=backlog).start()
         return address
-    await web.TCPSite(runner, address.host, address.port, backlog=backlog).start()
+    await GuardedSite(runner, guard, (address.host, address.port), backlog=backlog).start()
     # One site per runner here: its TCP address carries the real port.
     port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
     return ListenAddress(address.host, int(port))

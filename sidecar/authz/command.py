@@ -16,8 +16,9 @@ TOP_LEVEL = ("authz", "admin")
 async def serve(data: dict[str, Any]) -> None:
     from sidecar.authz.config import parse_authz_config
     from sidecar.authz.service import AuthzService
+    from sidecar.net_limits import FdWatch
     from sidecar.observability.admin import make_admin_app
-    from sidecar.runtime import announce, start_site, wait_for_stop_signal
+    from sidecar.runtime import announce, start_admin_site, wait_for_stop_signal
 
     for key in data:
         if key not in TOP_LEVEL:
@@ -25,10 +26,12 @@ async def serve(data: dict[str, Any]) -> None:
     cfg = parse_authz_config(data.get("authz"))
     admin_host, admin_port = parse_admin_listen(data)
     registry = CollectorRegistry()
+    fds = FdWatch(registry)
+    fds.start()
     service = AuthzService(cfg, registry)
     await service.start()
-    runner, admin_bound = await start_site(
-        make_admin_app(registry, service.readiness), admin_host, admin_port
+    runner, admin_bound = await start_admin_site(
+        make_admin_app(registry, service.readiness), admin_host, admin_port, registry
     )
     announce(
         "authz",
@@ -42,6 +45,7 @@ async def serve(data: dict[str, Any]) -> None:
     finally:
         await service.stop()
         await runner.cleanup()
+        await fds.stop()
 
 
 def _run(args: argparse.Namespace) -> int:

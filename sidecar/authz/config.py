@@ -33,6 +33,7 @@ from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc9068_access_token import IssuerPolicy, normalize_typ
 from sidecar.listen_address import ListenAddress, parse_listen_address
+from sidecar.net_limits import HTTP_LIMITS, ConnLimits, parse_conn_limits
 
 #: ext_authz gRPC engines (see sidecar.authz.grpc_server): grpcio's threaded server (faster
 #: per call, measured) or its asyncio server.
@@ -67,6 +68,7 @@ class AuthzConfig:
     unknown_kid_wait: float
     revocation_url: str | None
     revocation_interval: float
+    http_connections: ConnLimits = HTTP_LIMITS
 
 
 def _issuer(raw: Any, key: str) -> tuple[IssuerPolicy, IssuerSource]:
@@ -222,7 +224,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
     grpc = section(root.get("grpc"), f"{path}.grpc")
     http = section(root.get("http"), f"{path}.http")
     known_keys(grpc, f"{path}.grpc", {"listen", "enabled", "engine", "workers"})
-    known_keys(http, f"{path}.http", {"listen", "enabled", "path_prefix"})
+    known_keys(http, f"{path}.http", {"listen", "enabled", "path_prefix", "connections"})
     grpc_listen = (
         parse_listen_address(grpc.get("listen", "127.0.0.1:9191"), f"{path}.grpc.listen")
         if get_bool(grpc, "enabled", f"{path}.grpc", True)
@@ -255,4 +257,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
             get_opt_str(revocation, "url", f"{path}.revocation"), f"{path}.revocation.url"
         ),
         revocation_interval=get_num(revocation, "interval", f"{path}.revocation", 5.0, minimum=0.5),
+        http_connections=parse_conn_limits(
+            http.get("connections"), f"{path}.http.connections", HTTP_LIMITS
+        ),
     )

@@ -28,6 +28,7 @@ from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
 from sidecar.authz.revocation import RevocationList
 from sidecar.jose.jwks import JwksSource, KeyStore
 from sidecar.listen_address import ListenAddress, unlink_socket
+from sidecar.net_limits import ListenerGuard, server_options
 from sidecar.observability.metrics import AuthzMetrics
 from sidecar.runtime import start_listener_site
 
@@ -45,6 +46,7 @@ class AuthzService:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
+        self.registry = registry
         self.keys = KeyStore()
         self.sources = {
             s.location.issuer: JwksSource(
@@ -165,15 +167,18 @@ class AuthzService:
             )
             # Envoy admits up to 60 KiB of headers; parse what it forwards so an oversize
             # credential gets our precise deny reason instead of aiohttp's bare 400.
+            limits = self.cfg.http_connections
             self._http = web.AppRunner(
                 app,
                 access_log=None,
                 handle_signals=False,
                 max_field_size=64 * 1024,
                 max_line_size=64 * 1024,
+                **server_options(limits),
             )
             await self._http.setup()
-            self.http_address = await start_listener_site(self._http, self.cfg.http_listen)
+            guard = ListenerGuard("authz_http", limits, self.registry)
+            self.http_address = await start_listener_site(self._http, self.cfg.http_listen, guard)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -116,16 +116,25 @@ def pidfd_alive(pidfd: int | None) -> bool:
     return True
 
 
-class PeerTracker:
-    """Credentials per accepted connection, captured in ``connection_made``."""
+def peer_uid(transport: Any) -> int | None:
+    """The uid the kernel recorded for the peer at ``connect()`` (None if unreadable): the key
+    of the attestation socket's per-uid connection cap, read before anything else."""
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(
+            _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
+        )
+    except (OSError, AttributeError):
+        return None
 
-    def __init__(self, proc: str = "/proc", max_connections: int = 1024) -> None:
+
+class PeerTracker:
+    """Credentials per accepted connection, captured when it is admitted (the connection caps
+    live in :mod:`sidecar.net_limits`; each connection here holds a pidfd)."""
+
+    def __init__(self, proc: str = "/proc") -> None:
         self.proc = proc
-        #: Each connection holds a pidfd: bound them, or any local user could exhaust our
-        #: file descriptors by opening connections to the 0666 socket.
-        self.max_connections = max_connections
         self._peers: dict[Any, PeerCreds | OSError] = {}
-        self.refused = 0
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -148,47 +157,6 @@ class PeerTracker:
         if isinstance(found, PeerCreds):
             return found
         raise AttestationFailure("no_peer_credentials", f"cannot read SO_PEERCRED ({found})")
-
-
-class PeerProtocol(asyncio.Protocol):
-    """Wraps the HTTP protocol of one connection so its peer is recorded at accept time and
-    forgotten (pidfd closed) when the connection goes."""
-
-    def __init__(self, inner: Any, tracker: PeerTracker) -> None:
-        self._inner = inner
-        self._tracker = tracker
-        self._transport: Any = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        if len(self._tracker) >= self._tracker.max_connections:
-            self._tracker.refused += 1
-            self._inner = None
-            transport.close()
-            return
-        self._tracker.accepted(transport)
-        self._inner.connection_made(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._inner is None:
-            return
-        try:
-            self._inner.connection_lost(exc)
-        finally:
-            self._tracker.lost(self._transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        result: bool | None = self._inner.eof_received()
-        return result
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
 
 
 def _hash_file(path: str, key: tuple[int, ...]) -> str:

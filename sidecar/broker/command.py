@@ -21,19 +21,22 @@ from sidecar.config_util import load_yaml_file
 async def serve(data: dict[str, Any]) -> None:
     from sidecar.broker.config import parse_broker_config
     from sidecar.broker.service import BrokerService
+    from sidecar.net_limits import FdWatch
     from sidecar.observability.admin import make_admin_app
-    from sidecar.runtime import announce, start_site, wait_for_stop_signal
+    from sidecar.runtime import announce, start_admin_site, wait_for_stop_signal
 
     cfg = parse_broker_config(data)
     registry = CollectorRegistry()
+    fds = FdWatch(registry)
     service = BrokerService(cfg, registry)
     admin_runner = None
     try:
+        fds.start()
         await service.start()
         admin_port = None
         if cfg.admin_listen is not None:
-            admin_runner, admin_port = await start_site(
-                make_admin_app(registry, service.readiness), *cfg.admin_listen
+            admin_runner, admin_port = await start_admin_site(
+                make_admin_app(registry, service.readiness), *cfg.admin_listen, registry
             )
         announce(
             "broker",
@@ -47,6 +50,7 @@ async def serve(data: dict[str, Any]) -> None:
         await service.stop()
         if admin_runner is not None:
             await admin_runner.cleanup()
+        await fds.stop()
 
 
 def _run(args: argparse.Namespace) -> int:

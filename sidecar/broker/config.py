@@ -32,6 +32,7 @@ from sidecar.config_util import (
 from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc9449_dpop import DPoPPolicy
+from sidecar.net_limits import ATTESTATION_LIMITS, HTTP_LIMITS, ConnLimits, parse_conn_limits
 
 DEFAULT_ISSUER = "http://127.0.0.1:8443"
 DEFAULT_LISTEN = "127.0.0.1:8443"
@@ -43,6 +44,7 @@ DEFAULT_CLUSTER_ALGS = ["RS256", "ES256"]
 TOP_KEYS = {
     "issuer",
     "listen",
+    "connections",
     "keys",
     "tokens",
     "dpop",
@@ -97,6 +99,9 @@ class BrokerConfig:
     audit_path: str | None
     admin_listen: tuple[str, int] | None
     admin_socket: str
+    #: Connections to ``listen`` and to the attestation socket.
+    http_connections: ConnLimits = HTTP_LIMITS
+    attestation_connections: ConnLimits = ATTESTATION_LIMITS
 
     @property
     def base_path(self) -> str:
@@ -260,7 +265,7 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
     )
 
     attestation = section(root.get("attestation"), "attestation")
-    known_keys(attestation, "attestation", {"enabled", "socket"})
+    known_keys(attestation, "attestation", {"enabled", "socket", "connections"})
     socket_path: str | None = None
     if get_bool(attestation, "enabled", "attestation", True):
         socket_path = get_str(
@@ -306,4 +311,8 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
         audit_path=get_opt_str(audit, "path", "audit"),
         admin_listen=admin_listen,
         admin_socket=admin_socket,
+        http_connections=parse_conn_limits(root.get("connections"), "connections", HTTP_LIMITS),
+        attestation_connections=parse_conn_limits(
+            attestation.get("connections"), "attestation.connections", ATTESTATION_LIMITS
+        ),
     )

@@ -19,21 +19,14 @@ Admin socket (``admin.socket``, mode 0600, callers with our uid or root only):
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import socket
 from typing import Any
 
 from aiohttp import web
 
-from sidecar.broker.attestation_unix import (
-    AttestationFailure,
-    PeerProtocol,
-    PeerTracker,
-    read_peer,
-)
+from sidecar.broker.attestation_unix import AttestationFailure, PeerTracker, read_peer
 from sidecar.broker.oauth import MAX_FORM_BYTES, NO_STORE, OAuthError, TokenHttpRequest
 from sidecar.broker.revocation import etag_matches
 from sidecar.broker.service import Broker, Issued
@@ -194,25 +187,3 @@ def make_admin_socket_app(broker: Broker) -> web.Application:
     app.router.add_post("/admin/revoke", revoke)
     app.router.add_get("/admin/revocations", listing)
     return app
-
-
-class PeerUnixSite(web.SockSite):
-    """A SockSite whose connections record their peer's credentials when accepted."""
-
-    __slots__ = ("_tracker",)
-
-    def __init__(
-        self, runner: web.BaseRunner, sock: socket.socket, tracker: PeerTracker, *, backlog: int
-    ) -> None:
-        super().__init__(runner, sock, backlog=backlog)
-        self._tracker = tracker
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers the site with its runner
-        loop = asyncio.get_running_loop()
-        server = self._runner.server
-        assert server is not None
-        tracker = self._tracker
-        self._server = await loop.create_unix_server(
-            lambda: PeerProtocol(server(), tracker), sock=self._sock, backlog=self._backlog
-        )

@@ -41,6 +41,7 @@ from sidecar.broker.attestation_unix import (
     PeerTracker,
     UnixAttestor,
     UnixEvidence,
+    peer_uid,
 )
 from sidecar.broker.audit import AuditLog
 from sidecar.broker.config import BrokerConfig
@@ -60,6 +61,7 @@ from sidecar.broker.registry import Entry
 from sidecar.broker.revocation import RevocationStore, validate_value
 from sidecar.errors import AuthError, ConfigError, ReplayStoreUnavailable
 from sidecar.jose.rfc9449_dpop import ProofKeyCache, VerifiedProof, verify_proof
+from sidecar.net_limits import ADMIN_LIMITS, ConnLimits, GuardedSite, ListenerGuard, server_options
 
 log = logging.getLogger(__name__)
 
@@ -528,6 +530,7 @@ class BrokerService:
         )
         self.unix = UnixAttestor(needs_sha256=cfg.registry.needs_sha256)
         self.tracker = PeerTracker()
+        self.registry = registry
         self.broker: Broker | None = None
         self.http_port: int | None = None
         self._runners: list[web.AppRunner] = []
@@ -544,12 +547,7 @@ class BrokerService:
         return True, f"ready kid={kid}"
 
     async def start(self) -> None:
-        from sidecar.broker.http_app import (
-            PeerUnixSite,
-            make_admin_socket_app,
-            make_public_app,
-            make_unix_app,
-        )
+        from sidecar.broker.http_app import make_admin_socket_app, make_public_app, make_unix_app
 
         cfg = self.cfg
         self.revocations.load()
@@ -589,31 +587,34 @@ class BrokerService:
             "sidecar_broker_revoked", "Revoked subjects and jtis", lambda: len(self.revocations)
         )
         m.gauge("sidecar_broker_replay_entries", "DPoP proof jtis remembered", broker.replay.size)
-        m.gauge(
-            "sidecar_broker_unix_connections",
-            "Open attestation connections",
-            lambda: len(self.tracker),
-        )
 
-        sockets: list[tuple[web.Application, socket.socket, bool]] = []
-        if attestation_sock is not None:
-            sockets.append((make_unix_app(broker, self.tracker), attestation_sock, True))
-        sockets.append((make_admin_socket_app(broker), admin_sock, False))
-
-        public = self._runner(make_public_app(broker))
-        await public.setup()
-        site = web.TCPSite(public, *cfg.listen, backlog=1024)
-        await site.start()
-        self.http_port = next(int(a[1]) for a in public.addresses if isinstance(a, tuple))
-        for app, sock, track in sockets:
-            runner = self._runner(app)
-            await runner.setup()
-            unix_site: web.BaseSite = (
-                PeerUnixSite(runner, sock, self.tracker, backlog=1024)
-                if track
-                else web.SockSite(runner, sock)
+        sites: list[tuple[web.Application, ListenerGuard, socket.socket | None]] = [
+            (
+                make_public_app(broker),
+                ListenerGuard("broker_http", cfg.http_connections, self.registry),
+                None,
             )
-            await unix_site.start()
+        ]
+        if attestation_sock is not None:
+            # The uid is read before admission (the per-uid cap); the rest of the peer's
+            # credentials, with a pidfd, only for an admitted connection.
+            attestation = ListenerGuard(
+                "broker_attestation",
+                cfg.attestation_connections,
+                self.registry,
+                peer_uid=peer_uid,
+                on_open=self.tracker.accepted,
+                on_close=self.tracker.lost,
+            )
+            sites.append((make_unix_app(broker, self.tracker), attestation, attestation_sock))
+        admin = ListenerGuard("broker_admin_socket", ADMIN_LIMITS, self.registry)
+        sites.append((make_admin_socket_app(broker), admin, admin_sock))
+        for app, guard, sock in sites:
+            runner = self._runner(app, guard.limits)
+            await runner.setup()
+            await GuardedSite(runner, guard, cfg.listen if sock is None else sock).start()
+            if sock is None:
+                self.http_port = next(int(a[1]) for a in runner.addresses if isinstance(a, tuple))
         self._tasks.append(asyncio.create_task(self._rotate(ring)))
         self._tasks.append(asyncio.create_task(self._prune_revocations()))
         # Everything allocated so far lives as long as the process: keep it out of the
@@ -628,8 +629,14 @@ class BrokerService:
             len(cfg.clusters),
         )
 
-    def _runner(self, app: web.Application) -> web.AppRunner:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    def _runner(self, app: web.Application, limits: ConnLimits) -> web.AppRunner:
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=2.0,
+            **server_options(limits),
+        )
         self._runners.append(runner)
         return runner
 

@@ -19,8 +19,9 @@ Example::
       via: true
       timeouts: {connect: 5, total: 300, read: 60}   # seconds; 0 = no limit
       nonce_retry_buffer: 65536           # replay a body this small after a nonce challenge
-      max_connections: 1024
+      max_connections: 1024               # the upstream pool
       keepalive_timeout: 30
+      connections: {max_connections: 1024, header_timeout: 10, idle_timeout: 60}   # the app's side
 
 Every error names the offending key (``egress.upstreams[0].listen``) and what it expects.
 """
@@ -45,6 +46,7 @@ from sidecar.config_util import (
     section,
 )
 from sidecar.errors import ConfigError
+from sidecar.net_limits import EGRESS_LIMITS, ConnLimits, parse_conn_limits
 
 AUTHORIZATION_MODES = ("replace", "keep", "reject")
 X_FORWARDED_MODES = ("keep", "strip", "append")
@@ -103,6 +105,8 @@ class EgressConfig:
     nonce_retry_buffer: int
     max_connections: int
     keepalive_timeout: float
+    #: The listeners' side: connections from the app.
+    connections: ConnLimits = EGRESS_LIMITS
 
     @property
     def audiences(self) -> list[str]:
@@ -164,7 +168,8 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
         root,
         path,
         {"upstreams", "forward_proxy", "on_existing_authorization", "x_forwarded", "via",
-         "timeouts", "nonce_retry_buffer", "max_connections", "keepalive_timeout"},
+         "timeouts", "nonce_retry_buffer", "max_connections", "keepalive_timeout",
+         "connections"},
     )  # fmt: skip
     default_auth = get_choice(
         root, "on_existing_authorization", path, AUTHORIZATION_MODES, "replace"
@@ -244,4 +249,7 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
         nonce_retry_buffer=get_int(root, "nonce_retry_buffer", path, 64 * 1024),
         max_connections=get_int(root, "max_connections", path, 1024, minimum=1),
         keepalive_timeout=get_num(root, "keepalive_timeout", path, 30.0),
+        connections=parse_conn_limits(
+            root.get("connections"), f"{path}.connections", EGRESS_LIMITS
+        ),
     )

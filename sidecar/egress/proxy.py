@@ -41,6 +41,7 @@ from sidecar.identity.clock_offset import ClockOffsets, says_time_was_wrong
 from sidecar.identity.errors import IdentityError
 from sidecar.identity.token import IssuedToken
 from sidecar.jose.rfc9449_dpop import ProofSigner
+from sidecar.net_limits import GuardedSite, ListenerGuard, server_options
 from sidecar.observability.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class EgressProxy:
         self._signer = signer
         self._clock = clock
         self.metrics = EgressMetrics(registry)
+        self._registry = registry
         self.nonces = NonceCache()
         # Per upstream origin: its clock minus ours, for the proofs' iat (shared with identity).
         self.offsets = offsets if offsets is not None else ClockOffsets(clock)
@@ -150,23 +152,31 @@ class EgressProxy:
             raise_for_status=False,
         )
         for upstream in self.cfg.upstreams:
-            port = await self._listen(partial(self._reverse, upstream.target), upstream.listen)
-            self.ports[upstream.target.name] = port
+            name = upstream.target.name
+            port = await self._listen(
+                partial(self._reverse, upstream.target), upstream.listen, f"egress:{name}"
+            )
+            self.ports[name] = port
         if self.cfg.forward_proxy is not None:
             fp = self.cfg.forward_proxy
-            self.forward_port = await self._listen(partial(self._forward_proxy, fp), fp.listen)
+            self.forward_port = await self._listen(
+                partial(self._forward_proxy, fp), fp.listen, f"egress:{FORWARD_LABEL}"
+            )
 
-    async def _listen(self, handler: Any, listen: tuple[str, int]) -> int:
+    async def _listen(self, handler: Any, listen: tuple[str, int], label: str) -> int:
+        limits = self.cfg.connections
         server = web.Server(
             handler,
             access_log=None,
             max_line_size=MAX_HEADER_BYTES,
             max_field_size=MAX_HEADER_BYTES,
+            **server_options(limits),
         )
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, *listen, backlog=1024)
+        guard = ListenerGuard(label, limits, self._registry)
+        site = GuardedSite(runner, guard, listen)
         await site.start()
         for addr in runner.addresses:
             if isinstance(addr, tuple):

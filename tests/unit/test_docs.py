@@ -33,6 +33,7 @@ import sidecar.broker.config
 import sidecar.broker.registry
 import sidecar.egress.config
 import sidecar.identity.config
+import sidecar.net_limits
 from sidecar import config_util, run_command
 from sidecar.authz.config import AuthzConfig, parse_authz_config
 from sidecar.authz.core import Authorizer, AuthzSettings
@@ -50,6 +51,7 @@ from sidecar.identity.config import parse_identity_config
 from sidecar.identity.metrics import IdentityMetrics
 from sidecar.identity.schedule import RefreshPolicy
 from sidecar.jose.jwks import KeyStore
+from sidecar.net_limits import ConnLimits, connection_metrics
 from sidecar.observability.metrics import AuthzMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,6 +156,7 @@ PARSER_MODULES = (
     sidecar.broker.registry,
     sidecar.egress.config,
     sidecar.identity.config,
+    sidecar.net_limits,
 )
 
 
@@ -439,7 +442,16 @@ def test_sidecar_reference_defaults() -> None:
     for name in RefreshPolicy.__dataclass_fields__:
         expected[f"identity.refresh.{name}"] = getattr(policy, name)
     assert unix.policy == policy, "identity.refresh defaults are not RefreshPolicy's"
+    expected |= _connection_defaults("egress.connections", e.connections)
+    expected |= _connection_defaults("authz.http.connections", a.http_connections)
     _check_defaults(documented, expected)
+
+
+def _connection_defaults(path: str, limits: ConnLimits) -> dict[str, Any]:
+    keys = ["max_connections", "header_timeout", "body_timeout", "idle_timeout"]
+    if limits.max_per_uid:
+        keys.append("max_per_uid")
+    return {f"{path}.{k}": getattr(limits, k) for k in keys}
 
 
 def test_broker_reference_defaults() -> None:
@@ -472,6 +484,8 @@ def test_broker_reference_defaults() -> None:
         "admin.listen": b.admin_listen,
         "admin.socket": b.admin_socket,
     }
+    expected |= _connection_defaults("connections", b.http_connections)
+    expected |= _connection_defaults("attestation.connections", b.attestation_connections)
     _check_defaults(documented, expected)
 
 
@@ -636,12 +650,13 @@ def metrics_in_code() -> dict[str, tuple[str, tuple[str, ...]]]:
 
 
 def metrics_at_runtime() -> dict[str, str]:
-    """{exposed name: type} of what the four metrics classes register when built."""
+    """{exposed name: type} of what the metrics classes register when built."""
     registry = CollectorRegistry()
     AuthzMetrics(registry)
     BrokerMetrics(registry)
     EgressMetrics(registry)
     IdentityMetrics(registry).watch_expiry(lambda: [("aud", 1.0, True)])
+    connection_metrics(registry).open.labels("admin").set(0)
     return {_exposed(m.name, m.type): m.type for m in registry.collect()}
 
 
