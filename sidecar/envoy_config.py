@@ -82,6 +82,7 @@ with warnings.catch_warnings():
         GrpcServiceEnvoyGrpc,
         HealthCheck,
         HealthCheckTcpHealthCheck,
+        Http1ProtocolOptions,
         Http2ProtocolOptions,
         HttpProtocolOptions,
         HttpProtocolOptionsHeadersWithUnderscoresAction,
@@ -262,14 +263,28 @@ def _endpoint_address(address: ListenAddress) -> Address:
     return _address(address.host, address.port)
 
 
-def _protocol_options_http2() -> dict[str, AnyProto]:
+#: Envoy's idle limit on its connections to the HTTP authorizer: below the authorizer's own
+#: (``authz.http.connections.idle_timeout``, 60 s by default), so Envoy closes an idle
+#: connection first and never sends a check on one the authorizer is closing.
+AUTHZ_HTTP_IDLE_TIMEOUT = timedelta(seconds=30)
+
+
+def _protocol_options(*, http2: bool, idle_timeout: timedelta | None) -> dict[str, AnyProto]:
     # Cluster.http2_protocol_options is deprecated; the map key is the extension's name,
     # which is the full name of its config message (the type URL without its prefix).
+    if not http2 and idle_timeout is None:
+        return {}
+    explicit = (
+        HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+        if http2
+        else HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
+    )
     options = AnyProto.pack(
         UpstreamHttpProtocolOptions(
-            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
-                http2_protocol_options=Http2ProtocolOptions()
-            )
+            explicit_http_config=explicit,
+            common_http_protocol_options=(
+                None if idle_timeout is None else HttpProtocolOptions(idle_timeout=idle_timeout)
+            ),
         )
     )
     return {options.type_url.rpartition("/")[2]: options}
@@ -281,6 +296,7 @@ def _cluster(
     *,
     http2: bool = False,
     connect_timeout: timedelta = timedelta(seconds=1),
+    idle_timeout: timedelta | None = None,
 ) -> Cluster:
     """STATIC for IP literals and unix sockets, STRICT_DNS for a host name. With more than
     one endpoint (authorizer workers) the cluster also avoids a dead one: see
@@ -305,7 +321,7 @@ def _cluster(
         dns_lookup_family=(
             ClusterDnsLookupFamily.V4_PREFERRED if dns else ClusterDnsLookupFamily.AUTO
         ),
-        typed_extension_protocol_options=_protocol_options_http2() if http2 else {},
+        typed_extension_protocol_options=_protocol_options(http2=http2, idle_timeout=idle_timeout),
     )
     if len(endpoints) > 1:
         _avoid_dead_endpoints(cluster)
@@ -542,7 +558,14 @@ def ingress_bootstrap_message(
             )
         else:
             http_filters.append(_ext_authz_http_filter(base, timeout, retry))
-            clusters.append(_cluster(AUTHZ_HTTP_CLUSTER, endpoints, connect_timeout=timeout))
+            clusters.append(
+                _cluster(
+                    AUTHZ_HTTP_CLUSTER,
+                    endpoints,
+                    connect_timeout=timeout,
+                    idle_timeout=AUTHZ_HTTP_IDLE_TIMEOUT,
+                )
+            )
     elif mode == "jwt_authn":
         if not jwt_issuer or not jwt_audiences or not jwt_jwks_file:
             raise ValueError("mode 'jwt_authn' needs jwt_issuer, jwt_audiences and jwt_jwks_file")

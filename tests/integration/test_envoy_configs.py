@@ -14,6 +14,7 @@ from sidecar.envoy_config import (
     dump_yaml,
     ingress_bootstrap,
 )
+from sidecar.net_limits import HTTP_LIMITS
 from tests.integration.harness import REPO_ROOT, envoy_render, free_port, validate_envoy_config
 
 ENVOY_DIR = REPO_ROOT / "envoy"
@@ -207,7 +208,12 @@ def test_http_mode() -> None:
     assert authz["failure_mode_allow"] is False
     assert authz["status_on_error"] == {"code": "ServiceUnavailable"}
     assert AUTHZ_HTTP_CLUSTER in _clusters(cfg)
-    assert "typed_extension_protocol_options" not in _clusters(cfg)[AUTHZ_HTTP_CLUSTER]
+    [options] = _clusters(cfg)[AUTHZ_HTTP_CLUSTER]["typed_extension_protocol_options"].values()
+    assert "http_protocol_options" in options["explicit_http_config"]  # HTTP/1.1, as before
+    # Envoy drops an idle connection before the authorizer does (no check sent on a connection
+    # being closed): its idle limit is below the authorizer's default.
+    idle = float(options["common_http_protocol_options"]["idle_timeout"].rstrip("s"))
+    assert idle < HTTP_LIMITS.idle_timeout
 
 
 def test_jwt_authn_mode() -> None:
