@@ -1,4 +1,4 @@
-"""What Envoy asserts about the client's connection, read the same way by both transports.
+"""What Envoy asserts about the client's request, read the same way by both transports.
 
 The request's scheme decides the origin of the URL a DPoP proof's ``htu`` is compared with.
 A client can claim any ``:scheme`` over HTTP/2 (Envoy trusts and forwards it), so neither
@@ -27,3 +27,10 @@ def connection_scheme(headers: Mapping[str, str], default_scheme: str) -> str:
         return default_scheme
     value = value.strip().lower()
     return value if value in SCHEMES else ""
+
+
+def request_method(method: str) -> str:
+    """The method as both transports see it. aiohttp upper-cases the request line's method
+    before the HTTP adapter sees it, so the gRPC adapter does the same with Envoy's (HTTP/2
+    lets a client send ``get``): the proof's ``htm`` and the policy see one spelling."""
+    return method.upper()

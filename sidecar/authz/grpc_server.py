@@ -33,7 +33,7 @@ from google.rpc import code_pb2, status_pb2
 
 from sidecar.authz.core import Authorizer, IORequest, RefreshKeys, advance
 from sidecar.authz.decision import Allow, Decision, Header, RequestView
-from sidecar.authz.forwarded import connection_scheme
+from sidecar.authz.forwarded import connection_scheme, request_method
 from sidecar.errors import ReplayStoreUnavailable
 from sidecar.listen_address import SOCKET_MODE, ListenAddress, remove_stale_socket, socket_umask
 from sidecar.observability.logsafe import logfmt, logfmt_value
@@ -51,7 +51,7 @@ def view_from_check(request: Any, default_scheme: str = "http") -> RequestView:
     headers = http.headers
     peer = request.attributes.source.address.socket_address.address or None
     return RequestView(
-        method=http.method,
+        method=request_method(http.method),
         # Never http.scheme: that is the client's own ``:scheme`` (see authz.forwarded).
         scheme=connection_scheme(headers, default_scheme),
         authority=http.host or headers.get(":authority", ""),

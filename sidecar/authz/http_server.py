@@ -16,7 +16,7 @@ from aiohttp import web
 
 from sidecar.authz.core import Authorizer
 from sidecar.authz.decision import Allow, Decision, RequestView
-from sidecar.authz.forwarded import connection_scheme
+from sidecar.authz.forwarded import connection_scheme, request_method
 from sidecar.authz.grpc_server import log_decision
 from sidecar.observability.metrics import AuthzMetrics
 
@@ -35,7 +35,7 @@ def view_from_http(request: web.Request, *, path_prefix: str, default_scheme: st
     if path_prefix and path.startswith(path_prefix):
         path = path[len(path_prefix) :] or "/"
     return RequestView(
-        method=request.method,
+        method=request_method(request.method),
         scheme=connection_scheme(headers, default_scheme),
         authority=headers.get("host", ""),
         path=path,

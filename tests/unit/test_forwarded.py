@@ -54,3 +54,12 @@ def test_http_view_reads_the_same_header() -> None:
     assert view.scheme == "https"
     request = make_mocked_request("GET", "/orders", headers={"Host": "orders.local"})
     assert view_from_http(request, path_prefix="", default_scheme="https").scheme == "https"
+
+
+def test_both_views_spell_the_method_alike() -> None:
+    # aiohttp upper-cases the HTTP check's method; an HTTP/2 client may send ``get`` to Envoy.
+    req = _check("http", {"x-forwarded-proto": "http"})
+    req.attributes.request.http.method = "get"
+    assert view_from_check(req, "http").method == "GET"
+    request = make_mocked_request("get", "/orders", headers={"Host": "orders.local"})
+    assert view_from_http(request, path_prefix="", default_scheme="http").method == "GET"
