@@ -11,16 +11,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from sidecar.jose.b64 import b64url_encode
 from sidecar.jose.rfc7518_algorithms import (
     ASYMMETRIC_ALGORITHMS,
+    MAX_RSA_BITS,
+    MAX_RSA_EXPONENT,
     MIN_RSA_BITS,
     key_fits_algorithm,
 )
 from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
+from sidecar.jose.rfc8032_ed25519 import is_acceptable_public_key as ed25519_acceptable
 
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MAX_KEYS_PER_SET = 64
@@ -42,6 +46,21 @@ class PublicJWK:
         if self.alg is not None and self.alg != alg:
             return False
         return key_fits_algorithm(self.key, alg)
+
+
+def check_key_strength(key: Any) -> None:
+    """Refuse public keys that are weak or expensive to verify with: RSA outside
+    2048..4096 bits or with a public exponent above 2**32, Ed25519 keys of small order or
+    non-canonical. EC points off the curve never get here: the import itself refuses them."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
+            raise JWKError(f"RSA modulus is not {MIN_RSA_BITS} to {MAX_RSA_BITS} bits")
+        if key.public_numbers().e > MAX_RSA_EXPONENT:
+            raise JWKError("RSA public exponent is larger than 2**32")
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        if not ed25519_acceptable(raw):
+            raise JWKError("Ed25519 key is of small order or not canonically encoded")
 
 
 def import_public_jwk(jwk: Mapping[str, Any]) -> PublicJWK:
@@ -72,8 +91,7 @@ def import_public_jwk(jwk: Mapping[str, Any]) -> PublicJWK:
         thumb = jwk_thumbprint(jwk)
     except Exception as exc:
         raise JWKError(f"invalid {kty} key: {type(exc).__name__}") from None
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        raise JWKError(f"RSA key smaller than {MIN_RSA_BITS} bits")
+    check_key_strength(key)
     if isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):  # pragma: no cover
         raise JWKError("jwk contains private key material")
     if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):  # pragma: no cover
@@ -119,8 +137,6 @@ def public_jwk_dict(key: Any, *, kid: str | None = None, alg: str | None = None)
             "e": b64url_encode(rn.e.to_bytes((rn.e.bit_length() + 7) // 8, "big")),
         }
     elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        from cryptography.hazmat.primitives import serialization
-
         raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         crv = "Ed25519" if isinstance(key, ed25519.Ed25519PublicKey) else "Ed448"
         out = {"kty": "OKP", "crv": crv, "x": b64url_encode(raw)}

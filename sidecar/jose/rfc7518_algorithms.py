@@ -24,6 +24,11 @@ _EC_CURVE_FOR_ALG: Final = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512":
 
 #: RSA keys below this size are refused (RFC 7518 §3.3 requires 2048 bits).
 MIN_RSA_BITS: Final = 2048
+#: ...and above this one, with the public exponent below: verification cost grows with both,
+#: and a client-chosen key (a DPoP proof's jwk) must not make one request cost milliseconds.
+#: Every issuer and client seen uses 65537; any odd exponent up to 2**32 stays within ~2x of it.
+MAX_RSA_BITS: Final = 4096
+MAX_RSA_EXPONENT: Final = 2**32
 
 
 def key_fits_algorithm(key: Any, alg: str) -> bool:
@@ -33,7 +38,7 @@ def key_fits_algorithm(key: Any, alg: str) -> bool:
             isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _EC_CURVE_FOR_ALG[alg]
         )
     if alg[:2] in ("RS", "PS"):
-        return isinstance(key, rsa.RSAPublicKey) and key.key_size >= MIN_RSA_BITS
+        return isinstance(key, rsa.RSAPublicKey) and MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS
     if alg == "EdDSA":
         return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
     return False

@@ -119,8 +119,10 @@ class ProofKeyCache:
     def __len__(self) -> int:
         return len(self._headers)
 
-    def header(self, h64: str) -> tuple[str, PublicJWK]:
-        """(alg, key) for a proof's header segment, validated per §4.3 steps 4, 5 and 7."""
+    def header(self, h64: str, expected_jkt: str | None = None) -> tuple[str, PublicJWK]:
+        """(alg, key) for a proof's header segment, validated per §4.3 steps 4, 5 and 7. A key
+        that is not ``expected_jkt`` is refused before it is imported (that is the costly
+        part: EC point and Ed25519 checks); the caller still compares it on a cache hit."""
         cached = self._headers.get(h64)
         if cached is not None:
             self._headers.move_to_end(h64)
@@ -142,6 +144,13 @@ class ProofKeyCache:
         jwk = header.get("jwk")
         if not isinstance(jwk, dict):
             raise AuthError(Reason.PROOF_INVALID, "proof has no jwk header")
+        if expected_jkt is not None:
+            try:
+                bound = secrets.compare_digest(jwk_thumbprint(jwk), expected_jkt)
+            except ValueError:
+                raise AuthError(Reason.PROOF_INVALID, "proof jwk is incomplete") from None
+            if not bound:
+                raise AuthError(Reason.PROOF_KEY_MISMATCH, "proof key is not the token's cnf.jkt")
         try:
             key = import_public_jwk(jwk)
         except JWKError as exc:
@@ -195,7 +204,12 @@ def verify_proof(
 
     ``check_htu`` replaces the plain comparison of step 9 (``htu`` equals ``url`` once both are
     normalized) with the caller's own, which raises AuthError: the ingress knows what its proxy
-    forwards and which origins it answers to (``sidecar.authz.target``)."""
+    forwards and which origins it answers to (``sidecar.authz.target``).
+
+    Cheap before expensive: structure, the (cached) header and key, the binding to the
+    token's ``cnf.jkt``, every claim, and only then the signature, so a proof that would be
+    refused anyway never costs a public-key operation (§4.3 lists the checks, not an order).
+    """
     max_bytes = policy.max_bytes
     # Step 2: a single well-formed compact JWT.
     if len(proof) > max_bytes:
@@ -206,17 +220,16 @@ def verify_proof(
     if len(parts) != 3 or not parts[0] or not parts[1]:
         raise AuthError(Reason.PROOF_INVALID, "proof is not a compact JWS")
     h64, p64, s64 = parts
-    alg, key = key_cache.header(h64)  # steps 4, 5, 7
+    alg, key = key_cache.header(h64, expected_jkt)  # steps 4, 5, 7 (and the key's strength)
     if alg not in policy.algorithms:
         raise AuthError(Reason.PROOF_INVALID, "proof alg is not allowed")
-    # Step 6: the signature verifies with the key in the header.
+    # Step 12 (key part): the proof key is the one the token is bound to.
+    if expected_jkt is not None and not secrets.compare_digest(key.thumbprint, expected_jkt):
+        raise AuthError(Reason.PROOF_KEY_MISMATCH, "proof key is not the token's cnf.jkt")
     try:
         signature = b64url_decode(s64)
     except ValueError:
         raise AuthError(Reason.PROOF_INVALID, "proof signature is not base64url") from None
-    signing_input = proof[: len(h64) + 1 + len(p64)].encode("ascii")
-    if not verify_signature(alg, key.key, signing_input, signature):
-        raise AuthError(Reason.PROOF_INVALID, "proof signature does not verify")
     try:
         claims = strict_json_object(b64url_decode(p64), "proof payload")
     except (ValueError, JWSFormatError) as exc:
@@ -254,8 +267,10 @@ def verify_proof(
             raise AuthError(Reason.ATH_MISMATCH, "proof has no ath for the access token")
         if not secrets.compare_digest(ath, access_token_hash(access_token)):
             raise AuthError(Reason.ATH_MISMATCH, "proof ath does not match the access token")
-    if expected_jkt is not None and not secrets.compare_digest(key.thumbprint, expected_jkt):
-        raise AuthError(Reason.PROOF_KEY_MISMATCH, "proof key is not the token's cnf.jkt")
+    # Step 6, last: the signature verifies with the key in the header.
+    signing_input = proof[: len(h64) + 1 + len(p64)].encode("ascii")
+    if not verify_signature(alg, key.key, signing_input, signature):
+        raise AuthError(Reason.PROOF_INVALID, "proof signature does not verify")
     return VerifiedProof(jkt=key.thumbprint, jti=jti, htm=htm, htu=htu, iat=float(iat), nonce=nonce)
 
 
