@@ -335,7 +335,9 @@ def test_configs_parse_and_reference_each_other() -> None:
     assert topo.ORDERS_ID in orders.authz.settings.audiences
     assert [s.location.issuer for s in orders.authz.sources] == [issuer]
     assert orders.authz.revocation_url == f"{issuer}/revocations"
-    assert endpoints["ext_authz"] == orders.authz.grpc_listen == ("127.0.0.1", 9191)
+    grpc_listen = orders.authz.grpc_listen
+    assert grpc_listen is not None and not grpc_listen.is_unix
+    assert endpoints["ext_authz"] == (grpc_listen.host, grpc_listen.port) == ("127.0.0.1", 9191)
     assert orders.admin == ("127.0.0.1", P.port("orders-sidecar", "admin"))
     policy = orders.authz.policy
     assert policy.allowing_rule(topo.FRONTEND_ID, "GET", "/orders/1") is not None

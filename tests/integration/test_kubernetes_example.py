@@ -339,8 +339,10 @@ def test_configs_parse_and_reference_each_other() -> None:
     assert orders.identity is None and orders.egress is None
     assert topo.ORDERS_ID in orders.authz.settings.audiences
     assert [s.location.issuer for s in orders.authz.sources] == [issuer]
-    assert endpoints["ext_authz"] == orders.authz.grpc_listen
-    assert orders.authz.grpc_listen[0] == "127.0.0.1"
+    grpc_listen = orders.authz.grpc_listen
+    assert grpc_listen is not None and not grpc_listen.is_unix
+    assert endpoints["ext_authz"] == (grpc_listen.host, grpc_listen.port)
+    assert grpc_listen.host == "127.0.0.1"
     assert orders.authz.policy.allowing_rule(topo.FRONTEND_ID, "GET", "/orders/1") is not None
 
     frontend = checks.load_sidecar_config(_config_file("frontend-sidecar"))
