@@ -132,7 +132,7 @@ class Authorizer:
         self.revocations = revocations if revocations is not None else RevocationList()
         self.clock = clock
         self.on_unknown_key = on_unknown_key
-        self.token_cache = VerifiedTokenCache(settings.token_cache_size)
+        self.token_cache = VerifiedTokenCache(settings.token_cache_size, leeway=settings.leeway)
         self.proof_keys = ProofKeyCache(settings.proof_key_cache_size)
         self.target = RequestTarget(settings.authorities)
         self._sync_replay = replay if isinstance(replay, InMemoryReplayStore) else None
@@ -277,7 +277,7 @@ class Authorizer:
                 if err.reason is Reason.UNKNOWN_KEY:
                     meta["iss"] = _unverified_issuer(token)
                 raise
-            self.token_cache.put(token, verified, generation)
+            self.token_cache.put(token, verified, generation, now)
         elif now >= verified.expires_at + self.settings.leeway:
             self.token_cache.discard(token)
             raise AuthError(Reason.EXPIRED, "token has expired")
