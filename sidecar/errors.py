@@ -37,6 +37,8 @@ class Reason(enum.StrEnum):
     REVOKED = "revoked"
     POLICY_DENIED = "policy_denied"
     REPLAY_STORE_UNAVAILABLE = "replay_store_unavailable"
+    #: The replay store restarted (memory lost) after this proof could have been used.
+    PROOF_PREDATES_RESTART = "proof_predates_restart"
     # Not produced by the core: the transports' fail-closed guard when the core itself raised.
     INTERNAL_ERROR = "internal_error"
 
@@ -63,7 +65,7 @@ def status_for(reason: Reason) -> int:
     """HTTP status for a deny reason: 401 authentication, 403 policy, 503 our own outage."""
     if reason is Reason.POLICY_DENIED:
         return 403
-    if reason is Reason.REPLAY_STORE_UNAVAILABLE:
+    if reason in (Reason.REPLAY_STORE_UNAVAILABLE, Reason.PROOF_PREDATES_RESTART):
         return 503
     if reason is Reason.INTERNAL_ERROR:
         return 500

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from sidecar.authz.core import AuthzSettings
 from sidecar.authz.policy import Policy
+from sidecar.authz.replay import DEFAULT_MAX_MEMORY_MIB, capacity_for
 from sidecar.authz.target import parse_authority
 from sidecar.config_util import (
     get_algorithms,
@@ -149,6 +150,15 @@ def _workers(grpc: Mapping[str, Any], path: str) -> int:
     return workers
 
 
+def _replay_capacity(replay: Mapping[str, Any], key: str) -> int:
+    """``capacity`` (entries) or ``max_memory`` (MiB, converted with the measured entry size)."""
+    if "capacity" in replay and "max_memory" in replay:
+        raise ConfigError(key, "only one of capacity (entries) or max_memory (MiB)")
+    if "capacity" in replay:
+        return get_int(replay, "capacity", key, 0, minimum=1)
+    return capacity_for(get_num(replay, "max_memory", key, DEFAULT_MAX_MEMORY_MIB, minimum=1.0))
+
+
 def _secret(nonce: Mapping[str, Any], key: str, required: bool) -> bytes:
     secret = get_opt_str(nonce, "secret", key)
     secret_file = get_opt_str(nonce, "secret_file", key)
@@ -206,7 +216,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
     limits = section(root.get("limits"), f"{path}.limits")
     known_keys(limits, f"{path}.limits", {"max_token_bytes", "max_proof_bytes"})
     replay = section(root.get("replay"), f"{path}.replay")
-    known_keys(replay, f"{path}.replay", {"backend", "capacity", "redis_url"})
+    known_keys(replay, f"{path}.replay", {"backend", "capacity", "max_memory", "redis_url"})
     backend = get_choice(replay, "backend", f"{path}.replay", ("memory", "redis"), "memory")
     redis_url = get_opt_str(replay, "redis_url", f"{path}.replay")
     if backend == "redis" and redis_url is None:
@@ -250,7 +260,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         nonce_secret=_secret(nonce, f"{path}.nonce", needs_nonce),
         nonce_window=get_num(nonce, "window", f"{path}.nonce", 30.0, minimum=1.0),
         replay_backend=backend,
-        replay_capacity=get_int(replay, "capacity", f"{path}.replay", 100_000, minimum=1),
+        replay_capacity=_replay_capacity(replay, f"{path}.replay"),
         redis_url=redis_url,
         unknown_kid_wait=get_num(root, "unknown_kid_wait", path, 0.1),
         revocation_url=_http_url(

@@ -10,6 +10,7 @@ bug, and the transports turn it into a fail-closed deny.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class PendingAllow:
     route: Route
     scheme: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    proof_iat: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +205,18 @@ class Authorizer:
                 now,
                 result.metadata,
             )
+        # The store forgot what it saw before its epoch (a restart): refuse what may predate it.
+        # Read after the insert: an external store reports its restart in that same answer.
+        if self.settings.dpop.predates(result.proof_iat, self.replay.epoch):
+            return self._deny(
+                Reason.PROOF_PREDATES_RESTART,
+                "the replay store restarted after this proof could have been used",
+                result.route,
+                result.scheme,
+                now,
+                result.metadata,
+                retry_after=max(1, math.ceil(self.restart_guard_until() - now)),
+            )
         return result.allow
 
     def evaluate(self, view: RequestView, now: float) -> Deny | PendingAllow:
@@ -237,7 +251,13 @@ class Authorizer:
             # Bearer: nothing to record. A PendingAllow with no key keeps one code path.
             return PendingAllow("", 0.0, allow, route, scheme, meta)
         dpop = self.settings.dpop
-        return PendingAllow(dpop.replay_key(proof), dpop.replay_ttl, allow, route, scheme, meta)
+        return PendingAllow(
+            dpop.replay_key(proof), dpop.replay_ttl, allow, route, scheme, meta, proof.iat
+        )
+
+    def restart_guard_until(self) -> float:
+        """When a proof signed on a synchronized clock passes the restart guard again."""
+        return self.settings.dpop.passes_after(self.replay.epoch)
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -387,6 +407,7 @@ class Authorizer:
         scheme: str,
         now: float,
         meta: Mapping[str, Any],
+        retry_after: int = 1,
     ) -> Deny:
         status = status_for(reason)
         headers: list[Header] = [
@@ -428,7 +449,7 @@ class Authorizer:
             if reason in NONCE_REASONS and self.nonces is not None:
                 headers.append(("dpop-nonce", self.nonces.issue(now)))
         elif status == 503:
-            headers.append(("retry-after", "1"))
+            headers.append(("retry-after", str(retry_after)))
         body = json.dumps(
             {"error": error or reason.value, "reason": reason.value, "detail": detail}
         )

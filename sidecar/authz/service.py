@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -26,11 +27,15 @@ from sidecar.authz.http_server import make_http_app
 from sidecar.authz.nonce import NonceService
 from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
 from sidecar.authz.revocation import RevocationList
+from sidecar.errors import ReplayStoreUnavailable
 from sidecar.jose.jwks import JwksSource, KeyStore
 from sidecar.listen_address import ListenAddress, unlink_socket
 from sidecar.net_limits import ListenerGuard, server_options
 from sidecar.observability.metrics import AuthzMetrics
 from sidecar.runtime import start_listener_site
+
+if TYPE_CHECKING:
+    from sidecar.authz.replay_redis import RedisReplayStore
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +63,14 @@ class AuthzService:
             for s in cfg.sources
         }
         self.replay: ReplayStore
+        self._redis: RedisReplayStore | None = None
         if cfg.replay_backend == "redis":
             from sidecar.authz.replay_redis import RedisReplayStore
 
             assert cfg.redis_url is not None
-            self.replay = RedisReplayStore(cfg.redis_url)
+            self.replay = self._redis = RedisReplayStore(cfg.redis_url)
         else:
-            self.replay = InMemoryReplayStore(cfg.replay_capacity)
+            self.replay = InMemoryReplayStore(cfg.replay_capacity, epoch=clock())
         context = ",".join(sorted(cfg.settings.audiences))
         self.nonces = NonceService(cfg.nonce_secret, window=cfg.nonce_window, context=context)
         self.revocations = RevocationList()
@@ -129,9 +135,17 @@ class AuthzService:
         missing = [iss for iss in self.sources if not self.keys.has_issuer(iss)]
         if missing:
             return False, "no keys yet for issuer(s): " + ", ".join(missing)
+        wait = self.authorizer.restart_guard_until() - self.authorizer.clock()
+        if 0 < wait < math.inf:
+            return False, f"replay store (re)started: proofs signed now pass in {wait:.1f}s"
         return True, "ready"
 
     async def start(self) -> None:
+        if self._redis is not None:
+            try:  # so that readiness knows the replay guard from the start
+                await self._redis.load_epoch(self.authorizer.clock())
+            except ReplayStoreUnavailable as exc:
+                log.warning("replay store: %s; requests fail closed until it answers", exc)
         # First load: wait briefly so the common case starts ready, but never block start on
         # an issuer that is down — checks for it deny (unknown_key) until its keys arrive.
         with contextlib.suppress(TimeoutError):

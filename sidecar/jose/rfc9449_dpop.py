@@ -101,6 +101,15 @@ class DPoPPolicy:
         forgets an entry at exactly its expiry, so one more second covers that instant."""
         return self.max_age + self.future_leeway + 1.0
 
+    def predates(self, iat: float, epoch: float) -> bool:
+        """Could a proof with this ``iat`` have been accepted before ``epoch`` (when a replay
+        store started remembering)? It is accepted from ``iat - future_leeway`` on."""
+        return iat <= epoch + self.future_leeway
+
+    def passes_after(self, epoch: float) -> float:
+        """When a proof signed then no longer :meth:`predates` ``epoch`` (whole-second iat)."""
+        return epoch + self.future_leeway + 1.0
+
     @staticmethod
     def replay_key(proof: VerifiedProof) -> str:
         """§11.1: a jti is unique per key, so two clients may pick the same one."""

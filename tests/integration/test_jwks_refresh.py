@@ -76,6 +76,16 @@ def _service(issuer_url: str, **extra: Any) -> AuthzService:
     return AuthzService(cfg, CollectorRegistry())
 
 
+async def _ready(svc: AuthzService) -> None:
+    """Until /readyz would say ready: keys loaded and the replay store's restart guard over
+    (proofs signed in the first future_leeway seconds after start are refused)."""
+    for _ in range(100):
+        if svc.readiness()[0]:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(svc.readiness()[1])
+
+
 def _view(key: DevIssuer) -> RequestView:
     signer = client_signer()
     token = key.token(jkt=signer.thumbprint)
@@ -99,7 +109,7 @@ def test_discovery_unknown_kid_refresh_and_rate_limit() -> None:
         svc = _service(server.url, min_refresh_interval=1)
         try:
             await svc.start()
-            assert svc.readiness()[0]
+            await _ready(svc)
             assert isinstance(await svc.authorizer.decide(_view(first)), Allow)
 
             # The issuer rotates: a token with a new kid triggers one refresh, then verifies.
@@ -132,6 +142,7 @@ def test_withdrawn_key_stops_verifying_and_issuer_outage_keeps_last_keys() -> No
         svc = _service(server.url, min_refresh_interval=0)
         try:
             await svc.start()
+            await _ready(svc)
             assert isinstance(await svc.authorizer.decide(_view(old)), Allow)
             server.keys = [new]
             await svc.sources[server.url].refresh()

@@ -353,7 +353,7 @@ def make_harness(
     keys = key_store(*issuers)
     policy = Policy.from_config(dict(policy_config or POLICY_CONFIG))
     nonces = NonceService(NONCE_SECRET, window=NONCE_WINDOW)
-    replay = replay if replay is not None else InMemoryReplayStore()
+    replay = replay if replay is not None else InMemoryReplayStore(epoch=NOW - 3600)
     revocations = revocations if revocations is not None else RevocationList()
     client_key = ec_key(7)
     authz = Authorizer(

@@ -398,6 +398,8 @@ class NxStore:
     def size(self) -> int:
         return len(self._until)
 
+    epoch = NOW - 3600  # started long ago
+
 
 def test_dpop_requests_use_an_async_replay_store() -> None:
     store = NxStore()

@@ -60,6 +60,8 @@ def reason(response: Any) -> str:
 class AsyncStore:
     """An asynchronous replay store (as Redis is): optionally down or hanging."""
 
+    epoch = NOW - 3600  # started long ago
+
     def __init__(self, *, down: bool = False, hang: bool = False) -> None:
         self.seen: set[str] = set()
         self.down, self.hang = down, hang

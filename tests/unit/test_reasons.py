@@ -46,7 +46,11 @@ from sidecar.jose.rfc7515_jws import sign_compact
 Build = Callable[[Harness], Decision]
 
 #: Written out rather than computed with ``status_for``, so the test checks the mapping.
-STATUS = {Reason.POLICY_DENIED: 403, Reason.REPLAY_STORE_UNAVAILABLE: 503}
+STATUS = {
+    Reason.POLICY_DENIED: 403,
+    Reason.REPLAY_STORE_UNAVAILABLE: 503,
+    Reason.PROOF_PREDATES_RESTART: 503,
+}
 
 
 @dataclass(frozen=True)
@@ -150,9 +154,15 @@ def replayed(h: Harness) -> Decision:
 
 
 def replay_store_full(h: Harness) -> Decision:
-    h = make_harness(issuer=h.issuer, replay=InMemoryReplayStore(capacity=1))
+    h = make_harness(issuer=h.issuer, replay=InMemoryReplayStore(capacity=1, epoch=NOW - 3600))
     assert isinstance(h.decide(h.dpop_request()), Allow)
     return h.decide(h.dpop_request())  # a fresh proof: nothing to evict, so fail closed
+
+
+def store_restarted(h: Harness) -> Decision:
+    # The store started 2 s ago: a proof of now may have been used 3 s before its iat.
+    h = make_harness(issuer=h.issuer, replay=InMemoryReplayStore(epoch=NOW - 2))
+    return h.decide(h.dpop_request())
 
 
 def revoked(*, subjects: frozenset[str] = frozenset(), jtis: frozenset[str] = frozenset()):
@@ -531,6 +541,14 @@ CASES = [
         scheme=None,
         error=None,
     ),
+    # proof_predates_restart: 503 with Retry-After (when a new proof passes), no challenge
+    Case(
+        "proof-of-now-after-store-restart",
+        Reason.PROOF_PREDATES_RESTART,
+        store_restarted,
+        scheme=None,
+        error=None,
+    ),
 ]
 
 
@@ -562,6 +580,8 @@ def test_deny(h: Harness, case: Case) -> None:
 
     if case.reason is Reason.REPLAY_STORE_UNAVAILABLE:
         assert header(decision, "retry-after") is not None
+    if case.reason is Reason.PROOF_PREDATES_RESTART:
+        assert header(decision, "retry-after") == "4"  # epoch + future_leeway 5 + 1 - now
     # A deny never carries identity headers.
     assert not any(k.startswith("x-workload-") for k, _ in decision.headers)
 
