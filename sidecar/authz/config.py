@@ -32,7 +32,8 @@ from sidecar.config_util import (
 )
 from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
-from sidecar.jose.rfc9068_access_token import IssuerPolicy, normalize_typ
+from sidecar.jose.rfc7515_jws import normalize_typ
+from sidecar.jose.rfc9068_access_token import IssuerPolicy
 from sidecar.listen_address import ListenAddress, parse_listen_address
 from sidecar.net_limits import HTTP_LIMITS, ConnLimits, parse_conn_limits
 

@@ -49,6 +49,15 @@ def strict_json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+def normalize_typ(typ: str) -> str:
+    """The comparable form of a ``typ`` header (RFC 7515 §4.1.9): media types compare
+    case-insensitively and "application/" is implied when there is no "/", so
+    ``application/DPoP+JWT`` and ``dpop+jwt`` are both ``dpop+jwt``. Access-token and proof
+    ``typ`` checks use this one function."""
+    typ = typ.lower()
+    return typ[len("application/") :] if typ.startswith("application/") else typ
+
+
 @dataclass(frozen=True, slots=True)
 class CompactJWS:
     header: dict[str, Any]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from sidecar.errors import AuthError, Reason
 from sidecar.jose.claim_text import acceptable_text
-from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
+from sidecar.jose.rfc7515_jws import JWSFormatError, normalize_typ, parse_compact
 from sidecar.jose.rfc7517_jwk import PublicJWK
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, verify_signature
 
@@ -90,11 +90,6 @@ def _audiences(claims: Mapping[str, Any]) -> tuple[str, ...]:
     ):
         return tuple(aud)
     raise AuthError(Reason.MALFORMED_TOKEN, "claim aud is missing or not a string/list of strings")
-
-
-def normalize_typ(typ: str) -> str:
-    typ = typ.lower()
-    return typ[len("application/") :] if typ.startswith("application/") else typ
 
 
 def verify_access_token(

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from sidecar.errors import AuthError, Reason
 from sidecar.jose.b64 import b64url_decode, b64url_encode
 from sidecar.jose.claim_text import acceptable_text
-from sidecar.jose.rfc7515_jws import JWSFormatError, strict_json_object
+from sidecar.jose.rfc7515_jws import JWSFormatError, normalize_typ, strict_json_object
 from sidecar.jose.rfc7517_jwk import JWKError, PublicJWK, import_public_jwk, public_jwk_dict
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, sign, verify_signature
 from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
@@ -142,8 +142,9 @@ class ProofKeyCache:
             raise AuthError(Reason.PROOF_INVALID, f"proof header: {exc}") from None
         if "crit" in header:
             raise AuthError(Reason.PROOF_INVALID, "proof has unsupported critical headers")
-        # Step 4: typ is dpop+jwt.
-        if header.get("typ") != "dpop+jwt":
+        # Step 4: typ is dpop+jwt (or application/dpop+jwt, in any case: RFC 7515 §4.1.9).
+        typ = header.get("typ")
+        if not isinstance(typ, str) or normalize_typ(typ) != "dpop+jwt":
             raise AuthError(Reason.PROOF_INVALID, "proof typ is not dpop+jwt")
         # Step 5: an asymmetric algorithm (never none or MAC).
         alg = header.get("alg")

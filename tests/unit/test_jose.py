@@ -669,3 +669,49 @@ def test_rsa_private_member_refused_on_first_sight() -> None:
     with pytest.raises(AuthError) as info:
         _verify_with(ProofKeyCache(), _proof_with_jwk(key, "RS256", leaked, "first"))
     assert info.value.reason is Reason.PROOF_INVALID
+
+
+# -- typ (RFC 7515 §4.1.9): one normalization for access tokens and proofs ------------------
+
+
+TYP_VARIANTS = [
+    ("dpop+jwt", True),
+    ("application/dpop+jwt", True),
+    ("DPoP+JWT", True),
+    ("Application/DPOP+JWT", True),
+    ("application/jwt", False),
+    ("text/dpop+jwt", False),
+    ("dpop+jwt ", False),
+    ("jwt", False),
+]
+
+
+@pytest.mark.parametrize(("typ", "accepted"), TYP_VARIANTS)
+def test_proof_typ_is_normalized_like_the_token_typ(typ: str, accepted: bool) -> None:
+    key = ec_key(31)
+    jwk = public_jwk_dict(key)
+    claims = {"jti": "typ-jti", "htm": "GET", "htu": "https://api.example.com/r", "iat": int(NOW)}
+    proof = sign_compact(key, "ES256", claims, header={"typ": typ, "jwk": jwk})
+    if accepted:
+        assert _verify_with(ProofKeyCache(), proof).jti == "typ-jti"
+    else:
+        with pytest.raises(AuthError) as err:
+            _verify_with(ProofKeyCache(), proof)
+        assert err.value.reason is Reason.PROOF_INVALID and "typ" in err.value.detail
+
+
+@pytest.mark.parametrize(
+    ("typ", "accepted"),
+    [
+        (t.replace("dpop", "at").replace("DPoP", "AT").replace("DPOP", "AT"), ok)
+        for t, ok in TYP_VARIANTS
+    ],
+)
+def test_token_typ_follows_the_same_rule(es: Any, typ: str, accepted: bool) -> None:
+    token = es.token(typ=typ)
+    if accepted:
+        assert _verify_token(token, es).issuer == es.iss
+    else:
+        with pytest.raises(AuthError) as err:
+            _verify_token(token, es)
+        assert err.value.reason is Reason.WRONG_TYPE
