@@ -36,6 +36,7 @@ from sidecar.jose.rfc7515_jws import normalize_typ
 from sidecar.jose.rfc9068_access_token import IssuerPolicy
 from sidecar.listen_address import ListenAddress, parse_listen_address
 from sidecar.net_limits import HTTP_LIMITS, ConnLimits, parse_conn_limits
+from sidecar.revocation_wire import MAX_WAIT
 
 #: ext_authz gRPC engines (see sidecar.authz.grpc_server): grpcio's threaded server (faster
 #: per call, measured) or its asyncio server.
@@ -70,6 +71,7 @@ class AuthzConfig:
     unknown_kid_wait: float
     revocation_url: str | None
     revocation_interval: float
+    revocation_wait: int
     http_connections: ConnLimits = HTTP_LIMITS
 
 
@@ -247,7 +249,10 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         else None
     )
     revocation = section(root.get("revocation"), f"{path}.revocation")
-    known_keys(revocation, f"{path}.revocation", {"url", "interval"})
+    known_keys(revocation, f"{path}.revocation", {"url", "interval", "wait"})
+    wait = get_int(revocation, "wait", f"{path}.revocation", 10)
+    if wait > MAX_WAIT:
+        raise ConfigError(f"{path}.revocation.wait", f"at most {MAX_WAIT} seconds", wait)
     return AuthzConfig(
         settings=settings,
         policy=policy_obj,
@@ -271,4 +276,5 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         http_connections=parse_conn_limits(
             http.get("connections"), f"{path}.http.connections", HTTP_LIMITS
         ),
+        revocation_wait=wait,
     )

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -26,7 +24,7 @@ from sidecar.authz.grpc_server import (
 from sidecar.authz.http_server import make_http_app
 from sidecar.authz.nonce import NonceService
 from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
-from sidecar.authz.revocation import RevocationList
+from sidecar.authz.revocation import RevocationList, RevocationPoller
 from sidecar.errors import ReplayStoreUnavailable
 from sidecar.jose.jwks import JwksSource, KeyStore
 from sidecar.listen_address import ListenAddress, unlink_socket
@@ -38,8 +36,6 @@ if TYPE_CHECKING:
     from sidecar.authz.replay_redis import RedisReplayStore
 
 log = logging.getLogger(__name__)
-
-MAX_REVOCATION_BYTES = 4 * 1024 * 1024
 
 
 class AuthzService:
@@ -106,6 +102,21 @@ class AuthzService:
         self.metrics.cache_gauge(
             "sidecar_authz_revocations", "Revoked subjects and jtis", lambda: len(self.revocations)
         )
+        self.revocation_poller: RevocationPoller | None = None
+        if cfg.revocation_url:
+            poller = self.revocation_poller = RevocationPoller(
+                cfg.revocation_url,
+                self.revocations,
+                interval=cfg.revocation_interval,
+                wait=cfg.revocation_wait,
+                clock=clock,
+                on_propagated=self.metrics.revocation_propagation.observe,
+            )
+            self.metrics.cache_gauge(
+                "sidecar_authz_revocation_silence_seconds",
+                "Seconds since the revocation list's issuer last answered",
+                poller.silence,
+            )
         self._tasks: list[asyncio.Task[None]] = []
         self._grpc: Any = None
         self._http: web.AppRunner | None = None
@@ -154,8 +165,8 @@ class AuthzService:
             )
         for source in self.sources.values():
             self._tasks.append(asyncio.create_task(source.run_periodic()))
-        if self.cfg.revocation_url:
-            self._tasks.append(asyncio.create_task(self._poll_revocations(self.cfg.revocation_url)))
+        if self.revocation_poller is not None:
+            self._tasks.append(asyncio.create_task(self.revocation_poller.run()))
         if self.cfg.grpc_listen is not None:
             servicer: AuthorizationServicer
             if self.cfg.grpc_engine == "threads":
@@ -207,32 +218,3 @@ class AuthzService:
         close = getattr(self.replay, "close", None)
         if close is not None:
             await close()
-
-    async def _poll_revocations(self, url: str) -> None:
-        """Poll the issuer's revocation list with If-None-Match. On failure the last list
-        stays in force (a revocation once seen is never forgotten by an outage)."""
-        etag: str | None = None
-        timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.revocation_interval))
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while True:
-                try:
-                    headers = {"If-None-Match": etag} if etag else {}
-                    async with session.get(url, headers=headers) as resp:
-                        if resp.status == 200:
-                            doc = json.loads(await resp.content.read(MAX_REVOCATION_BYTES))
-                            self.revocations.replace(
-                                subjects=frozenset(_str_list(doc, "subjects")),
-                                jtis=frozenset(_str_list(doc, "jtis")),
-                                version=resp.headers.get("ETag"),
-                            )
-                            etag = resp.headers.get("ETag")
-                        elif resp.status != 304:
-                            log.warning("revocation list %s: HTTP %s", url, resp.status)
-                except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
-                    log.warning("revocation list %s: %s", url, type(exc).__name__)
-                await asyncio.sleep(self.cfg.revocation_interval)
-
-
-def _str_list(doc: Any, key: str) -> list[str]:
-    value = doc.get(key, []) if isinstance(doc, dict) else []
-    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []

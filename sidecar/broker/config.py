@@ -33,6 +33,7 @@ from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc9449_dpop import DPoPPolicy
 from sidecar.net_limits import ATTESTATION_LIMITS, HTTP_LIMITS, ConnLimits, parse_conn_limits
+from sidecar.revocation_wire import MAX_WAIT
 
 DEFAULT_ISSUER = "http://127.0.0.1:8443"
 DEFAULT_LISTEN = "127.0.0.1:8443"
@@ -96,6 +97,8 @@ class BrokerConfig:
     clusters: tuple[ClusterConfig, ...]
     registry: Registry
     revocation_state_file: str | None
+    revocation_max_wait: int
+    revocation_max_waiting: int
     audit_path: str | None
     admin_listen: tuple[str, int] | None
     admin_socket: str
@@ -275,7 +278,23 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
             raise ConfigError("attestation.socket", "an absolute path", socket_path)
 
     revocation = section(root.get("revocation"), "revocation")
-    known_keys(revocation, "revocation", {"state_file"})
+    known_keys(revocation, "revocation", {"state_file", "max_wait", "max_waiting"})
+    max_wait = get_int(revocation, "max_wait", "revocation", 30)
+    if max_wait > MAX_WAIT:
+        raise ConfigError("revocation.max_wait", f"at most {MAX_WAIT} seconds", max_wait)
+    http_connections = parse_conn_limits(root.get("connections"), "connections", HTTP_LIMITS)
+    # Held long-polls are open connections: they may take at most a quarter of the listener's,
+    # so token requests always find room.
+    most_waiting = max(1, http_connections.max_connections // 4)
+    max_waiting = get_int(
+        revocation, "max_waiting", "revocation", min(256, most_waiting), minimum=1
+    )
+    if max_waiting > most_waiting:
+        raise ConfigError(
+            "revocation.max_waiting",
+            f"at most a quarter of connections.max_connections ({most_waiting})",
+            max_waiting,
+        )
     audit = section(root.get("audit"), "audit")
     known_keys(audit, "audit", {"path"})
 
@@ -308,10 +327,12 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
         clusters=tuple(clusters),
         registry=registry,
         revocation_state_file=get_opt_str(revocation, "state_file", "revocation"),
+        revocation_max_wait=max_wait,
+        revocation_max_waiting=max_waiting,
         audit_path=get_opt_str(audit, "path", "audit"),
         admin_listen=admin_listen,
         admin_socket=admin_socket,
-        http_connections=parse_conn_limits(root.get("connections"), "connections", HTTP_LIMITS),
+        http_connections=http_connections,
         attestation_connections=parse_conn_limits(
             attestation.get("connections"), "attestation.connections", ATTESTATION_LIMITS
         ),

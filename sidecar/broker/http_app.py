@@ -6,7 +6,8 @@ Public listener (TCP, default 127.0.0.1:8443; every path below is under the issu
   twin): the metadata document.
 * ``GET /jwks.json``: the signing keys (``Cache-Control: public, max-age=N``, ETag).
 * ``POST /token``: RFC 8693 token exchange with a DPoP proof.
-* ``GET /revocations``: ``{"subjects": [...], "jtis": [...]}``, strong ETag, 304.
+* ``GET /revocations``: ``{"subjects": [...], "jtis": [...]}``, strong ETag, 304; long-poll
+  with ``If-None-Match`` + ``Prefer: wait=N`` (see revocation.py).
 
 Attestation socket (``attestation.socket``, mode 0666): ``POST /token`` with ``audience``
 (repeatable) and a DPoP proof whose ``htu`` is ``http://<Host>/token`` (``http://localhost/token``
@@ -30,6 +31,7 @@ from sidecar.broker.attestation_unix import AttestationFailure, PeerTracker, rea
 from sidecar.broker.oauth import MAX_FORM_BYTES, NO_STORE, OAuthError, TokenHttpRequest
 from sidecar.broker.revocation import etag_matches
 from sidecar.broker.service import Broker, Issued
+from sidecar.revocation_wire import CHANGED_HEADER, wait_preference
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,30 @@ def make_public_app(broker: Broker) -> web.Application:
         except OAuthError as exc:
             return _oauth_error(exc)
 
+    store = broker.revocations
+
     async def revocations(request: web.Request) -> web.Response:
-        published = broker.revocations.published()
-        headers = (("ETag", published.etag), ("Cache-Control", "no-cache"))
-        if etag_matches(request.headers.get("If-None-Match"), published.etag):
+        if_none_match = request.headers.get("If-None-Match")
+        wait = wait_preference(request.headers.getall("Prefer", ()))
+        applied: tuple[tuple[str, str], ...] = ()
+        granted = min(wait or 0, cfg.revocation_max_wait)
+        # Beyond max_waiting held requests, answer at once without Preference-Applied: the
+        # verifier then polls at its interval instead of piling up here.
+        if granted > 0 and store.waiting < cfg.revocation_max_waiting:
+            applied = (("Preference-Applied", f"wait={granted}"),)
+            await store.wait_for_change(if_none_match, granted)
+        published = store.published()
+        headers = (
+            ("ETag", published.etag),
+            ("Cache-Control", "no-cache"),
+            (CHANGED_HEADER, f"{store.changed_at:.3f}"),
+            *applied,
+        )
+        long_poll = "yes" if applied else "no"
+        if etag_matches(if_none_match, published.etag):
+            broker.metrics.revocation_request("304", long_poll).inc()
             return web.Response(status=304, headers=dict(headers))
+        broker.metrics.revocation_request("200", long_poll).inc()
         return _json(published.body, headers=headers)
 
     app = web.Application(client_max_size=MAX_FORM_BYTES)

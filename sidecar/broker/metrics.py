@@ -60,6 +60,13 @@ class BrokerMetrics:
             ["kind", "action"],
             registry=registry,
         )
+        self.revocation_requests = Counter(
+            "sidecar_broker_revocation_list_requests",
+            "Answers to GET /revocations by status and whether Prefer: wait was honoured",
+            ["status", "long_poll"],
+            registry=registry,
+        )
+        self.revocation_request = BoundLabels(self.revocation_requests)
         self._issuance = BoundLabels(self.issuance)
         self._latency = BoundLabels(self.latency)
 

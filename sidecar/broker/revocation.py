@@ -7,6 +7,15 @@ Wire format (what ``sidecar.authz`` polls)::
 
 and ``304 Not Modified`` when ``If-None-Match`` names the current ETag (RFC 9110 §13.1.2: weak
 comparison, ``*`` matches). The ETag is strong: a hash of the exact body bytes.
+``Sidecar-List-Changed`` is when the list last changed (Unix seconds), so a verifier can measure
+how long a change took to reach it.
+
+Long-poll: a request with ``If-None-Match`` and ``Prefer: wait=N`` (RFC 7240 §4.3, delta-seconds)
+is held while the list still has that ETag, at most ``min(N, revocation.max_wait)`` seconds,
+then answered 200 (changed) or 304. ``Preference-Applied: wait=N`` says the wait is honoured —
+also on an immediate 200 — so a verifier knows it may ask again at once; without it (an issuer
+that does not long-poll, or ``revocation.max_waiting`` requests already held) it polls at its
+interval.
 
 A subject stays revoked until it is explicitly restored. A ``jti`` is dropped from the list
 once no token carrying it can still be valid: it was issued before the revocation, and no
@@ -20,11 +29,14 @@ silently would re-admit exactly the workloads someone chose to shut out.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sidecar.errors import ConfigError
@@ -62,13 +74,25 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 
 class RevocationStore:
-    def __init__(self, state_file: str | None, *, jti_retention: float) -> None:
+    def __init__(
+        self,
+        state_file: str | None,
+        *,
+        jti_retention: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.state_file = state_file
         self.jti_retention = jti_retention
+        self.clock = clock
         self.subjects: set[str] = set()
         self.jtis: dict[str, float] = {}  # jti -> when it was revoked
         self.version = 0
+        self.changed_at = clock()
+        self.waiting = 0  # long-poll requests held right now
         self._published: Published | None = None
+        # Set (and replaced) on every change: wakes every held long-poll at once.
+        self._change = asyncio.Event()
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self.subjects) + len(self.jtis)
@@ -181,4 +205,27 @@ class RevocationStore:
 
     def _changed(self) -> None:
         self.version += 1
+        self.changed_at = self.clock()
         self._published = None
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def wait_for_change(self, if_none_match: str | None, seconds: float) -> None:
+        """Return once the published list no longer matches ``if_none_match``, after
+        ``seconds`` at most, or at once when the store is closing."""
+        deadline = time.monotonic() + seconds
+        self.waiting += 1
+        try:
+            while not self._closed and etag_matches(if_none_match, self.published().etag):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._change.wait(), remaining)
+        finally:
+            self.waiting -= 1
+
+    def close(self) -> None:
+        """Release every held request (shutdown): they answer with what they have."""
+        self._closed = True
+        self._change.set()

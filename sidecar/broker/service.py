@@ -523,7 +523,7 @@ class BrokerService:
         self.metrics = BrokerMetrics(registry)
         self.audit = AuditLog(cfg.audit_path)
         self.revocations = RevocationStore(
-            cfg.revocation_state_file, jti_retention=cfg.keys.schedule.retain_for
+            cfg.revocation_state_file, jti_retention=cfg.keys.schedule.retain_for, clock=clock
         )
         self.clusters = ClusterVerifier(
             cfg.clusters, leeway=cfg.subject_leeway, max_bytes=cfg.max_subject_token_bytes
@@ -587,6 +587,11 @@ class BrokerService:
             "sidecar_broker_revoked", "Revoked subjects and jtis", lambda: len(self.revocations)
         )
         m.gauge("sidecar_broker_replay_entries", "DPoP proof jtis remembered", broker.replay.size)
+        m.gauge(
+            "sidecar_broker_revocation_waiting",
+            "Long-poll requests for the revocation list held right now",
+            lambda: self.revocations.waiting,
+        )
 
         sites: list[tuple[web.Application, ListenerGuard, socket.socket | None]] = [
             (
@@ -644,6 +649,7 @@ class BrokerService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.revocations.close()  # held long-polls answer now, before the listeners close
         await self.clusters.stop()
         for runner in reversed(self._runners):
             await runner.cleanup()

@@ -186,7 +186,7 @@ class Walkthrough:
         self._run(self._step("calls continue while frontend's token is refreshed",
                              "every call 200; a new token (new jti) is in use"), self.refresh)
         self._run(self._step("an operator revokes frontend at the broker, then restores it",
-                             "401 revoked within seconds; 200 again after restore"),
+                             "401 revoked within a second; 200 again after restore"),
                   self.revocation)  # fmt: skip
         return self.report
 
@@ -322,26 +322,35 @@ class Walkthrough:
 
     def revocation(self, step: Step) -> None:
         egress = self._port("frontend-sidecar", "egress")
-        started = time.monotonic()
+        # Timed from when the CLI returns: by then the broker's list has changed, and orders'
+        # sidecar, long-polling that list, hears of it within a round trip.
         self._revoke("--sub", FRONTEND_ID)
+        revoked_at = time.monotonic()
         try:
-            # Until orders' sidecar answers with a reason (its revocation poll has run).
+            # Until orders' sidecar answers with a reason.
             denied_after, reply = self._until(egress, lambda r: bool(r.reason), 15.0)
         finally:
             self._revoke("--sub", FRONTEND_ID, "--restore")  # never leave frontend revoked
         restored_at = time.monotonic()
         back_after, back = self._until(egress, lambda r: r.status == 200, 15.0)
         reason = reply.reason
+        took, back_took = denied_after - revoked_at, back_after - restored_at
         step.ok = (
-            reply.status == 401 and reason == "revoked" and back.status == 200
+            reply.status == 401 and reason == "revoked" and took < 1.0 and back.status == 200
             and back.seen_identity() == FRONTEND_ID
         )  # fmt: skip
         step.observed = (
-            f"{reply.status} {reason or '(no reason)'} {denied_after - started:.1f}s after "
-            f"`sidecar broker revoke --sub`; {back.status} again {back_after - restored_at:.1f}s "
+            f"{reply.status} {reason or '(no reason)'} {took:.2f}s after "
+            f"`sidecar broker revoke --sub` returned; {back.status} again {back_took:.2f}s "
             "after --restore"
         )
-        step.details = {"denied": reply.status, "reason": reason, "restored": back.status}
+        step.details = {
+            "denied": reply.status,
+            "reason": reason,
+            "restored": back.status,
+            "denied_after_s": round(took, 3),
+            "restored_after_s": round(back_took, 3),
+        }
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -362,7 +371,7 @@ class Walkthrough:
             reply = call(port, "GET", "/orders/42")
             if done(reply) or time.monotonic() > deadline:
                 return time.monotonic(), reply
-            time.sleep(0.1)
+            time.sleep(0.02)
 
 
 def _short(jti: object) -> str:

@@ -41,6 +41,10 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+# Revocation propagation: ~ms with long-poll on one host, up to the poll interval without.
+PROPAGATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 class AuthzMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -64,6 +68,12 @@ class AuthzMetrics:
             "sidecar_jwks_refreshes",
             "JWKS refreshes by trigger and outcome",
             ["trigger", "outcome"],
+            registry=registry,
+        )
+        self.revocation_propagation = Histogram(
+            "sidecar_authz_revocation_propagation_seconds",
+            "From a change of the revocation list at its issuer to its use here",
+            buckets=PROPAGATION_BUCKETS,
             registry=registry,
         )
         self._decisions = BoundLabels(self.decisions)

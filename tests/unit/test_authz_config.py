@@ -32,6 +32,8 @@ def base(**extra: Any) -> dict[str, Any]:
         ({"http": {"path_prefix": "/authz/"}}, "authz.http.path_prefix", "no trailing /"),
         ({"http": {"path_prefix": 7}}, "authz.http.path_prefix", "a path like /authz"),
         ({"revocation": {"url": "issuer/revocations"}}, "authz.revocation.url", "http(s) URL"),
+        ({"revocation": {"wait": 61}}, "authz.revocation.wait", "at most 60"),
+        ({"revocation": {"wait": -1}}, "authz.revocation.wait", ">= 0"),
         ({"grpc": {"engine": "fast"}}, "authz.grpc.engine", "'threads', 'aio'"),
         ({"grpc": {"workers": 65}}, "authz.grpc.workers", "from 1 to 64"),
         ({"grpc": {"workers": 0}}, "authz.grpc.workers", ">= 1"),

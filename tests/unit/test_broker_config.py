@@ -56,6 +56,14 @@ def test_defaults() -> None:
         ({"clusters": [{**CLUSTER, "algorithms": []}]}, "clusters[0].algorithms"),
         ({"attestation": {"socket": "relative.sock"}}, "attestation.socket"),
         ({"admin": {"socket": "/tmp/sidecar-broker/attestation.sock"}}, "admin.socket"),
+        ({"revocation": {"max_wait": 61}}, "revocation.max_wait"),
+        ({"revocation": {"max_wait": 1.5}}, "revocation.max_wait"),
+        ({"revocation": {"max_waiting": 0}}, "revocation.max_waiting"),
+        # Held long-polls may not take more than a quarter of the listener's connections.
+        (
+            {"connections": {"max_connections": 100}, "revocation": {"max_waiting": 26}},
+            "revocation.max_waiting",
+        ),
         ({"clusters": [{**CLUSTER, "discovery": True}]}, "clusters[0]"),
         ({"clusters": [{**CLUSTER, "audiences": []}]}, "clusters[0].audiences"),
         ({"clusters": [CLUSTER, CLUSTER]}, "clusters[1].issuer"),
@@ -87,6 +95,13 @@ def test_errors_name_the_key(data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_broker_config(data)
     assert err.value.key == key, str(err.value)
+
+
+def test_long_poll_bounds_default_within_the_connection_cap() -> None:
+    cfg = parse_broker_config({"entries": [UNIX_ENTRY]})
+    assert (cfg.revocation_max_wait, cfg.revocation_max_waiting) == (30, 256)
+    small = parse_broker_config({"entries": [UNIX_ENTRY], "connections": {"max_connections": 40}})
+    assert small.revocation_max_waiting == 10
 
 
 def test_issuer_path_puts_endpoints_under_it() -> None:

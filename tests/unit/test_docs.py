@@ -419,6 +419,7 @@ def test_sidecar_reference_defaults() -> None:
         "authz.token_cache_size": a.settings.token_cache_size,
         "authz.unknown_kid_wait": a.unknown_kid_wait,
         "authz.revocation.interval": a.revocation_interval,
+        "authz.revocation.wait": a.revocation_wait,
         "authz.routes[].auth": a.policy.routes[0].auth,
         "egress.on_existing_authorization": e.on_existing_authorization,
         "egress.x_forwarded": e.x_forwarded,
@@ -483,6 +484,8 @@ def test_broker_reference_defaults() -> None:
         "admin.enabled": b.admin_listen is not None,
         "admin.listen": b.admin_listen,
         "admin.socket": b.admin_socket,
+        "revocation.max_wait": b.revocation_max_wait,
+        "revocation.max_waiting": b.revocation_max_waiting,
     }
     expected |= _connection_defaults("connections", b.http_connections)
     expected |= _connection_defaults("attestation.connections", b.attestation_connections)
