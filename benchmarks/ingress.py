@@ -1,12 +1,14 @@
 """Ingress benchmark: Envoy alone, Envoy's native jwt_authn, and Envoy + our ext_authz (gRPC and
 HTTP; bearer with the verified-token cache, and full DPoP with a fresh proof per request),
+each next to a trivial always-allow server of the same transport (benchmarks/trivial_authz.py),
 under the same load tool (wrk) in one run on this machine.
 
-    .venv/bin/python benchmarks/ingress.py [--duration 8] [--connections 16]
+    .venv/bin/python benchmarks/ingress.py [--duration 8] [--connections 16] [--engines loop]
 
 Envoy answers with a direct response, so the numbers are the cost of authorization alone.
-CPU: Envoy is pinned to CPU 0; the sidecar and wrk share CPU 1. CPU-µs per request is taken
-from /proc for each process, so the cost is visible even where the core is shared.
+CPU: Envoy is pinned to CPU 0; the authorizer and wrk share CPU 1. CPU-µs per request is taken
+from /proc for each process, so the cost is visible even where the core is shared; "overhead"
+is the authorizer's CPU-µs per request minus the trivial server's of the same transport.
 Prints a table and writes benchmarks/results/ingress.json.
 """
 
@@ -69,8 +71,19 @@ end
 
 
 @dataclass
+class Server:
+    """An authorizer process (the sidecar, or a trivial always-allow one) and its ports."""
+
+    proc: ManagedProcess
+    grpc_port: int
+    http_port: int
+
+
+@dataclass
 class Row:
     name: str
+    transport: str  # "grpc-<engine>", "http" or "" (Envoy alone / jwt_authn)
+    trivial: bool
     peak: WrkResult
     half: WrkResult
     half_rate: float
@@ -111,42 +124,65 @@ class Bench:
         # Long-lived tokens: the run must not outlive them.
         self.bound = self.issuer.token(jkt=self.signer.thumbprint, ttl=3600)
         self.unbound = self.issuer.token(ttl=3600)
-        self.grpc_port, self.http_port, self.admin_port = free_port(), free_port(), free_port()
-        self.sidecar: ManagedProcess | None = None
 
-    def start_sidecar(self) -> ManagedProcess:
+    def start_sidecar(self, engine: str, wrap: list[str] | None = None) -> Server:
+        """``sidecar authz`` with ``engine``; ``wrap`` runs it under another command (a
+        profiler) that takes the sidecar's arguments after its own."""
+        grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
         cfg = {
             "authz": {
                 "audience": AUDIENCE,
                 "issuers": [{"issuer": self.issuer.issuer, "jwks_file": str(self.jwks)}],
-                "grpc": {"listen": f"127.0.0.1:{self.grpc_port}"},
-                "http": {"listen": f"127.0.0.1:{self.http_port}"},
+                "grpc": {"listen": f"127.0.0.1:{grpc_port}", "engine": engine},
+                "http": {"listen": f"127.0.0.1:{http_port}"},
                 "replay": {"capacity": 2_000_000},
                 "routes": [{"prefix": "/bearer", "auth": "bearer"}],
                 "rules": [{"name": "all", "principals": ["**"], "paths": ["/"]}],
             },
-            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+            "admin": {"listen": f"127.0.0.1:{admin_port}"},
         }
-        path = self.tmp / "authz.yaml"
+        path = self.tmp / f"authz-{engine}.yaml"
         path.write_text(yaml.safe_dump(cfg))
+        argv = ["--log-level", "WARNING", "authz", "-c", str(path)]
         proc = ManagedProcess(
-            [sys.executable, "-m", "sidecar", "--log-level", "WARNING", "authz", "-c", str(path)],
-            name="authz",
+            [*(wrap or [sys.executable, "-m", "sidecar"]), *argv],
+            name=f"authz-{engine}",
             log_dir=self.tmp,
         ).start()
-        wait_for_http(f"http://127.0.0.1:{self.admin_port}/readyz", 30, process=proc)
+        wait_for_http(f"http://127.0.0.1:{admin_port}/readyz", 30, process=proc)
         pin(proc.pid, SIDECAR_CPU)
-        self.sidecar = proc
-        return proc
+        return Server(proc, grpc_port, http_port)
 
-    def start_envoy(self, mode: str) -> tuple[ManagedProcess, int]:
+    def start_trivial(self, engine: str, wrap: list[str] | None = None) -> Server:
+        grpc_port, http_port = free_port(), free_port()
+        argv = ["--engine", engine, "--grpc", f"127.0.0.1:{grpc_port}",
+                "--http", f"127.0.0.1:{http_port}"]  # fmt: skip
+        proc = ManagedProcess(
+            [*([*wrap, "trivial"] if wrap else [sys.executable, "-m", "benchmarks.trivial_authz"]),
+             *argv],
+            name=f"trivial-{engine}",
+            log_dir=self.tmp,
+            cwd=ROOT,
+        ).start()  # fmt: skip
+        deadline = time.monotonic() + 30
+        while "ready" not in proc.log_path.read_text():
+            if time.monotonic() > deadline or proc.returncode is not None:
+                raise RuntimeError(f"trivial server did not start: {proc.log_path.read_text()}")
+            time.sleep(0.1)
+        pin(proc.pid, SIDECAR_CPU)
+        return Server(proc, grpc_port, http_port)
+
+    def start_envoy(self, mode: str, server: Server | None) -> tuple[ManagedProcess, int]:
         port, admin = free_port(), free_port()
+        authz_port = 0
+        if server is not None:
+            authz_port = server.grpc_port if mode == "grpc" else server.http_port
         cfg = ingress_bootstrap(
             listen_port=port,
             upstream_port=free_port(),
             admin_port=admin,
             mode=mode,  # type: ignore[arg-type]
-            authz_port=self.grpc_port if mode == "grpc" else self.http_port,
+            authz_port=authz_port,
             jwt_issuer=self.issuer.issuer,
             jwt_audiences=[AUDIENCE],
             jwt_jwks_file=str(self.jwks),
@@ -179,19 +215,28 @@ class Bench:
         return run_wrk(url, duration=duration, connections=self.connections, lua_body=lua,
                        lua_args=args, cpu=WRK_CPU)  # fmt: skip
 
-    def measure(self, name: str, mode: str, kind: str, baseline_port: int | None) -> Row:
-        envoy, port = self.start_envoy(mode)
+    def measure(
+        self,
+        name: str,
+        mode: str,
+        kind: str,
+        server: Server | None,
+        baseline_port: int | None,
+        transport: str = "",
+        trivial: bool = False,
+    ) -> Row:
+        envoy, port = self.start_envoy(mode, server)
         path = "/bearer/x" if kind == "bearer" and mode != "jwt_authn" else "/orders/1"
         url = f"http://127.0.0.1:{port}{path}"
         try:
             warm = self.wrk(url, kind, 2, None, 5000)
             envoy_cpu0 = cpu_seconds(envoy.pid)
-            side_cpu0 = cpu_seconds(self.sidecar.pid) if self.sidecar else 0.0
+            side_cpu0 = cpu_seconds(server.proc.pid) if server else 0.0
             peak = self.wrk(url, kind, self.duration, None, max(warm.rps, 500))
             envoy_us = (cpu_seconds(envoy.pid) - envoy_cpu0) / max(peak.requests, 1) * 1e6
             side_us = 0.0
-            if mode in ("grpc", "http") and self.sidecar:
-                side_us = (cpu_seconds(self.sidecar.pid) - side_cpu0) / max(peak.requests, 1) * 1e6
+            if server is not None:
+                side_us = (cpu_seconds(server.proc.pid) - side_cpu0) / max(peak.requests, 1) * 1e6
             half_rate = peak.rps / 2
             half = self.wrk(url, kind, self.duration * 0.75, half_rate, half_rate)
             base = None
@@ -201,54 +246,79 @@ class Bench:
         finally:
             envoy.stop()
         print(f"  {name}: {peak.rps:,.0f} req/s, p99 {peak.p99_ms:.2f} ms", flush=True)
-        return Row(name, peak, half, half_rate, base, envoy_us, side_us)
+        return Row(name, transport, trivial, peak, half, half_rate, base, envoy_us, side_us)
+
+
+def overhead(row: Row, rows: list[Row]) -> float | None:
+    """Authorizer CPU-µs per request above the trivial server of the same transport."""
+    if row.trivial or not row.transport:
+        return None
+    base = next((r for r in rows if r.trivial and r.transport == row.transport), None)
+    return None if base is None else row.sidecar_cpu_us - base.sidecar_cpu_us
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per peak run")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--engines", default="loop", help="gRPC engines: loop,threads,aio")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/ingress.json"))
     args = parser.parse_args()
     if not shutil.which("wrk"):
-        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        print("wrk not found: run scripts/bench-deps", file=sys.stderr)
         return 2
+    engines = [e for e in args.engines.split(",") if e]
     info = machine()
     print("machine:", json.dumps(info))
-    configs = [
-        ("envoy, no auth", "none", "none"),
-        ("envoy jwt_authn ES256", "jwt_authn", "bearer"),
-        ("ext_authz gRPC bearer (cached)", "grpc", "bearer"),
-        ("ext_authz gRPC DPoP", "grpc", "dpop"),
-        ("ext_authz HTTP bearer (cached)", "http", "bearer"),
-        ("ext_authz HTTP DPoP", "http", "dpop"),
-    ]
     with tempfile.TemporaryDirectory(prefix="wis-bench-") as d:
         bench = Bench(Path(d), args.duration, args.connections)
-        sidecar = bench.start_sidecar()
-        baseline, baseline_port = bench.start_envoy("none")
-        rows = []
+        servers: dict[str, Server] = {}
+        baseline, baseline_port = bench.start_envoy("none", None)
+        rows: list[Row] = []
         try:
-            for name, mode, kind in configs:
-                rows.append(
-                    bench.measure(name, mode, kind, None if mode == "none" else baseline_port)
-                )
+            for engine in engines:
+                servers[f"sidecar-{engine}"] = bench.start_sidecar(engine)
+                servers[f"trivial-{engine}"] = bench.start_trivial(engine)
+            plan: list[tuple[str, str, str, Server | None, str, bool]] = [
+                ("envoy, no auth", "none", "none", None, "", False),
+                ("envoy jwt_authn ES256", "jwt_authn", "bearer", None, "", False),
+            ]
+            for engine in engines:
+                t = f"grpc-{engine}"
+                side, triv = servers[f"sidecar-{engine}"], servers[f"trivial-{engine}"]
+                plan += [
+                    (f"gRPC {engine}: trivial allow", "grpc", "bearer", triv, t, True),
+                    (f"gRPC {engine}: bearer (cached)", "grpc", "bearer", side, t, False),
+                    (f"gRPC {engine}: full DPoP", "grpc", "dpop", side, t, False),
+                ]
+            side, triv = servers[f"sidecar-{engines[0]}"], servers[f"trivial-{engines[0]}"]
+            plan += [
+                ("HTTP: trivial allow (aiohttp)", "http", "bearer", triv, "http", True),
+                ("HTTP: bearer (cached)", "http", "bearer", side, "http", False),
+                ("HTTP: full DPoP", "http", "dpop", side, "http", False),
+            ]
+            for name, mode, kind, server, transport, trivial in plan:
+                base = None if mode == "none" else baseline_port
+                rows.append(bench.measure(name, mode, kind, server, base, transport, trivial))
         finally:
             baseline.stop()
-            sidecar.stop()
+            for server in servers.values():
+                server.proc.stop()
     jwt = next(r for r in rows if r.name.startswith("envoy jwt_authn")).peak.rps
     headers = ["config", "req/s", "p50 ms", "p99 ms", "x jwt_authn", "non2xx",
-               "envoy CPU µs/req", "sidecar CPU µs/req", "@half rate", "p50 ms", "p99 ms",
-               "added p99 ms"]  # fmt: skip
+               "envoy CPU µs/req", "authz CPU µs/req", "overhead µs/req", "@half rate",
+               "p50 ms", "p99 ms", "added p99 ms"]  # fmt: skip
     table = []
     for r in rows:
         added = (
             "" if r.baseline_at_half is None else f"{r.half.p99_ms - r.baseline_at_half.p99_ms:.2f}"
         )
+        extra = overhead(r, rows)
         table.append([
             r.name, f"{r.peak.rps:,.0f}", f"{r.peak.p50_ms:.2f}", f"{r.peak.p99_ms:.2f}",
             f"{r.peak.rps / jwt:.2f}", str(r.peak.non2xx + r.half.non2xx),
             f"{r.envoy_cpu_us:.0f}", f"{r.sidecar_cpu_us:.0f}" if r.sidecar_cpu_us else "-",
+            "-" if extra is None else f"{extra:+.0f}",
             f"{r.half_rate:,.0f}", f"{r.half.p50_ms:.2f}", f"{r.half.p99_ms:.2f}", added,
         ])  # fmt: skip
     print()
@@ -256,8 +326,9 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "connections": args.connections,
-                               "duration": args.duration,
-                               "rows": [asdict(r) for r in rows]}, indent=2))  # fmt: skip
+                               "duration": args.duration, "engines": engines,
+                               "rows": [{**asdict(r), "overhead_cpu_us": overhead(r, rows)}
+                                        for r in rows]}, indent=2))  # fmt: skip
     print(f"\nwrote {out}")
     return 0
 

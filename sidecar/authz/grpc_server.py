@@ -3,25 +3,24 @@
 Protobuf classes come from ``xds-protos`` (upb: ~2 µs to parse a CheckRequest); the
 betterproto classes of envoy-data-plane are far slower and stay out of this path.
 
-Two engines serve the same servicer logic:
+Engines (``authz.grpc.engine``), all behind the one :class:`~sidecar.authz.guard.CheckGuard`:
 
-* ``aio``: grpcio's asyncio server on the sidecar's uvloop loop.
-* ``threads`` (default): grpcio's synchronous server with a small worker pool. Measured here
-  (benchmarks/ingress.py, a trivial Check behind Envoy): ~120 µs of server CPU per call
-  against ~245 µs for ``aio``, and a lower p99 — grpcio's asyncio layer costs more than the
-  whole decision. Workers run the core's sans-IO flow under one lock and hand its rare I/O (a
-  key refresh, a Redis replay insert) to the event loop, releasing the lock meanwhile.
+* ``loop`` (default): our own HTTP/2 gRPC server (:mod:`sidecar.authz.grpc_h2`) on the
+  sidecar's uvloop loop; a check without I/O is decided inside the read callback.
+* ``threads``: grpcio's synchronous server with a small worker pool. Workers run the core's
+  sans-IO flow under one lock and hand its rare I/O to the event loop.
+* ``aio``: grpcio's asyncio server.
+
+README "Benchmarks" has the measured cost of each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import os
 import threading
-import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import grpc
@@ -31,15 +30,13 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.authz.core import Authorizer, IORequest, RefreshKeys, advance
+from sidecar.authz.core import IORequest, RefreshKeys
 from sidecar.authz.decision import Allow, Decision, Header, RequestView
 from sidecar.authz.forwarded import connection_scheme, request_method
+from sidecar.authz.grpc_h2 import GrpcH2Server
+from sidecar.authz.guard import Check, CheckGuard
 from sidecar.errors import ReplayStoreUnavailable
 from sidecar.listen_address import SOCKET_MODE, ListenAddress, remove_stale_socket, socket_umask
-from sidecar.observability.logsafe import logfmt, logfmt_value
-from sidecar.observability.metrics import AuthzMetrics
-
-log = logging.getLogger(__name__)
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _OK = status_pb2.Status(code=code_pb2.OK)
@@ -76,7 +73,8 @@ def _metadata(meta: Mapping[str, Any]) -> Any:
     return md
 
 
-def render_check_response(decision: Decision) -> Any:
+def _render_head(decision: Decision) -> Any:
+    """The CheckResponse without its dynamic metadata."""
     if isinstance(decision, Allow):
         return external_auth_pb2.CheckResponse(
             status=_OK,
@@ -85,7 +83,6 @@ def render_check_response(decision: Decision) -> Any:
                 headers_to_remove=decision.headers_to_remove,
                 response_headers_to_add=_options(decision.response_headers),
             ),
-            dynamic_metadata=_metadata(decision.metadata),
         )
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(
@@ -96,35 +93,122 @@ def render_check_response(decision: Decision) -> Any:
             headers=_options(decision.headers),
             body=decision.body,
         ),
-        dynamic_metadata=_metadata(decision.metadata),
     )
 
 
-class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    """The ``aio`` engine: ``Check`` is a coroutine on the event loop."""
+def render_check_response(decision: Decision) -> Any:
+    response = _render_head(decision)
+    response.dynamic_metadata.CopyFrom(_metadata(decision.metadata))
+    return response
 
-    def __init__(
-        self, authorizer: Authorizer, metrics: AuthzMetrics | None, default_scheme: str = "http"
-    ) -> None:
-        self.authorizer = authorizer
-        self.metrics = metrics
+
+CHECK_PATH = b"/envoy.service.auth.v3.Authorization/Check"
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _BYTE[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
+def _metadata_entry(key: str, value: str) -> bytes:
+    """One ``Struct.fields`` map entry {1: key, 2: Value{3: string_value}}, as field 1."""
+    k, v = key.encode(), value.encode()
+    val = b"\x1a" + _varint(len(v)) + v
+    entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(val)) + val
+    return b"\x0a" + _varint(len(entry)) + entry
+
+
+class ResponseEncoder:
+    """Serialized CheckResponses: the part a decision's headers, status and body determine is
+    cached by exactly that content (most checks repeat one of a few: the same caller, the same
+    deny); the per-request dynamic metadata (jtis) is appended to it. Protobuf's wire format
+    allows this: a message is the concatenation of its fields."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._heads: dict[tuple[Any, ...], bytes] = {}
+        self._entries: dict[tuple[str, str], bytes] = {}  # sub, iss, kid, rule repeat
+
+    def _metadata(self, meta: Mapping[str, Any]) -> bytes:
+        """``CheckResponse.dynamic_metadata`` (field 4), a Struct of the string values,
+        encoded by hand: building it through ``Struct.update`` cost more than the whole
+        rest of the response (measured)."""
+        entries = self._entries
+        parts = []
+        for item in meta.items():
+            if isinstance(item[1], str):
+                entry = entries.get(item)
+                if entry is None:
+                    entry = _metadata_entry(*item)
+                    if item[0] != "proof_jti":  # never repeats: not worth keeping
+                        if len(entries) >= self.size:
+                            entries.clear()
+                        entries[item] = entry
+                parts.append(entry)
+        body = b"".join(parts)
+        return b"\x22" + _varint(len(body)) + body
+
+    def __call__(self, decision: Decision) -> bytes:
+        key: tuple[Any, ...]
+        if isinstance(decision, Allow):
+            key = (decision.headers_to_set, decision.headers_to_remove, decision.response_headers)
+        else:
+            key = (decision.status, decision.detail, decision.headers, decision.body)
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= self.size:
+                self._heads.clear()  # bounded; refilled by the next checks
+            head = self._heads[key] = _render_head(decision).SerializeToString()
+        return head + self._metadata(decision.metadata)
+
+
+class LoopCheckHandler:
+    """The ``loop`` engine's ``Check``: serialized CheckRequest in, serialized CheckResponse
+    out, decided on the event loop inside the h2 server's ``data_received`` unless the flow
+    needs I/O. The request is parsed here with upb (grpcio's per-call machinery is gone)."""
+
+    def __init__(self, guard: CheckGuard, default_scheme: str = "http") -> None:
+        self.guard = guard
+        self.default_scheme = default_scheme
+        self._parse = external_auth_pb2.CheckRequest.FromString
+        self._encode = ResponseEncoder()
+
+    def _view(self, payload: bytes) -> RequestView:
+        return view_from_check(self._parse(payload), self.default_scheme)
+
+    def __call__(self, payload: bytes) -> bytes | Awaitable[bytes]:
+        check = self.guard.begin(self._view, payload)
+        if isinstance(check.step, IORequest):
+            return self._finish(check)
+        return self._encode(self.guard.end(check))
+
+    async def _finish(self, check: Check) -> bytes:
+        # Cancelled at Envoy's deadline or reset: Envoy has denied already, nothing to count.
+        await self.guard.finish_io(check)
+        return self._encode(self.guard.end(check))
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """The ``aio`` engine: ``Check`` is a coroutine on grpcio's asyncio server."""
+
+    def __init__(self, guard: CheckGuard, default_scheme: str = "http") -> None:
+        self.guard = guard
         self.default_scheme = default_scheme
 
-    async def Check(self, request: Any, context: Any) -> Any:  # gRPC method name
-        start = time.perf_counter()
-        try:
-            decision = await self.authorizer.decide(view_from_check(request, self.default_scheme))
-        except Exception:
-            # Fail closed: a bug in the core must deny, never allow or crash the call.
-            log.exception("ext_authz check failed; denying")
-            decision = self.authorizer.internal_error("authorizer error")
-        return self._finish(decision, start)
+    def _view(self, request: Any) -> RequestView:
+        return view_from_check(request, self.default_scheme)
 
-    def _finish(self, decision: Decision, start: float) -> Any:
-        if self.metrics is not None:
-            self.metrics.record("grpc", decision.reason, time.perf_counter() - start)
-        log_decision(decision)
-        return render_check_response(decision)
+    async def Check(self, request: Any, context: Any) -> Any:  # gRPC method name
+        return render_check_response(await self.guard.check(self._view, request))
 
 
 class ThreadedAuthorizationServicer(AuthorizationServicer):
@@ -132,13 +216,12 @@ class ThreadedAuthorizationServicer(AuthorizationServicer):
 
     def __init__(
         self,
-        authorizer: Authorizer,
-        metrics: AuthzMetrics | None,
+        guard: CheckGuard,
         loop: asyncio.AbstractEventLoop,
         default_scheme: str = "http",
         io_timeout: float = 5.0,
     ) -> None:
-        super().__init__(authorizer, metrics, default_scheme)
+        super().__init__(guard, default_scheme)
         self.loop = loop
         self.io_timeout = io_timeout
         # The core's caches (verified tokens, proof keys, the in-memory replay store) are
@@ -146,27 +229,18 @@ class ThreadedAuthorizationServicer(AuthorizationServicer):
         self._lock = threading.Lock()
 
     def Check(self, request: Any, context: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            decision = self._decide(view_from_check(request, self.default_scheme))
-        except Exception:
-            log.exception("ext_authz check failed; denying")
-            decision = self.authorizer.internal_error("authorizer error")
-        return self._finish(decision, start)
-
-    def _decide(self, view: RequestView) -> Decision:
-        flow = self.authorizer.decision_flow(view, self.authorizer.clock())
+        guard = self.guard
         with self._lock:
-            step = advance(flow)
-        while isinstance(step, IORequest):
+            check = guard.begin(self._view, request)
+        while isinstance(check.step, IORequest):
             # The lock is released while the loop does the I/O: other workers go on.
-            reply, error = self._perform(step)
+            reply, error = self._perform(check.step)
             with self._lock:
-                step = advance(flow, reply, error)
-        return step
+                guard.resume(check, reply, error)
+        return render_check_response(guard.end(check))
 
     def _perform(self, io: IORequest) -> tuple[Any, Exception | None]:
-        future = asyncio.run_coroutine_threadsafe(self.authorizer.perform(io), self.loop)
+        future = asyncio.run_coroutine_threadsafe(self.guard.authorizer.perform(io), self.loop)
         try:
             return future.result(self.io_timeout), None
         except ReplayStoreUnavailable as exc:
@@ -178,46 +252,36 @@ class ThreadedAuthorizationServicer(AuthorizationServicer):
             return None, ReplayStoreUnavailable("replay store did not answer in time")
 
 
-def log_decision(decision: Decision) -> None:
-    """One line per deny with ids only (jti, kid, sub), never a token; allows at debug."""
-    if decision.reason is None:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("allow %s", _ids(decision.metadata))
-        return
-    log.info(
-        "deny reason=%s %s detail=%s",
-        decision.reason.value,
-        _ids(decision.metadata),
-        logfmt_value(decision.detail),
-    )
-
-
-def _ids(meta: Any) -> str:
-    # Client-supplied values: escaped so that a request cannot forge a log line (CWE-117).
-    return logfmt((k, meta[k]) for k in ("sub", "token_jti", "proof_jti", "kid") if k in meta)
-
+MAX_MESSAGE = 1 << 20  # bounded: 1 MiB per CheckRequest
 
 _SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", 1 << 20),  # bounded: 1 MiB per CheckRequest
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.so_reuseport", 0),
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+Engine = LoopCheckHandler | AuthorizationServicer
+
 
 async def start_grpc_server(
-    servicer: AuthorizationServicer,
+    engine: Engine,
     address: ListenAddress,
     *,
     max_concurrent: int = 1000,
     workers: int = 4,
 ) -> tuple[Any, ListenAddress]:
-    """Serve ``servicer`` (its class picks the engine); returns the server and the address it
+    """Serve ``engine`` (its class picks the server); returns the server and the address it
     bound (the real port when 0 was asked for).
 
-    Beyond ``max_concurrent`` calls in progress grpcio answers RESOURCE_EXHAUSTED, which
-    Envoy (failure mode closed) turns into a deny: bounded, and never an allow."""
+    Beyond ``max_concurrent`` calls in progress (per connection for ``loop``) the call is
+    refused, which Envoy (failure mode closed) turns into a deny: bounded, and never an allow."""
     server: Any
-    if isinstance(servicer, ThreadedAuthorizationServicer):
+    if isinstance(engine, LoopCheckHandler):
+        server = GrpcH2Server(
+            {CHECK_PATH: engine}, max_concurrent=max_concurrent, max_message=MAX_MESSAGE
+        )
+        return server, await server.start(address)
+    if isinstance(engine, ThreadedAuthorizationServicer):
         server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ext_authz"),
             maximum_concurrent_rpcs=max_concurrent,
@@ -225,7 +289,7 @@ async def start_grpc_server(
         )
     else:
         server = grpc.aio.server(maximum_concurrent_rpcs=max_concurrent, options=_SERVER_OPTIONS)
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(engine, server)
     if address.path is not None:
         remove_stale_socket(address.path)
         with socket_umask():  # grpcio binds here: the socket is created 0600
@@ -243,6 +307,9 @@ async def start_grpc_server(
 
 
 async def stop_grpc_server(server: Any, grace: float = 1.0) -> None:
+    if isinstance(server, GrpcH2Server):
+        await server.stop(grace)
+        return
     stopped = server.stop(grace)
     if asyncio.iscoroutine(stopped):
         await stopped

@@ -9,18 +9,11 @@ and the client sees our status, body and the headers ``allowed_client_headers`` 
 
 from __future__ import annotations
 
-import logging
-import time
-
 from aiohttp import web
 
-from sidecar.authz.core import Authorizer
 from sidecar.authz.decision import Allow, Decision, RequestView
 from sidecar.authz.forwarded import connection_scheme, request_method
-from sidecar.authz.grpc_server import log_decision
-from sidecar.observability.metrics import AuthzMetrics
-
-log = logging.getLogger(__name__)
+from sidecar.authz.guard import CheckGuard
 
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 
@@ -62,24 +55,13 @@ def render_http_response(decision: Decision) -> web.Response:
 
 
 def make_http_app(
-    authorizer: Authorizer,
-    metrics: AuthzMetrics | None,
-    *,
-    path_prefix: str = "",
-    default_scheme: str = "http",
+    guard: CheckGuard, *, path_prefix: str = "", default_scheme: str = "http"
 ) -> web.Application:
+    def view_of(request: web.Request) -> RequestView:
+        return view_from_http(request, path_prefix=path_prefix, default_scheme=default_scheme)
+
     async def check(request: web.Request) -> web.Response:
-        start = time.perf_counter()
-        try:
-            view = view_from_http(request, path_prefix=path_prefix, default_scheme=default_scheme)
-            decision = await authorizer.decide(view)
-        except Exception:
-            log.exception("ext_authz HTTP check failed; denying")
-            decision = authorizer.internal_error("authorizer error")
-        if metrics is not None:
-            metrics.record("http", decision.reason, time.perf_counter() - start)
-        log_decision(decision)
-        return render_http_response(decision)
+        return render_http_response(await guard.check(view_of, request))
 
     app = web.Application(client_max_size=64 * 1024)
     app.router.add_route("*", "/{tail:.*}", check)

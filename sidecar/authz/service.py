@@ -17,10 +17,13 @@ from sidecar.authz.config import AuthzConfig
 from sidecar.authz.core import Authorizer
 from sidecar.authz.grpc_server import (
     AuthorizationServicer,
+    Engine,
+    LoopCheckHandler,
     ThreadedAuthorizationServicer,
     start_grpc_server,
     stop_grpc_server,
 )
+from sidecar.authz.guard import CheckGuard
 from sidecar.authz.http_server import make_http_app
 from sidecar.authz.nonce import NonceService
 from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
@@ -168,25 +171,22 @@ class AuthzService:
         if self.revocation_poller is not None:
             self._tasks.append(asyncio.create_task(self.revocation_poller.run()))
         if self.cfg.grpc_listen is not None:
-            servicer: AuthorizationServicer
+            guard = CheckGuard(self.authorizer, self.metrics, "grpc")
+            engine: Engine
             if self.cfg.grpc_engine == "threads":
-                servicer = ThreadedAuthorizationServicer(
-                    self.authorizer,
-                    self.metrics,
-                    asyncio.get_running_loop(),
-                    self.cfg.default_scheme,
+                engine = ThreadedAuthorizationServicer(
+                    guard, asyncio.get_running_loop(), self.cfg.default_scheme
                 )
+            elif self.cfg.grpc_engine == "aio":
+                engine = AuthorizationServicer(guard, self.cfg.default_scheme)
             else:
-                servicer = AuthorizationServicer(
-                    self.authorizer, self.metrics, self.cfg.default_scheme
-                )
+                engine = LoopCheckHandler(guard, self.cfg.default_scheme)
             self._grpc, self.grpc_address = await start_grpc_server(
-                servicer, self.cfg.grpc_listen, workers=self.cfg.grpc_workers
+                engine, self.cfg.grpc_listen, workers=self.cfg.grpc_workers
             )
         if self.cfg.http_listen is not None:
             app = make_http_app(
-                self.authorizer,
-                self.metrics,
+                CheckGuard(self.authorizer, self.metrics, "http"),
                 path_prefix=self.cfg.http_path_prefix,
                 default_scheme=self.cfg.default_scheme,
             )

@@ -102,8 +102,8 @@ def _authz_config(tmp: Path, issuer: DevIssuer, grpc_port: int, http_port: int) 
     return path
 
 
-# gRPC with each engine (threads, the default; aio), and HTTP.
-@pytest.fixture(scope="module", params=["grpc", "grpc-aio", "http"])
+# gRPC with each engine (loop, the default; threads; aio), and HTTP.
+@pytest.fixture(scope="module", params=["grpc", "grpc-threads", "grpc-aio", "http"])
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
@@ -120,13 +120,13 @@ def stack(
         log_dir=tmp,
         env={
             "SIDECAR__ADMIN__LISTEN": f"127.0.0.1:{admin_port}",
-            "SIDECAR__AUTHZ__GRPC__ENGINE": engine or "threads",
+            "SIDECAR__AUTHZ__GRPC__ENGINE": engine or "loop",
         },
     ).start()
     envoy = None
     try:
         wait_for_http(f"http://127.0.0.1:{admin_port}/readyz", 20, process=authz)
-        assert f"engine={engine or 'threads'}" in authz.log_path.read_text()
+        assert f"engine={engine or 'loop'}" in authz.log_path.read_text()
         envoy = start_envoy(
             ingress_bootstrap(
                 listen_port=envoy_port,

@@ -34,7 +34,7 @@ def base(**extra: Any) -> dict[str, Any]:
         ({"revocation": {"url": "issuer/revocations"}}, "authz.revocation.url", "http(s) URL"),
         ({"revocation": {"wait": 61}}, "authz.revocation.wait", "at most 60"),
         ({"revocation": {"wait": -1}}, "authz.revocation.wait", ">= 0"),
-        ({"grpc": {"engine": "fast"}}, "authz.grpc.engine", "'threads', 'aio'"),
+        ({"grpc": {"engine": "fast"}}, "authz.grpc.engine", "'loop', 'threads', 'aio'"),
         ({"grpc": {"workers": 65}}, "authz.grpc.workers", "from 1 to 64"),
         ({"grpc": {"workers": 0}}, "authz.grpc.workers", ">= 1"),
         # An empty allowlist would deny every token or proof silently: refused at load.
@@ -69,7 +69,7 @@ def test_good_values_parse() -> None:
     assert cfg.http_path_prefix == "/authz"
     assert cfg.revocation_url == "https://issuer.example/revocations"
     assert (cfg.grpc_engine, cfg.grpc_workers) == ("aio", 8)
-    assert parse_authz_config(base()).grpc_engine == "threads"
+    assert parse_authz_config(base()).grpc_engine == "loop"
 
 
 def test_admin_section_refuses_unknown_keys() -> None:

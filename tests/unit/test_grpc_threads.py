@@ -16,6 +16,7 @@ from factory import NOW, Harness, Issuer, ec_key, make_harness
 
 from sidecar.authz.decision import RequestView
 from sidecar.authz.grpc_server import ThreadedAuthorizationServicer
+from sidecar.authz.guard import CheckGuard
 from sidecar.errors import ReplayStoreUnavailable
 from sidecar.jose.rfc7517_jwk import import_public_jwk, public_jwk_dict
 
@@ -46,7 +47,7 @@ def servicer(
     h: Harness, loop: asyncio.AbstractEventLoop, **kw: Any
 ) -> ThreadedAuthorizationServicer:
     h.authz.clock = lambda: NOW
-    return ThreadedAuthorizationServicer(h.authz, None, loop, "https", **kw)
+    return ThreadedAuthorizationServicer(CheckGuard(h.authz, None, "grpc"), loop, "https", **kw)
 
 
 def reason(response: Any) -> str:

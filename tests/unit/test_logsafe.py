@@ -9,7 +9,7 @@ import pytest
 from factory import Harness, make_harness
 
 from sidecar.authz.decision import Allow, Deny, Identity
-from sidecar.authz.grpc_server import log_decision
+from sidecar.authz.guard import log_decision
 from sidecar.errors import Reason
 from sidecar.observability.logsafe import MAX_VALUE, logfmt, logfmt_value
 
@@ -48,13 +48,13 @@ def test_logfmt_pairs() -> None:
 
 
 def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "sidecar.authz.grpc_server"]
+    return [r.getMessage() for r in caplog.records if r.name == "sidecar.authz.guard"]
 
 
 def test_deny_log_line_escapes_every_client_value(caplog: pytest.LogCaptureFixture) -> None:
     meta = {"sub": "s\nub", "token_jti": FORGED, "proof_jti": "p\r", "kid": "k\x00"}
     deny = Deny(401, Reason.PROOF_INVALID, "detail\nINFO forged", (), "{}", meta)
-    with caplog.at_level(logging.INFO, "sidecar.authz.grpc_server"):
+    with caplog.at_level(logging.INFO, "sidecar.authz.guard"):
         log_decision(deny)
     (line,) = _messages(caplog)
     assert "\n" not in line and "\r" not in line and "\x00" not in line
@@ -66,7 +66,7 @@ def test_deny_log_line_escapes_every_client_value(caplog: pytest.LogCaptureFixtu
 def test_allow_log_line_escapes_too(caplog: pytest.LogCaptureFixture) -> None:
     identity = Identity("s", "i", "dpop", None, None, None, "r")
     allow = Allow(identity, (), (), (), {"sub": "a b\nc", "kid": "k"})
-    with caplog.at_level(logging.DEBUG, "sidecar.authz.grpc_server"):
+    with caplog.at_level(logging.DEBUG, "sidecar.authz.guard"):
         log_decision(allow)
     assert _messages(caplog) == ['allow sub="a b\\x0ac" kid=k']
 
