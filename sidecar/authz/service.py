@@ -171,16 +171,16 @@ class AuthzService:
         if self.revocation_poller is not None:
             self._tasks.append(asyncio.create_task(self.revocation_poller.run()))
         if self.cfg.grpc_listen is not None:
-            guard = CheckGuard(self.authorizer, self.metrics, "grpc")
+            checks = CheckGuard(self.authorizer, self.metrics, "grpc")
             engine: Engine
             if self.cfg.grpc_engine == "threads":
                 engine = ThreadedAuthorizationServicer(
-                    guard, asyncio.get_running_loop(), self.cfg.default_scheme
+                    checks, asyncio.get_running_loop(), self.cfg.default_scheme
                 )
             elif self.cfg.grpc_engine == "aio":
-                engine = AuthorizationServicer(guard, self.cfg.default_scheme)
+                engine = AuthorizationServicer(checks, self.cfg.default_scheme)
             else:
-                engine = LoopCheckHandler(guard, self.cfg.default_scheme)
+                engine = LoopCheckHandler(checks, self.cfg.default_scheme)
             self._grpc, self.grpc_address = await start_grpc_server(
                 engine, self.cfg.grpc_listen, workers=self.cfg.grpc_workers
             )
