@@ -2,8 +2,9 @@
 
 Hypothesis makes up client requests (methods, paths with ``//``, ``%2F`` and dot segments,
 duplicated headers, claimed schemes, hosts, good and broken tokens and proofs) and turns each
-into what Envoy sends for it on both transports: a real ``CheckRequest`` protobuf for the gRPC
-servicer (every header, duplicates comma-merged, the client's ``:scheme`` in ``http.scheme``)
+into what Envoy sends for it on both transports: a real ``CheckRequest`` protobuf for the
+default gRPC engine's handler (every header, duplicates comma-merged, the client's ``:scheme``
+in ``http.scheme``)
 and a real aiohttp request for the HTTP app (only the headers the generated config forwards,
 under its path prefix). Each transport has its own authorizer built from the same settings, fed
 the same sequence; their rendered answers must say the same: allowed, status, reason, headers
@@ -26,7 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from sidecar.authz.grpc_server import AuthorizationServicer
+from sidecar.authz.grpc_server import LoopCheckHandler
+from sidecar.authz.guard import CheckGuard
 from sidecar.authz.http_server import HEADERS_TO_REMOVE, make_http_app
 from sidecar.envoy_config import HTTP_AUTHZ_ALLOWED_HEADERS
 
@@ -137,13 +139,21 @@ class Transports:
         self.http_side = make_harness(**overrides)
         for h in (self.grpc_side, self.http_side):
             h.authz.clock = lambda: NOW
-        self.servicer = AuthorizationServicer(self.grpc_side.authz, None, DEFAULT_SCHEME)
+        # The default gRPC engine's handler: serialized CheckRequest in, serialized answer out.
+        self.check = LoopCheckHandler(
+            CheckGuard(self.grpc_side.authz, None, "grpc"), DEFAULT_SCHEME
+        )
         self.app = make_http_app(
-            self.http_side.authz, None, path_prefix=PATH_PREFIX, default_scheme=DEFAULT_SCHEME
+            CheckGuard(self.http_side.authz, None, "http"),
+            path_prefix=PATH_PREFIX,
+            default_scheme=DEFAULT_SCHEME,
         )
 
     async def answers(self, request: ClientRequest) -> tuple[dict[str, Any], dict[str, Any]]:
-        grpc = await self.servicer.Check(request.check_request(), None)
+        raw = self.check(request.check_request().SerializeToString())
+        if not isinstance(raw, bytes):
+            raw = await raw
+        grpc = external_auth_pb2.CheckResponse.FromString(raw)
         http_request = request.http_request()
         match = await self.app.router.resolve(http_request)
         response = await match.handler(http_request)
