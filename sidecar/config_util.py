@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sidecar.errors import ConfigError
-from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS
+from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, with_aliases
 from sidecar.jose.rfc9449_dpop import DEFAULT_PROOF_ALGORITHMS, DPoPPolicy
 
 T = TypeVar("T")
@@ -97,7 +97,7 @@ def get_algorithms(
         raise ConfigError(
             f"{path}.{key}", "at least one algorithm (an empty list denies all)", algs
         )
-    return frozenset(algs)
+    return with_aliases(frozenset(algs))
 
 
 def get_dpop_policy(

@@ -34,7 +34,7 @@ from sidecar.jose.rfc7517_jwk import public_jwk_dict
 from sidecar.jose.rfc7518_algorithms import key_fits_algorithm
 from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
 
-SIGNING_ALGORITHMS = ("ES256", "ES384", "EdDSA", "RS256", "PS256")
+SIGNING_ALGORITHMS = ("ES256", "ES384", "Ed25519", "EdDSA", "RS256", "PS256")
 RSA_BITS = 2048
 #: import_jwks (and most verifiers) refuse larger sets; the schedule must fit.
 MAX_PUBLISHED_KEYS = 64
@@ -46,7 +46,7 @@ def generate_private_key(alg: str) -> Any:
         return ec.generate_private_key(ec.SECP256R1())
     if alg == "ES384":
         return ec.generate_private_key(ec.SECP384R1())
-    if alg == "EdDSA":
+    if alg in ("Ed25519", "EdDSA"):
         return ed25519.Ed25519PrivateKey.generate()
     if alg in ("RS256", "PS256"):
         return rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)

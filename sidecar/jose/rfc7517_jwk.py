@@ -22,6 +22,7 @@ from sidecar.jose.rfc7518_algorithms import (
     MAX_RSA_EXPONENT,
     MIN_RSA_BITS,
     key_fits_algorithm,
+    same_operation,
 )
 from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
 from sidecar.jose.rfc8032_ed25519 import is_acceptable_public_key as ed25519_acceptable
@@ -43,7 +44,7 @@ class PublicJWK:
     thumbprint: str
 
     def usable_with(self, alg: str) -> bool:
-        if self.alg is not None and self.alg != alg:
+        if self.alg is not None and not same_operation(self.alg, alg):
             return False
         return key_fits_algorithm(self.key, alg)
 

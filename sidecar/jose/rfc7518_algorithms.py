@@ -11,14 +11,32 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import Algorithm, get_default_algorithms
 
-#: The only algorithms this package will ever verify.
+#: The only algorithms this package will ever verify. "Ed25519" is RFC 9864's fully-specified
+#: name for EdDSA over Ed25519 (current clients send it); "EdDSA" stays for Ed25519 and Ed448.
 ASYMMETRIC_ALGORITHMS: Final = frozenset(
-    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
-)
+    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA",
+     "Ed25519"}
+)  # fmt: skip
 
 _IMPLS: Final[dict[str, Algorithm]] = {
     name: impl for name, impl in get_default_algorithms().items() if name in ASYMMETRIC_ALGORITHMS
 }
+_IMPLS["Ed25519"] = _IMPLS["EdDSA"]  # the same signature; key_fits_algorithm narrows the key
+
+#: Names of one operation: a key or an allowlist naming the first may be used with the second.
+_ALSO_NAMED: Final = {"EdDSA": "Ed25519"}
+
+
+def with_aliases(algorithms: frozenset[str]) -> frozenset[str]:
+    """An allowlist with the names it implies: "EdDSA" (any curve) covers "Ed25519" (RFC 9864
+    §2.2); the reverse does not hold, since "EdDSA" would also admit Ed448."""
+    return algorithms | {_ALSO_NAMED[a] for a in algorithms if a in _ALSO_NAMED}
+
+
+def same_operation(declared: str, alg: str) -> bool:
+    """A JWK whose ``alg`` is ``declared`` may sign with ``alg``: equal, or the two names of
+    EdDSA over Ed25519 (the key type is checked separately)."""
+    return declared == alg or {declared, alg} == {"EdDSA", "Ed25519"}
 
 _EC_CURVE_FOR_ALG: Final = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 
@@ -41,6 +59,8 @@ def key_fits_algorithm(key: Any, alg: str) -> bool:
         return isinstance(key, rsa.RSAPublicKey) and MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS
     if alg == "EdDSA":
         return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
+    if alg == "Ed25519":
+        return isinstance(key, ed25519.Ed25519PublicKey)
     return False
 
 

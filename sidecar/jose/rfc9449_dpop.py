@@ -81,7 +81,7 @@ class VerifiedProof:
 
 
 #: The proof algorithms accepted unless configured otherwise (ingress and broker alike).
-DEFAULT_PROOF_ALGORITHMS = ("ES256", "ES384", "EdDSA", "PS256", "RS256")
+DEFAULT_PROOF_ALGORITHMS = ("ES256", "ES384", "Ed25519", "EdDSA", "PS256", "RS256")
 
 
 @dataclass(frozen=True, slots=True)

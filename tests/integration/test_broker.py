@@ -93,7 +93,9 @@ def test_discovery_and_jwks(broker: BrokerProcess) -> None:
         "token_endpoint": f"{broker.issuer}/token",
         "grant_types_supported": [EXCHANGE],
         "token_endpoint_auth_methods_supported": ["none"],
-        "dpop_signing_alg_values_supported": ["ES256", "ES384", "EdDSA", "PS256", "RS256"],
+        "dpop_signing_alg_values_supported": [
+            "ES256", "ES384", "Ed25519", "EdDSA", "PS256", "RS256"
+        ],  # RFC 9864 Ed25519 and the older EdDSA
         "subject_types_supported": ["public"],
         # REQUIRED (RFC 8414 §2, OIDC Discovery §3): no authorization endpoint, so no
         # response type; no ID tokens, so the algorithm our JWTs are signed with.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from prometheus_client import CollectorRegistry
 
 from sidecar.authz.core import Authorizer, AuthzSettings, PendingAllow
 from sidecar.authz.decision import Allow, Decision, Deny, RequestView
@@ -25,6 +26,9 @@ from sidecar.authz.nonce import NonceService
 from sidecar.authz.policy import Policy
 from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
 from sidecar.authz.revocation import RevocationList
+from sidecar.broker.config import parse_broker_config
+from sidecar.broker.keys import KeyRing, make_signing_key
+from sidecar.broker.service import Broker, BrokerService
 from sidecar.jose.b64 import b64url_encode
 from sidecar.jose.jwks import KeyStore
 from sidecar.jose.rfc7515_jws import sign_compact
@@ -407,3 +411,28 @@ def as_allow(decision: Decision | PendingAllow) -> Allow:
         return decision.allow
     assert isinstance(decision, Allow), f"expected Allow, got {decision!r}"
     return decision
+
+
+# -- the broker -------------------------------------------------------------------------------
+
+UNIX_ENTRY = {"spiffe_id": "spiffe://t/a", "selectors": ["unix:uid:1"], "audiences": ["**"]}
+
+
+def make_broker(**sections: Any) -> Broker:
+    """A Broker on a parsed configuration (``sections`` override the top-level keys), with its
+    real collaborators and the clock frozen at NOW; signing keys are ES256 or Ed25519."""
+    cfg = parse_broker_config({"entries": [UNIX_ENTRY], **sections})
+    service = BrokerService(cfg, CollectorRegistry())
+    alg = cfg.keys.schedule.alg
+    private = ed_key(50) if alg in ("Ed25519", "EdDSA") else ec_key(50)
+    ring = KeyRing(cfg.keys.schedule, make_signing_key(private, alg, NOW), NOW)
+    return Broker(
+        cfg,
+        ring=ring,
+        clusters=service.clusters,
+        unix=service.unix,
+        revocations=service.revocations,
+        audit=service.audit,
+        metrics=service.metrics,
+        clock=lambda: NOW,
+    )

@@ -4,39 +4,17 @@ as it is acceptable at all — on both sides, including the boundary instant iat
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from factory import NOW, ec_key, make_harness
-from prometheus_client import CollectorRegistry
+from factory import NOW, UNIX_ENTRY, ec_key, make_broker, make_harness
 
 from sidecar.authz.config import parse_authz_config
 from sidecar.authz.decision import Allow, Deny
 from sidecar.broker.config import parse_broker_config
-from sidecar.broker.keys import KeyRing, make_signing_key
 from sidecar.broker.oauth import OAuthError
-from sidecar.broker.service import Broker, BrokerService
 from sidecar.errors import Reason
 from sidecar.jose.rfc9449_dpop import DPoPPolicy, ProofSigner
 
 TOKEN_URL = "http://127.0.0.1:8443/token"
-UNIX_ENTRY = {"spiffe_id": "spiffe://t/a", "selectors": ["unix:uid:1"], "audiences": ["**"]}
-
-
-def make_broker(dpop: dict[str, Any] | None = None) -> Broker:
-    cfg = parse_broker_config({"entries": [UNIX_ENTRY], "dpop": dpop or {}})
-    service = BrokerService(cfg, CollectorRegistry())
-    ring = KeyRing(cfg.keys.schedule, make_signing_key(ec_key(50), "ES256", NOW), NOW)
-    return Broker(
-        cfg,
-        ring=ring,
-        clusters=service.clusters,
-        unix=service.unix,
-        revocations=service.revocations,
-        audit=service.audit,
-        metrics=service.metrics,
-        clock=lambda: NOW,
-    )
 
 
 def test_ingress_and_broker_read_the_same_policy_from_the_same_settings() -> None:
