@@ -13,7 +13,7 @@ from factory import DROP, NOW, Harness, ed_key, encode_segment, make_harness, rs
 from sidecar.authz.decision import Deny
 from sidecar.errors import AuthError, Reason
 from sidecar.jose import rfc9449_dpop
-from sidecar.jose.b64 import b64url_encode
+from sidecar.jose.b64 import b64url_decode, b64url_encode
 from sidecar.jose.rfc7517_jwk import JWKError, import_jwks, import_public_jwk, public_jwk_dict
 from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
 from sidecar.jose.rfc8032_ed25519 import is_acceptable_public_key
@@ -193,3 +193,17 @@ def test_small_order_ed25519_proof_is_refused(h: Harness, verifications: Counter
     deny = h.decide(h.dpop_request(token=token, headers={"dpop": proof}))
     assert isinstance(deny, Deny) and deny.reason is Reason.PROOF_INVALID, deny.detail
     assert verifications.calls == 0
+
+
+def test_off_curve_ec_proof_key_is_refused_at_import(h: Harness, verifications: Counter) -> None:
+    # cryptography checks the point when the key is built: such a key never reaches a verify.
+    jwk = dict(h.client.public_jwk)
+    y = int.from_bytes(b64url_decode(jwk["y"]), "big")
+    jwk["y"] = b64url_encode(((y + 1) % 2**256).to_bytes(32, "big"))
+    with pytest.raises(JWKError):
+        import_public_jwk(jwk)
+    token = h.token(jkt=jwk_thumbprint(jwk))  # even a token bound to that very key
+    proof = h.manual_proof(token, header={"jwk": jwk})
+    deny = h.decide(h.dpop_request(token=token, headers={"dpop": proof}))
+    assert isinstance(deny, Deny) and deny.reason is Reason.PROOF_INVALID, deny.detail
+    assert "jwk" in deny.detail and verifications.calls == 0
