@@ -379,7 +379,7 @@ class EgressProxy:
                 if (
                     token is not None
                     and token.is_dpop
-                    and (resp.status == 401 or offsets.in_force(origin))
+                    and (resp.status in (401, 503) or offsets.in_force(origin))
                 ):
                     again = self._sign_again(resp, origin, offered, signed_at)
                 if again is not None and attempt == 0:
@@ -428,7 +428,9 @@ class EgressProxy:
         error = None
         if resp.status == 401:
             error = dpop_error(resp.headers.getall("WWW-Authenticate", ()))
-        refused = error in ("invalid_dpop_proof", "use_dpop_nonce")
+        # 503 proof_predates_restart: a restarted ingress found iat too early (a clock behind).
+        restarted = resp.status == 503 and says_time_was_wrong(resp.headers)
+        refused = error in ("invalid_dpop_proof", "use_dpop_nonce") or restarted
         corrected = (refused or self.offsets.in_force(origin)) and self.offsets.learn(
             origin,
             resp.headers.get("Date"),

@@ -43,7 +43,8 @@ from sidecar.observability.logs import RateLimitedLog
 log = logging.getLogger(__name__)
 
 MAX_DATE_BYTES = 64  # "Sun, 06 Nov 1994 08:49:37 GMT" is 29
-_TIME_REASON = Reason.IAT_OUT_OF_WINDOW.value
+# iat outside the window, or not after a restarted replay store's epoch (a clock behind).
+_TIME_REASONS = frozenset({Reason.IAT_OUT_OF_WINDOW.value, Reason.PROOF_PREDATES_RESTART.value})
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ def read_date(value: str | None, sent_at: float, received_at: float) -> Reading 
 def says_time_was_wrong(headers: Mapping[str, str]) -> bool:
     """True if a refusal names the proof's ``iat`` as its cause (our ingress's
     ``x-authz-reason``, which Envoy passes to the client on a deny)."""
-    return headers.get("x-authz-reason") == _TIME_REASON
+    return headers.get("x-authz-reason") in _TIME_REASONS
 
 
 class ClockOffsets:

@@ -424,7 +424,9 @@ def test_a_sidecar_with_a_skewed_clock_heals_itself(
 ) -> None:
     # +30 s: the broker and B refuse every proof (iat beyond their 5 s leeway) until the
     # sidecar learns their clock from the refusal's Date and signs again. -30 s: inside their
-    # 60 s max_age, accepted as before.
+    # 60 s max_age, accepted as before -- except by a B started less than ~35 s ago, whose
+    # replay store refuses proofs that could predate its start (503 proof_predates_restart):
+    # the sidecar then learns B's clock from that refusal the same way.
     caplog.set_level(logging.INFO)
     seen = asyncio.run(_skewed_sidecar_calls(stack, skew))
     assert seen["token"].claims["sub"] == FRONTEND
@@ -439,7 +441,8 @@ def test_a_sidecar_with_a_skewed_clock_heals_itself(
         assert any("clock offset peer=unix:" in m for m in warned), warned
         assert any(f"clock offset peer=http://127.0.0.1:{stack.envoy_port}" in m for m in warned)
     else:
-        assert seen["broker_offset"] == seen["upstream_offset"] == 0.0, "nothing to correct"
+        assert seen["broker_offset"] == 0.0, "nothing to correct"
+        assert seen["upstream_offset"] in (0.0, pytest.approx(-skew, abs=1.5))
 
 
 def test_broker_outage_then_recovery(stack: Stack) -> None:

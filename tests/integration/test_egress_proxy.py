@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Iterator
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,7 +84,7 @@ class Upstream:
         assert pc["ath"] == b64sha256(token)
         assert abs(pc["iat"] - time.time()) < 5
         assert key.thumbprint() == claims["cnf"]["jkt"], "token bound to the proof key"
-        out.update(htu=pc["htu"], url=url, jti=pc["jti"], nonce=pc.get("nonce"))
+        out.update(htu=pc["htu"], url=url, jti=pc["jti"], nonce=pc.get("nonce"), iat=pc["iat"])
         return out
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -105,6 +106,18 @@ class Upstream:
             "body_bytes": size,
         }
         self.seen.append(record)
+        if path.startswith("/restarted") and checked["iat"] < time.time() + 2:
+            # Our ingress just after its replay store restarted, on a clock 4 s ahead of ours:
+            # a proof of our "now" looks as if it predates the store (RFC 9110 Date says when).
+            return web.json_response(
+                {"error": "proof_predates_restart"},
+                status=503,
+                headers={
+                    "x-authz-reason": "proof_predates_restart",
+                    "Retry-After": "6",
+                    "Date": formatdate(time.time() + 4, usegmt=True),
+                },
+            )
         if path.startswith("/nonce") and checked["nonce"] != self.nonce:
             return web.json_response(
                 {"error": "use_dpop_nonce"},
@@ -405,6 +418,16 @@ def test_a_nonce_offered_on_any_response_is_used_next(world: World) -> None:
     before = len(world.upstream.seen)
     assert world.request("orders", "GET", "/nonce/x")[0] == 200
     assert [a["nonce"] for a in world.upstream.seen[before:]] == ["rs-nonce-C"]
+
+
+def test_a_restarted_ingress_on_a_clock_ahead_gets_a_proof_on_its_clock(world: World) -> None:
+    before = len(world.upstream.seen)
+    status, _, body = world.request("orders", "GET", "/restarted")
+    assert status == 200, body
+    first, again = world.upstream.seen[before:]
+    assert again["iat"] - first["iat"] >= 2, "signed again with the ingress's clock"
+    # Ordinary answers (Date = our clock) bring the correction back for the next tests.
+    assert world.request("orders", "GET", "/after")[0] == 200
 
 
 def test_no_valid_token_is_a_clear_503(world: World) -> None:

@@ -116,6 +116,8 @@ def test_what_counts_as_a_refused_proof() -> None:
     assert not proof_refused(401, {"WWW-Authenticate": 'DPoP error="invalid_token"'}, b"")
     assert not proof_refused(503, {}, body)
     assert says_time_was_wrong(CIMultiDict({"X-Authz-Reason": "iat_out_of_window"}))
+    # A clock behind makes a fresh proof look older than a restarted replay store (503).
+    assert says_time_was_wrong(CIMultiDict({"x-authz-reason": "proof_predates_restart"}))
     assert not says_time_was_wrong(CIMultiDict({"x-authz-reason": "replayed"}))
 
 
