@@ -1,7 +1,8 @@
 """Egress benchmark: the sidecar's egress proxy (a fresh ES256 DPoP proof and a cached token
-injected per request) side by side with a direct call to the same upstream and with Envoy
-injecting a static header (the physical limit of a proxy on this machine), under the same load
-tool (wrk) in one run.
+injected per request) side by side with a direct call to the same upstream, with Envoy
+injecting a static header (the physical limit of a proxy on this machine) and with a trivial
+forwarding proxy on the same framework (aiohttp on uvloop, benchmarks/trivial_proxy.py), under
+the same load tool (wrk) in one run.
 
     .venv/bin/python benchmarks/egress.py [--duration 8] [--connections 16]
 
@@ -243,6 +244,25 @@ class Bench:
         cfg = injector_config(port, admin, upstream, token, proof)
         return self.envoy(cfg, admin, "envoy-injector", PROXY_CPU), port
 
+    def start_trivial(self, upstream: int) -> tuple[ManagedProcess, int]:
+        port = free_port()
+        proc = ManagedProcess(
+            [sys.executable, "-m", "benchmarks.trivial_proxy", "--listen", f"127.0.0.1:{port}",
+             "--upstream", f"http://127.0.0.1:{upstream}"],
+            name="trivial-proxy",
+            log_dir=self.tmp,
+            cwd=ROOT,
+        ).start()  # fmt: skip
+        self.processes.append(proc)
+        deadline = time.monotonic() + 30
+        while "ready" not in proc.log_path.read_text():
+            proc.assert_running()
+            if time.monotonic() > deadline:
+                raise TimeoutError("the trivial proxy did not start")
+            time.sleep(0.05)
+        pin(proc.pid, PROXY_CPU)
+        return proc, port
+
     def wrk(self, url: str, duration: float, rate: float | None = None) -> WrkResult:
         lua = rate_limit_lua(rate, self.connections) if rate else ""
         return run_wrk(
@@ -281,7 +301,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/egress.json"))
     args = parser.parse_args()
     if not shutil.which("wrk"):
-        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        print("wrk not found: run scripts/bench-deps", file=sys.stderr)
         return 2
     info = machine()
     print("machine:", json.dumps(info))
@@ -291,14 +311,16 @@ def main() -> int:
             upstream = bench.start_upstream()
             sidecar, sidecar_port, sidecar_admin = bench.start_sidecar(upstream)
             injector, injector_port = bench.start_injector(upstream)
+            trivial, trivial_port = bench.start_trivial(upstream)
             urls = {
                 "direct (no proxy)": (f"http://127.0.0.1:{upstream}/orders/42", None),
                 "envoy, static header": (f"http://127.0.0.1:{injector_port}/orders/42", injector),
+                "aiohttp proxy, trivial": (f"http://127.0.0.1:{trivial_port}/orders/42", trivial),
                 "sidecar egress (DPoP)": (f"http://127.0.0.1:{sidecar_port}/orders/42", sidecar),
             }
             peaks = {name: bench.peak(name, url, proc) for name, (url, proc) in urls.items()}
             fixed_rate = peaks["sidecar egress (DPoP)"][0].rps / 2
-            print(f"  latency at a fixed {fixed_rate:,.0f} req/s for all three:", flush=True)
+            print(f"  latency at a fixed {fixed_rate:,.0f} req/s for all:", flush=True)
             rows = []
             for name, (url, _) in urls.items():
                 fixed = bench.wrk(url, args.duration * 0.75, fixed_rate)
@@ -308,9 +330,10 @@ def main() -> int:
             rows[-1].sidecar_added_mean_ms = _added_mean_ms(sidecar_admin)
         finally:
             bench.close()
-    direct, envoy, side = rows
+    direct, envoy, trivial_row, side = rows
     summary = {
         "sidecar_vs_envoy_rps": side.peak.rps / envoy.peak.rps,
+        "sidecar_vs_trivial_aiohttp_rps": side.peak.rps / trivial_row.peak.rps,
         "sidecar_vs_direct_rps": side.peak.rps / direct.peak.rps,
         "envoy_vs_direct_rps": envoy.peak.rps / direct.peak.rps,
         "fixed_rate": fixed_rate,
@@ -338,7 +361,8 @@ def main() -> int:
     print_table(headers, table)
     print()
     print(
-        f"sidecar = {summary['sidecar_vs_envoy_rps']:.2f}x Envoy's req/s "
+        f"sidecar = {summary['sidecar_vs_trivial_aiohttp_rps']:.2f}x the trivial aiohttp proxy's, "
+        f"{summary['sidecar_vs_envoy_rps']:.2f}x Envoy's req/s "
         f"({summary['sidecar_vs_direct_rps']:.2f}x direct); added p50 "
         f"{summary['sidecar_added_p50_ms']:.3f} ms, p99 {summary['sidecar_added_p99_ms']:.3f} ms "
         f"at {fixed_rate:,.0f} req/s; in-proxy time (its own histogram, mean) "

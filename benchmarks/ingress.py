@@ -77,6 +77,10 @@ class Server:
     proc: ManagedProcess
     grpc_port: int
     http_port: int
+    unix_dir: Path | None = None  # listening on unix sockets there instead of the ports
+
+    def socket(self, mode: str) -> str | None:
+        return None if self.unix_dir is None else str(self.unix_dir / f"{mode}.sock")
 
 
 @dataclass
@@ -125,33 +129,42 @@ class Bench:
         self.bound = self.issuer.token(jkt=self.signer.thumbprint, ttl=3600)
         self.unbound = self.issuer.token(ttl=3600)
 
-    def start_sidecar(self, engine: str, wrap: list[str] | None = None) -> Server:
+    def start_sidecar(
+        self, engine: str, wrap: list[str] | None = None, *, unix: bool = False
+    ) -> Server:
         """``sidecar authz`` with ``engine``; ``wrap`` runs it under another command (a
-        profiler) that takes the sidecar's arguments after its own."""
+        profiler) that takes the sidecar's arguments after its own; ``unix``: its listeners
+        are unix sockets instead of TCP ports."""
         grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
+        name = f"authz-{engine}{'-unix' if unix else ''}"
+        unix_dir = self.tmp / name if unix else None
+        grpc_listen, http_listen = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}"
+        if unix_dir is not None:
+            unix_dir.mkdir()
+            grpc_listen, http_listen = f"unix:{unix_dir}/grpc.sock", f"unix:{unix_dir}/http.sock"
         cfg = {
             "authz": {
                 "audience": AUDIENCE,
                 "issuers": [{"issuer": self.issuer.issuer, "jwks_file": str(self.jwks)}],
-                "grpc": {"listen": f"127.0.0.1:{grpc_port}", "engine": engine},
-                "http": {"listen": f"127.0.0.1:{http_port}"},
+                "grpc": {"listen": grpc_listen, "engine": engine},
+                "http": {"listen": http_listen},
                 "replay": {"capacity": 2_000_000},
                 "routes": [{"prefix": "/bearer", "auth": "bearer"}],
                 "rules": [{"name": "all", "principals": ["**"], "paths": ["/"]}],
             },
             "admin": {"listen": f"127.0.0.1:{admin_port}"},
         }
-        path = self.tmp / f"authz-{engine}.yaml"
+        path = self.tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         argv = ["--log-level", "WARNING", "authz", "-c", str(path)]
         proc = ManagedProcess(
             [*(wrap or [sys.executable, "-m", "sidecar"]), *argv],
-            name=f"authz-{engine}",
+            name=name,
             log_dir=self.tmp,
         ).start()
         wait_for_http(f"http://127.0.0.1:{admin_port}/readyz", 30, process=proc)
         pin(proc.pid, SIDECAR_CPU)
-        return Server(proc, grpc_port, http_port)
+        return Server(proc, grpc_port, http_port, unix_dir)
 
     def start_trivial(self, engine: str, wrap: list[str] | None = None) -> Server:
         grpc_port, http_port = free_port(), free_port()
@@ -174,15 +187,17 @@ class Bench:
 
     def start_envoy(self, mode: str, server: Server | None) -> tuple[ManagedProcess, int]:
         port, admin = free_port(), free_port()
-        authz_port = 0
+        authz_port, authz_unix = 0, None
         if server is not None:
             authz_port = server.grpc_port if mode == "grpc" else server.http_port
+            authz_unix = server.socket(mode)
         cfg = ingress_bootstrap(
             listen_port=port,
             upstream_port=free_port(),
             admin_port=admin,
             mode=mode,  # type: ignore[arg-type]
             authz_port=authz_port,
+            authz_unix=authz_unix,
             jwt_issuer=self.issuer.issuer,
             jwt_audiences=[AUDIENCE],
             jwt_jwks_file=str(self.jwks),
@@ -262,6 +277,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per peak run")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--engines", default="loop", help="gRPC engines: loop,threads,aio")
+    parser.add_argument(
+        "--no-unix", action="store_true", help="skip the unix-socket rows (Envoy pipe to authz)"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/ingress.json"))
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -297,6 +315,16 @@ def main() -> int:
                 ("HTTP: bearer (cached)", "http", "bearer", side, "http", False),
                 ("HTTP: full DPoP", "http", "dpop", side, "http", False),
             ]
+            if not args.no_unix:
+                # The same checks over unix sockets (overhead still against the TCP trivial).
+                unix = servers["sidecar-unix"] = bench.start_sidecar(engines[0], unix=True)
+                t = f"grpc-{engines[0]}"
+                plan += [
+                    (f"gRPC {engines[0]}: bearer, unix socket", "grpc", "bearer", unix, t, False),
+                    (f"gRPC {engines[0]}: full DPoP, unix socket", "grpc", "dpop", unix, t, False),
+                    ("HTTP: bearer, unix socket", "http", "bearer", unix, "http", False),
+                    ("HTTP: full DPoP, unix socket", "http", "dpop", unix, "http", False),
+                ]
             for name, mode, kind, server, transport, trivial in plan:
                 base = None if mode == "none" else baseline_port
                 rows.append(bench.measure(name, mode, kind, server, base, transport, trivial))
