@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from dataclasses import replace
+from types import FrameType
+from typing import Any
 
 from factory import NOW, make_harness
 
@@ -59,3 +64,48 @@ def test_sweep_bookkeeping_stays_bounded_under_eviction() -> None:
     assert len(cache) == 10
     assert len(cache._expiry) <= 2 * cache.capacity
     assert cache.get("t999", 0) is not None and cache.get("t0", 0) is None
+
+
+def test_threads_and_the_event_loop_share_the_cache_safely() -> None:
+    """The `threads` gRPC engine's workers and the HTTP transport on the event loop use one
+    cache at once: eviction, sweep and rebuild must not trip over each other (a KeyError or
+    "dictionary changed size" would become a spurious internal_error deny)."""
+    cache = VerifiedTokenCache(8, leeway=0.0)
+    cache.get("", 0)
+    errors: list[BaseException] = []
+    codes = {f.__code__ for f in (cache.put, cache._sweep, cache.get)}
+
+    def yield_each_line(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line":
+            time.sleep(0)
+        return yield_each_line
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        return yield_each_line if frame.f_code in codes else None
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(300):
+                # Short-lived and long-lived tokens: sweeps, evictions and rebuilds all happen.
+                ttl = 1.0 if i % 2 else 3600.0
+                cache.put(
+                    f"t{n}-{i}", replace(TOKEN, expires_at=NOW + i * 0.01 + ttl), 0, NOW + i * 0.01
+                )
+                cache.get(f"t{n}-{i - 1}", 0)
+        except BaseException as exc:  # any error is the finding
+            errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threading.settrace(tracer)
+    try:
+        pool = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        threading.settrace(None)  # type: ignore[arg-type]
+        sys.setswitchinterval(old)
+    assert not errors, errors[:3]
+    assert len(cache) <= cache.capacity
