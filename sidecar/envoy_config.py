@@ -67,6 +67,8 @@ with warnings.catch_warnings():
         BootstrapStaticResources,
     )
     from envoy_data_plane.envoy.config.cluster.v3 import (
+        CircuitBreakers,
+        CircuitBreakersThresholds,
         Cluster,
         ClusterDiscoveryType,
         ClusterDnsLookupFamily,
@@ -177,6 +179,7 @@ HCM_FILTER = "envoy.filters.network.http_connection_manager"
 STDOUT_ACCESS_LOG = "envoy.access_loggers.stdout"
 DOWNSTREAM_CONNECTIONS_MONITOR = "envoy.resource_monitors.global_downstream_max_connections"
 PREVIOUS_HOSTS_PREDICATE = "envoy.retry_host_predicates.previous_hosts"
+MAX_AUTHZ_RETRIES = 1024  # Envoy's default max_requests per cluster
 
 # One line per request. Never log credentials (Authorization, DPoP): only what the authorizer
 # chose to put in dynamic metadata (identity, deny reason).
@@ -329,18 +332,28 @@ def _cluster(
 
 
 def _avoid_dead_endpoints(cluster: Cluster) -> None:
-    """Several authorizer workers: send each check to the least busy one, probe every worker
-    with a TCP connect each second (a dead one leaves the rotation within a second and comes
-    back as soon as its replacement listens), and eject one on its first local connect
-    failure. Checks that fail to connect or are reset are retried on another worker
-    (:func:`_authz_retry_policy`)."""
-    cluster.lb_policy = ClusterLbPolicy.LEAST_REQUEST
+    """Several authorizer workers: take turns (round robin), eject a worker on its first
+    local connect failure, and probe every worker with a TCP connect each second (a dead one
+    is marked unhealthy after two failed probes and comes back on the first probe its
+    replacement answers). Checks that fail to connect or are reset are retried on another worker
+    (:func:`_authz_retry_policy`). Not least-request: a dead worker has no requests in
+    flight, so least-request would prefer it, retries included.
+
+    Envoy's panic mode stays on: with one of two workers down it balances over both again,
+    and the checks sent to the dead one fail to connect at once and are retried on the other.
+    That also keeps a worker whose health check merely timed out under CPU load in service
+    (with panic mode off, two such false alarms would deny everything). Every check in flight
+    may need a retry when a worker dies: the cap on concurrent retries (default 3) is raised
+    to the cap on requests."""
+    cluster.circuit_breakers = CircuitBreakers(
+        thresholds=[CircuitBreakersThresholds(max_retries=MAX_AUTHZ_RETRIES)]
+    )
     cluster.health_checks = [
         HealthCheck(
-            timeout=timedelta(milliseconds=250),
+            timeout=timedelta(seconds=1),
             interval=timedelta(seconds=1),
             no_traffic_interval=timedelta(seconds=1),
-            unhealthy_threshold=1,
+            unhealthy_threshold=2,
             healthy_threshold=1,
             tcp_health_check=HealthCheckTcpHealthCheck(),
         )
@@ -362,7 +375,7 @@ def _authz_retry_policy() -> RetryPolicy:
     the retry (fail closed; the client signs a new proof)."""
     return RetryPolicy(
         retry_on="connect-failure,refused-stream,reset",
-        num_retries=2,
+        num_retries=3,
         retry_back_off=BackoffStrategy(
             base_interval=timedelta(milliseconds=5), max_interval=timedelta(milliseconds=50)
         ),

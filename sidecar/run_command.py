@@ -73,6 +73,10 @@ async def serve(data: dict[str, Any]) -> None:
         from sidecar.authz.config import parse_authz_config
 
         authz_cfg = parse_authz_config(data["authz"])
+        if authz_cfg.workers != 1:
+            raise ConfigError(
+                "authz.workers", "1 under `sidecar run` (worker processes: `sidecar authz`)"
+            )
     if identity_cfg is None and authz_cfg is None:
         raise ConfigError("egress", "an egress (with identity) or an authz section to run")
     admin_host, admin_port = parse_admin_listen(data)

@@ -48,11 +48,21 @@ async def start_admin_site(
     limits: ConnLimits = ADMIN_LIMITS,
 ) -> tuple[web.AppRunner, int]:
     """The admin listener (``/healthz``, ``/readyz``, ``/metrics``), with the admin limits."""
+    runner, bound = await start_admin_at(app, ListenAddress(host, port), registry, limits)
+    return runner, bound.port
+
+
+async def start_admin_at(
+    app: web.Application,
+    address: ListenAddress,
+    registry: CollectorRegistry,
+    limits: ConnLimits = ADMIN_LIMITS,
+) -> tuple[web.AppRunner, ListenAddress]:
+    """:func:`start_admin_site` on any address (a worker's admin is a unix socket)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, **server_options(limits))
     await runner.setup()
     guard = ListenerGuard("admin", limits, registry)
-    bound = await start_listener_site(runner, ListenAddress(host, port), guard)
-    return runner, bound.port
+    return runner, await start_listener_site(runner, address, guard)
 
 
 async def start_listener_site(

@@ -6,6 +6,7 @@ Every error names the offending key (``authz.issuers[0].algorithms``) and what i
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc7515_jws import normalize_typ
 from sidecar.jose.rfc9068_access_token import IssuerPolicy
-from sidecar.listen_address import ListenAddress, parse_listen_address
+from sidecar.listen_address import ListenAddress, check_worker_addresses, parse_listen_address
 from sidecar.net_limits import HTTP_LIMITS, ConnLimits, parse_conn_limits
 from sidecar.revocation_wire import MAX_WAIT
 
@@ -72,6 +73,7 @@ class AuthzConfig:
     revocation_url: str | None
     revocation_interval: float
     revocation_wait: int
+    workers: int = 1
     http_connections: ConnLimits = HTTP_LIMITS
 
 
@@ -162,6 +164,40 @@ def _replay_capacity(replay: Mapping[str, Any], key: str) -> int:
     return capacity_for(get_num(replay, "max_memory", key, DEFAULT_MAX_MEMORY_MIB, minimum=1.0))
 
 
+MAX_WORKERS = 256
+
+
+def _process_workers(root: Mapping[str, Any], path: str) -> int:
+    """``authz.workers``: an integer, or ``auto`` for the CPUs this process may run on."""
+    value = root.get("workers", 1)
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"{path}.workers", f"an integer from 1 to {MAX_WORKERS}, or auto", value)
+    return value
+
+
+def _check_worker_listeners(
+    grpc: ListenAddress | None, http: ListenAddress | None, workers: int, path: str
+) -> None:
+    """Each worker binds port + index (or path.index): the two ranges must not collide."""
+    for address, key in ((grpc, f"{path}.grpc.listen"), (http, f"{path}.http.listen")):
+        if address is not None:
+            check_worker_addresses(address, workers, key)
+    if workers == 1 or grpc is None or http is None:
+        return
+    grpc_all = {grpc.for_worker(i, workers) for i in range(workers)}
+    http_all = {http.for_worker(i, workers) for i in range(workers)}
+    if any(a.path is not None or a.port != 0 for a in grpc_all & http_all):
+        last = grpc.for_worker(workers - 1, workers)
+        raise ConfigError(
+            f"{path}.http.listen",
+            f"an address outside the gRPC workers' {grpc} .. {last} "
+            f"({workers} workers each bind port + index, or path.index)",
+            str(http),
+        )
+
+
 def _secret(nonce: Mapping[str, Any], key: str, required: bool) -> bytes:
     secret = get_opt_str(nonce, "secret", key)
     secret_file = get_opt_str(nonce, "secret_file", key)
@@ -192,7 +228,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         path,
         {"audience", "audiences", "issuers", "grpc", "http", "default_scheme", "leeway", "dpop",
          "nonce", "replay", "limits", "token_cache_size", "routes", "rules", "unknown_kid_wait",
-         "revocation", "authorities"},
+         "revocation", "workers", "authorities"},
     )  # fmt: skip
     audiences = get_str_list(root, "audiences", path, None) if "audiences" in root else None
     if audiences is None:
@@ -253,6 +289,8 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
     wait = get_int(revocation, "wait", f"{path}.revocation", 10)
     if wait > MAX_WAIT:
         raise ConfigError(f"{path}.revocation.wait", f"at most {MAX_WAIT} seconds", wait)
+    workers = _process_workers(root, path)
+    _check_worker_listeners(grpc_listen, http_listen, workers, path)
     return AuthzConfig(
         settings=settings,
         policy=policy_obj,
@@ -273,6 +311,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
             get_opt_str(revocation, "url", f"{path}.revocation"), f"{path}.revocation.url"
         ),
         revocation_interval=get_num(revocation, "interval", f"{path}.revocation", 5.0, minimum=0.5),
+        workers=workers,
         http_connections=parse_conn_limits(
             http.get("connections"), f"{path}.http.connections", HTTP_LIMITS
         ),

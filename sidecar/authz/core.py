@@ -19,7 +19,7 @@ from typing import Any, cast
 from sidecar.authz.decision import Allow, Decision, Deny, Header, Identity, RequestView
 from sidecar.authz.nonce import NonceService
 from sidecar.authz.policy import Policy, Route, canonical_path
-from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
+from sidecar.authz.replay import ReplayStore
 from sidecar.authz.revocation import RevocationList
 from sidecar.authz.target import RequestTarget
 from sidecar.authz.token_cache import VerifiedTokenCache
@@ -137,7 +137,10 @@ class Authorizer:
         self.token_cache = VerifiedTokenCache(settings.token_cache_size, leeway=settings.leeway)
         self.proof_keys = ProofKeyCache(settings.proof_key_cache_size)
         self.target = RequestTarget(settings.authorities)
-        self._sync_replay = replay if isinstance(replay, InMemoryReplayStore) else None
+        # A store that answers without I/O (in-memory, LMDB) is called inline, no yield.
+        self._sync_replay: Callable[[str, float, float], bool] | None = getattr(
+            replay, "check_and_insert_sync", None
+        )
         algs = " ".join(sorted(settings.dpop.algorithms))
         self._dpop_challenge = f'DPoP algs="{algs}"'
         needs_nonce = any(r.nonce for r in policy.routes) or policy.default_route.nonce
@@ -184,7 +187,7 @@ class Authorizer:
             return result.allow  # bearer: no proof, nothing to record
         try:
             if self._sync_replay is not None:
-                fresh = self._sync_replay.check_and_insert_sync(result.replay_key, now, result.ttl)
+                fresh = self._sync_replay(result.replay_key, now, result.ttl)
             else:
                 fresh = yield ReplayInsert(result.replay_key, now, result.ttl)
         except ReplayStoreUnavailable as exc:

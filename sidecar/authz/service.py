@@ -48,7 +48,9 @@ class AuthzService:
         registry: CollectorRegistry,
         *,
         clock: Callable[[], float] = time.time,
+        replay: ReplayStore | None = None,
     ) -> None:
+        """``replay`` overrides the store ``cfg`` names (the workers' shared one)."""
         self.cfg = cfg
         self.registry = registry
         self.keys = KeyStore()
@@ -63,7 +65,9 @@ class AuthzService:
         }
         self.replay: ReplayStore
         self._redis: RedisReplayStore | None = None
-        if cfg.replay_backend == "redis":
+        if replay is not None:
+            self.replay = replay
+        elif cfg.replay_backend == "redis":
             from sidecar.authz.replay_redis import RedisReplayStore
 
             assert cfg.redis_url is not None

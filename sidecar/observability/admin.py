@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+Readiness = tuple[bool, str]
+
 
 def make_admin_app(
-    registry: CollectorRegistry, readiness: Callable[[], tuple[bool, str]]
+    registry: CollectorRegistry,
+    readiness: Callable[[], Readiness | Awaitable[Readiness]],
+    *,
+    before_scrape: Callable[[], Awaitable[None]] | None = None,
 ) -> web.Application:
+    """``readiness`` may be a coroutine function (the worker parent asks its workers);
+    ``before_scrape`` runs before each ``/metrics`` (it gathers the workers' metrics)."""
+
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        ready, why = readiness()
+        answer = readiness()
+        ready, why = await answer if inspect.isawaitable(answer) else answer
         return web.Response(status=200 if ready else 503, text=why + "\n")
 
     async def metrics(_: web.Request) -> web.Response:
+        if before_scrape is not None:
+            await before_scrape()
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -4,12 +4,14 @@ key source's back-off while an issuer has no keys."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar.authz.config import parse_authz_config
+from sidecar.authz.workers import PoolRegistry, merge_worker_metrics, with_shared_secret
 from sidecar.config_util import parse_admin_listen
 from sidecar.errors import ConfigError
 from sidecar.jose import jwks
@@ -93,3 +95,83 @@ def test_no_keys_backs_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(source.run_periodic())
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "expected"),
+    [
+        ({"workers": 0}, "authz.workers", "from 1 to 256, or auto"),
+        ({"workers": "many"}, "authz.workers", "from 1 to 256, or auto"),
+        # Two workers of the default listeners: gRPC 9191, 9192 and HTTP 9192, 9193 collide.
+        ({"workers": 2}, "authz.http.listen", "outside the gRPC workers' 127.0.0.1:9191"),
+        (
+            {
+                "workers": 2,
+                "grpc": {"listen": "unix:/run/a.sock"},
+                "http": {"listen": "unix:/run/a.sock"},
+            },
+            "authz.http.listen",
+            "outside the gRPC workers'",
+        ),
+        ({"workers": 3, "grpc": {"listen": "127.0.0.1:65534"}}, "authz.grpc.listen", "65533"),
+    ],
+)
+def test_bad_worker_settings_name_the_key(extra: dict[str, Any], key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_authz_config(base(**extra))
+    assert str(info.value).startswith(key), str(info.value)
+    assert expected in str(info.value)
+
+
+def test_workers_default_to_one_and_auto_is_the_usable_cores() -> None:
+    assert parse_authz_config(base()).workers == 1
+    auto = parse_authz_config(base(workers="auto", http={"listen": "127.0.0.1:9291"}))
+    assert auto.workers == len(os.sched_getaffinity(0))
+
+
+def test_workers_share_the_configured_nonce_secret_byte_for_byte(tmp_path: Path) -> None:
+    secret_file = tmp_path / "nonce"
+    secret_file.write_text("a-secret-of-at-least-16-bytes\n")
+    for nonce in ({"secret": "configured-secret-0123"}, {"secret_file": str(secret_file)}):
+        data = {"authz": base(nonce=nonce)}
+        parent = parse_authz_config(data["authz"])
+        shared = with_shared_secret(data, parent)
+        assert "secret_file" not in shared["authz"]["nonce"]
+        # A replica on another host with the same configuration accepts the same nonces.
+        assert parse_authz_config(shared["authz"]).nonce_secret == parent.nonce_secret
+    generated = with_shared_secret({"authz": base()}, parse_authz_config(base()))
+    assert len(generated["authz"]["nonce"]["secret"]) >= 32
+
+
+def test_worker_metrics_are_merged_with_a_worker_label() -> None:
+    text = (
+        "# HELP sidecar_authz_decisions_total d\n# TYPE sidecar_authz_decisions_total counter\n"
+        'sidecar_authz_decisions_total{reason="replayed"} %d\n'
+    )
+    (family,) = merge_worker_metrics({0: text % 2, 1: text % 5})
+    assert family.name == "sidecar_authz_decisions"
+    assert [(s.labels, s.value) for s in family.samples] == [
+        ({"worker": "0", "reason": "replayed"}, 2.0),
+        ({"worker": "1", "reason": "replayed"}, 5.0),
+    ]
+
+
+def test_sidecar_run_refuses_worker_processes() -> None:
+    from sidecar import run_command
+
+    authz = base(workers=2, http={"listen": "127.0.0.1:9291"})
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(run_command.serve({"authz": authz}))
+    assert str(info.value).startswith("authz.workers: expected 1 under `sidecar run`")
+
+
+def test_parent_and_worker_families_are_rendered_once() -> None:
+    from prometheus_client import Gauge, generate_latest
+
+    registry = PoolRegistry()
+    Gauge("sidecar_open_fds", "fds", registry=registry).set(7)
+    text = "# HELP sidecar_open_fds fds\n# TYPE sidecar_open_fds gauge\nsidecar_open_fds 9\n"
+    registry.worker_families = merge_worker_metrics({0: text})
+    out = generate_latest(registry).decode()
+    assert out.count("# TYPE sidecar_open_fds gauge") == 1
+    assert "sidecar_open_fds 7.0" in out and 'sidecar_open_fds{worker="0"} 9.0' in out
