@@ -155,21 +155,26 @@ class GrpcH2Protocol(asyncio.Protocol):
                 self.transport.close()
             return
         for event in events:
-            if isinstance(event, DataReceived):
-                self._data(event)
-            elif isinstance(event, RequestReceived):
-                self._request(event)
-            elif isinstance(event, StreamEnded):
-                self._ended(event.stream_id)
-            elif isinstance(event, WindowUpdated):
-                self._window(event.stream_id)
-            elif isinstance(event, StreamReset):
-                self._drop(event.stream_id)
-            elif isinstance(event, ConnectionTerminated):
-                self._flush()
-                if self.transport is not None:
-                    self.transport.close()
-                return
+            try:
+                if isinstance(event, DataReceived):
+                    self._data(event)
+                elif isinstance(event, RequestReceived):
+                    self._request(event)
+                elif isinstance(event, StreamEnded):
+                    self._ended(event.stream_id)
+                elif isinstance(event, WindowUpdated):
+                    self._window(event.stream_id)
+                elif isinstance(event, StreamReset):
+                    self._drop(event.stream_id)
+                elif isinstance(event, ConnectionTerminated):
+                    self._flush()
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+            except ProtocolError:
+                # One read can carry a request and its reset (Envoy's deadline passed): the
+                # stream is gone by the time we answer it. Only that stream is affected.
+                self.calls.pop(getattr(event, "stream_id", 0), None)
         self._flush()
 
     # -- events ---------------------------------------------------------------------------

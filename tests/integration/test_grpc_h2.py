@@ -18,6 +18,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import (
     ConnectionTerminated,
+    DataReceived,
     PingAckReceived,
     ResponseReceived,
     StreamEnded,
@@ -152,14 +153,17 @@ class RawClient:
     def flush(self) -> None:
         self.sock.sendall(self.conn.data_to_send())
 
-    def request(self, payload: bytes, *extra: tuple[str, str], end: bool = True) -> int:
+    def request(
+        self, payload: bytes, *extra: tuple[str, str], end: bool = True, flush: bool = True
+    ) -> int:
         sid = self.conn.get_next_available_stream_id()
         headers = [(":method", "POST"), (":scheme", "http"), (":path", PATH),
                    (":authority", "x"), ("content-type", "application/grpc"), *extra]  # fmt: skip
         self.conn.send_headers(sid, headers)
         message = b"\x00" + len(payload).to_bytes(4, "big") + payload
         self.conn.send_data(sid, message, end_stream=end)
-        self.flush()
+        if flush:
+            self.flush()
         return sid
 
     def events(self, until: Callable[[Any], bool]) -> list[Any]:
@@ -269,3 +273,20 @@ def test_shutdown_sends_goaway_and_lets_calls_in_flight_finish(serve: Any, raw: 
     assert data == b"\x00\x00\x00\x00\x04done"
     last = [f for f in frames if isinstance(f, HeadersFrame) and f.stream_id == sid][-1]
     assert "END_STREAM" in last.flags  # the trailers closed the call
+
+
+def test_a_call_reset_in_the_same_read_as_its_request_spares_the_connection(
+    serve: Any, raw: Any
+) -> None:
+    # Envoy resets a call whose deadline passed; under load the reset and the next calls can
+    # arrive in the same read as the request itself. Answering the reset call used to raise
+    # out of data_received, and the event loop then dropped the whole connection.
+    client = raw(serve(echo).port)
+    first = client.request(b"late", flush=False)
+    client.conn.reset_stream(first)
+    second = client.request(b"next", flush=False)
+    client.flush()  # one write: request, reset, next request
+    events = client.events(lambda e: isinstance(e, StreamEnded) and e.stream_id == second)
+    data = b"".join(e.data for e in events if isinstance(e, DataReceived) and e.stream_id == second)
+    assert data == b"\x00\x00\x00\x00\x07re:next"
+    assert not any(isinstance(e, ConnectionTerminated) for e in events)
