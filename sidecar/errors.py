@@ -18,6 +18,7 @@ class Reason(enum.StrEnum):
     UNKNOWN_KEY = "unknown_key"
     BAD_SIGNATURE = "bad_signature"
     UNTRUSTED_ISSUER = "untrusted_issuer"
+    TRUST_DOMAIN_MISMATCH = "trust_domain_mismatch"
     WRONG_TYPE = "wrong_type"
     WRONG_AUDIENCE = "wrong_audience"
     EXPIRED = "expired"

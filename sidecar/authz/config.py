@@ -18,6 +18,7 @@ from sidecar.authz.core import AuthzSettings
 from sidecar.authz.policy import Policy
 from sidecar.authz.replay import DEFAULT_MAX_MEMORY_MIB, capacity_for
 from sidecar.authz.target import parse_authority
+from sidecar.authz.trust_domains import TrustDomainSource, parse_trust_domains
 from sidecar.config_util import (
     get_algorithms,
     get_bool,
@@ -75,6 +76,7 @@ class AuthzConfig:
     revocation_wait: int
     workers: int = 1
     http_connections: ConnLimits = HTTP_LIMITS
+    trust_domains: tuple[TrustDomainSource, ...] = ()
 
 
 def _issuer(raw: Any, key: str) -> tuple[IssuerPolicy, IssuerSource]:
@@ -228,14 +230,19 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         path,
         {"audience", "audiences", "issuers", "grpc", "http", "default_scheme", "leeway", "dpop",
          "nonce", "replay", "limits", "token_cache_size", "routes", "rules", "unknown_kid_wait",
-         "revocation", "workers", "authorities"},
+         "revocation", "workers", "authorities", "trust_domains"},
     )  # fmt: skip
     audiences = get_str_list(root, "audiences", path, None) if "audiences" in root else None
     if audiences is None:
         audiences = [get_str(root, "audience", path)]
-    raw_issuers = root.get("issuers")
-    if not isinstance(raw_issuers, list) or not raw_issuers:
-        raise ConfigError(f"{path}.issuers", "a non-empty list of trusted issuers", raw_issuers)
+    trust_domains = parse_trust_domains(root, path)
+    raw_issuers = root.get("issuers", [] if trust_domains else None)
+    if not isinstance(raw_issuers, list) or not (raw_issuers or trust_domains):
+        raise ConfigError(
+            f"{path}.issuers",
+            "a non-empty list of trusted issuers (or authz.trust_domains)",
+            raw_issuers,
+        )
     policies: dict[str, IssuerPolicy] = {}
     sources = []
     for i, raw in enumerate(raw_issuers):
@@ -269,6 +276,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         max_token_bytes=get_int(limits, "max_token_bytes", f"{path}.limits", 8192, minimum=256),
         token_cache_size=get_int(root, "token_cache_size", path, 10_000),
         authorities=_authorities(root, path),
+        trust_domains={td.name: td.algorithms for td in trust_domains},
     )
     grpc = section(root.get("grpc"), f"{path}.grpc")
     http = section(root.get("http"), f"{path}.http")
@@ -316,4 +324,5 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
             http.get("connections"), f"{path}.http.connections", HTTP_LIMITS
         ),
         revocation_wait=wait,
+        trust_domains=trust_domains,
     )

@@ -23,6 +23,7 @@ from sidecar.authz.replay import ReplayStore
 from sidecar.authz.revocation import RevocationList
 from sidecar.authz.target import RequestTarget
 from sidecar.authz.token_cache import VerifiedTokenCache
+from sidecar.authz.trust_domains import TrustBundles, refresh_target
 from sidecar.errors import (
     NONCE_REASONS,
     PROOF_REASONS,
@@ -32,9 +33,10 @@ from sidecar.errors import (
     status_for,
 )
 from sidecar.jose.jwks import KeyStore
-from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
+from sidecar.jose.rfc7515_jws import CompactJWS
 from sidecar.jose.rfc9068_access_token import IssuerPolicy, VerifiedToken, verify_access_token
 from sidecar.jose.rfc9449_dpop import DPoPPolicy, ProofKeyCache, VerifiedProof, verify_proof
+from sidecar.jose.spiffe_jwt_svid import verify_jwt_svid
 
 IDENTITY_PREFIX = "x-workload-"
 #: Removed from every allowed request: the credentials, and the method-override headers some
@@ -53,6 +55,8 @@ class AuthzSettings:
     audiences: frozenset[str]
     issuers: Mapping[str, IssuerPolicy]
     leeway: float = 5.0
+    #: SPIFFE trust domains whose JWT-SVIDs are accepted: name → allowed algorithms.
+    trust_domains: Mapping[str, frozenset[str]] = field(default_factory=dict)
     dpop: DPoPPolicy = field(default_factory=DPoPPolicy)
     #: Normalized origins this service answers to (``target.parse_authority``); empty: the
     #: request's own origin (Host, connection scheme) is what a proof's htu must name.
@@ -125,9 +129,12 @@ class Authorizer:
         revocations: RevocationList | None = None,
         clock: Callable[[], float] = time.time,
         on_unknown_key: Callable[[str], Awaitable[bool]] | None = None,
+        bundles: TrustBundles | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
+        self.bundles = bundles if bundles is not None else TrustBundles()
+        self._other_profile = self._verify_svid if settings.trust_domains else None
         self.policy = policy
         self.replay = replay
         self.nonces = nonces
@@ -283,7 +290,7 @@ class Authorizer:
         return scheme, token
 
     def _verify_token(self, token: str, now: float, meta: dict[str, Any]) -> VerifiedToken:
-        generation = self.keys.generation
+        generation = self.keys.generation + self.bundles.generation
         verified = self.token_cache.get(token, generation)
         if verified is None:
             try:
@@ -295,10 +302,11 @@ class Authorizer:
                     now=now,
                     leeway=self.settings.leeway,
                     max_bytes=self.settings.max_token_bytes,
+                    other_profile=self._other_profile,
                 )
             except AuthError as err:
                 if err.reason is Reason.UNKNOWN_KEY:
-                    meta["iss"] = _unverified_issuer(token)
+                    meta["iss"] = refresh_target(token, self.settings.issuers)
                 raise
             self.token_cache.put(token, verified, generation, now)
         elif now >= verified.expires_at + self.settings.leeway:
@@ -311,6 +319,16 @@ class Authorizer:
         if verified.kid is not None:
             meta["kid"] = verified.kid
         return verified
+
+    def _verify_svid(self, jws: CompactJWS, now: float) -> VerifiedToken | None:
+        return verify_jwt_svid(
+            jws,
+            algorithms=self.settings.trust_domains,
+            bundles=self.bundles,
+            audiences=self.settings.audiences,
+            now=now,
+            leeway=self.settings.leeway,
+        )
 
     def _verify_binding(
         self,
@@ -464,11 +482,3 @@ class Authorizer:
         """The deny the transports send when ``decide`` itself failed (a bug): fail closed."""
         return self._deny(Reason.INTERNAL_ERROR, detail, self.policy.default_route, "dpop", 0.0, {})
 
-
-def _unverified_issuer(token: str) -> str | None:
-    """``iss`` read without verification, only to pick which issuer's keys to refresh."""
-    try:
-        iss = parse_compact(token, max_bytes=len(token)).payload.get("iss")
-    except JWSFormatError:
-        return None
-    return iss if isinstance(iss, str) else None

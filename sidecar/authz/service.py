@@ -28,7 +28,9 @@ from sidecar.authz.http_server import make_http_app
 from sidecar.authz.nonce import NonceService
 from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
 from sidecar.authz.revocation import RevocationList, RevocationPoller
+from sidecar.authz.trust_domains import TrustBundles, make_bundle_source
 from sidecar.errors import ReplayStoreUnavailable
+from sidecar.identity.workload_api import WorkloadApi
 from sidecar.jose.jwks import JwksSource, KeyStore
 from sidecar.listen_address import ListenAddress, unlink_socket
 from sidecar.net_limits import ListenerGuard, server_options
@@ -63,6 +65,16 @@ class AuthzService:
             )
             for s in cfg.sources
         }
+        # Trust domains' bundles, refreshed like issuers' keys; a token with an unknown key
+        # names its source as spiffe://<trust domain> (trust_domains.refresh_target).
+        self.bundles = TrustBundles()
+        self.bundle_sources: dict[str, JwksSource] = {}
+        self._workload_apis: list[WorkloadApi] = []
+        for td in cfg.trust_domains:
+            source, api = make_bundle_source(td, self.bundles)
+            self.bundle_sources[td.name] = source
+            if api is not None:
+                self._workload_apis.append(api)
         self.replay: ReplayStore
         self._redis: RedisReplayStore | None = None
         if replay is not None:
@@ -86,6 +98,7 @@ class AuthzService:
             revocations=self.revocations,
             clock=clock,
             on_unknown_key=self._on_unknown_key,
+            bundles=self.bundles,
         )
         self.metrics = AuthzMetrics(registry)
         self.metrics.cache_gauge(
@@ -104,7 +117,9 @@ class AuthzService:
             lambda: len(self.authorizer.proof_keys),
         )
         self.metrics.cache_gauge(
-            "sidecar_jwks_keys", "Keys held for all issuers", self.keys.key_count
+            "sidecar_jwks_keys",
+            "Keys held for all issuers and trust domains",
+            lambda: self.keys.key_count() + self.bundles.key_count(),
         )
         self.metrics.cache_gauge(
             "sidecar_authz_revocations", "Revoked subjects and jtis", lambda: len(self.revocations)
@@ -135,6 +150,8 @@ class AuthzService:
         """A token names a kid we do not hold: refetch that issuer's keys (rate-limited) and
         wait a short, bounded time so the check still fits Envoy's deadline."""
         source = self.sources.get(issuer or "")
+        if source is None and issuer is not None and issuer.startswith("spiffe://"):
+            source = self.bundle_sources.get(issuer[len("spiffe://") :])
         if source is None or not source.may_refresh():
             return False
         try:
@@ -151,6 +168,9 @@ class AuthzService:
 
     def readiness(self) -> tuple[bool, str]:
         missing = [iss for iss in self.sources if not self.keys.has_issuer(iss)]
+        missing += [
+            f"spiffe://{td}" for td in self.bundle_sources if not self.bundles.has_issuer(td)
+        ]
         if missing:
             return False, "no keys yet for issuer(s): " + ", ".join(missing)
         wait = self.authorizer.restart_guard_until() - self.authorizer.clock()
@@ -168,9 +188,9 @@ class AuthzService:
         # an issuer that is down — checks for it deny (unknown_key) until its keys arrive.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(s.refresh() for s in self.sources.values())), timeout=5.0
+                asyncio.gather(*(s.refresh() for s in self._all_sources())), timeout=5.0
             )
-        for source in self.sources.values():
+        for source in self._all_sources():
             self._tasks.append(asyncio.create_task(source.run_periodic()))
         if self.revocation_poller is not None:
             self._tasks.append(asyncio.create_task(self.revocation_poller.run()))
@@ -209,6 +229,9 @@ class AuthzService:
             guard = ListenerGuard("authz_http", limits, self.registry)
             self.http_address = await start_listener_site(self._http, self.cfg.http_listen, guard)
 
+    def _all_sources(self) -> list[JwksSource]:
+        return [*self.sources.values(), *self.bundle_sources.values()]
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -219,6 +242,8 @@ class AuthzService:
             await self._http.cleanup()
         unlink_socket(self.grpc_address)
         unlink_socket(self.http_address)
+        for api in self._workload_apis:
+            await api.close()
         close = getattr(self.replay, "close", None)
         if close is not None:
             await close()

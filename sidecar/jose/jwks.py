@@ -12,10 +12,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -29,6 +29,14 @@ MAX_DOCUMENT_BYTES = 256 * 1024
 
 class JwksUnavailable(Exception):
     """A key set could not be fetched or parsed."""
+
+
+class KeySink(Protocol):
+    """Where a source puts the keys it loaded: a KeyStore, or the SPIFFE trust bundles."""
+
+    def replace(self, issuer: str, keys: Sequence[PublicJWK]) -> bool: ...
+
+    def has_issuer(self, issuer: str) -> bool: ...
 
 
 class KeyStore:
@@ -93,19 +101,26 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
 
 class JwksSource:
     """Keeps one issuer's keys in a KeyStore fresh: at start, periodically, and on demand
-    (an unknown ``kid``) no more often than ``min_refresh_interval``."""
+    (an unknown ``kid``) no more often than ``min_refresh_interval``.
+
+    ``importer`` turns the fetched document into keys (a SPIFFE bundle keeps each key's
+    ``use``); ``fetch_document`` replaces the file/URL fetch (the SPIFFE Workload API)."""
 
     def __init__(
         self,
         location: JwksLocation,
-        store: KeyStore,
+        store: KeySink,
         *,
         refresh_interval: float = 300.0,
         min_refresh_interval: float = 10.0,
         timeout: float = 5.0,
+        importer: Callable[[Any], list[PublicJWK]] = import_jwks,
+        fetch_document: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         self.location = location
         self.store = store
+        self.importer = importer
+        self.fetch_document = fetch_document
         self.refresh_interval = refresh_interval
         self.min_refresh_interval = min_refresh_interval
         self.timeout = timeout
@@ -119,7 +134,9 @@ class JwksSource:
 
     async def _load(self) -> list[PublicJWK]:
         loc = self.location
-        if loc.file is not None:
+        if self.fetch_document is not None:
+            doc = await asyncio.wait_for(self.fetch_document(), self.timeout)
+        elif loc.file is not None:
             raw = await asyncio.to_thread(Path(loc.file).read_bytes)
             if len(raw) > MAX_DOCUMENT_BYTES:
                 raise JwksUnavailable(f"{loc.file}: larger than {MAX_DOCUMENT_BYTES} bytes")
@@ -142,7 +159,7 @@ class JwksSource:
                     self._jwks_uri = uri
                 doc = await _get_json(session, self._jwks_uri)
         try:
-            return import_jwks(doc)
+            return self.importer(doc)
         except JWKError as exc:
             raise JwksUnavailable(str(exc)) from None
 

@@ -42,6 +42,8 @@ class PublicJWK:
     kty: str
     key: Any  # a cryptography public key object
     thumbprint: str
+    #: The key's ``use`` when it came from a SPIFFE bundle (``jwt-svid``, ``wit-svid``).
+    use: str | None = None
 
     def usable_with(self, alg: str) -> bool:
         if self.alg is not None and not same_operation(self.alg, alg):
@@ -100,15 +102,20 @@ def import_public_jwk(jwk: Mapping[str, Any]) -> PublicJWK:
     return PublicJWK(kid=kid, alg=alg, kty=kty, key=key, thumbprint=thumb)
 
 
-def import_jwks(doc: Mapping[str, Any]) -> list[PublicJWK]:
-    """Import the usable signing keys of a JWK Set; keys we cannot use are skipped."""
+def key_entries(doc: Any) -> list[Any]:
+    """The ``keys`` array of a JWK Set, bounded in length."""
     keys = doc.get("keys") if isinstance(doc, Mapping) else None
     if not isinstance(keys, list):
         raise JWKError("JWK Set has no 'keys' array")
     if len(keys) > MAX_KEYS_PER_SET:
         raise JWKError(f"JWK Set has more than {MAX_KEYS_PER_SET} keys")
+    return keys
+
+
+def import_jwks(doc: Mapping[str, Any]) -> list[PublicJWK]:
+    """Import the usable signing keys of a JWK Set; keys we cannot use are skipped."""
     out: list[PublicJWK] = []
-    for entry in keys:
+    for entry in key_entries(doc):
         try:
             out.append(import_public_jwk(entry))
         except JWKError:

@@ -10,13 +10,13 @@ value corresponding to an identifier the resource server expects for itself").
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.errors import AuthError, Reason
 from sidecar.jose.claim_text import acceptable_text
-from sidecar.jose.rfc7515_jws import JWSFormatError, normalize_typ, parse_compact
+from sidecar.jose.rfc7515_jws import CompactJWS, JWSFormatError, normalize_typ, parse_compact
 from sidecar.jose.rfc7517_jwk import PublicJWK
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, verify_signature
 
@@ -92,6 +92,26 @@ def _audiences(claims: Mapping[str, Any]) -> tuple[str, ...]:
     raise AuthError(Reason.MALFORMED_TOKEN, "claim aud is missing or not a string/list of strings")
 
 
+def check_lifetime_and_audience(
+    exp: float,
+    nbf: float | None,
+    iat: float | None,
+    token_auds: tuple[str, ...],
+    audiences: frozenset[str],
+    now: float,
+    leeway: float,
+) -> None:
+    """RFC 7519 §4.1.3-§4.1.6 against the clock passed in, with leeway."""
+    if now >= exp + leeway:
+        raise AuthError(Reason.EXPIRED, "token has expired")
+    if nbf is not None and now + leeway < nbf:
+        raise AuthError(Reason.NOT_YET_VALID, "token is not valid yet (nbf)")
+    if iat is not None and now + leeway < iat:
+        raise AuthError(Reason.NOT_YET_VALID, "token was issued in the future (iat)")
+    if audiences.isdisjoint(token_auds):
+        raise AuthError(Reason.WRONG_AUDIENCE, "token audience is not this service")
+
+
 def verify_access_token(
     token: str,
     *,
@@ -101,8 +121,11 @@ def verify_access_token(
     now: float,
     leeway: float,
     max_bytes: int,
+    other_profile: Callable[[CompactJWS, float], VerifiedToken | None] | None = None,
 ) -> VerifiedToken:
-    """Verify a JWT access token or raise AuthError with the reason code."""
+    """Verify a JWT access token or raise AuthError with the reason code. A token whose
+    ``iss`` is absent or not a trusted issuer goes to ``other_profile`` first (the SPIFFE
+    trust domains), which verifies it or returns None to let the checks here refuse it."""
     try:
         jws = parse_compact(token, max_bytes=max_bytes)
     except JWSFormatError as exc:
@@ -112,6 +135,12 @@ def verify_access_token(
     if alg not in ASYMMETRIC_ALGORITHMS:
         # Catches "none" and HMAC before anything else looks at the token (RFC 8725 §2.1).
         raise AuthError(Reason.ALG_NOT_ALLOWED, f"algorithm {alg[:20]!r} is never accepted")
+    if other_profile is not None:
+        raw_iss = claims.get("iss")
+        if not isinstance(raw_iss, str) or raw_iss not in issuers:
+            other = other_profile(jws, now)
+            if other is not None:
+                return other
     iss = _str_claim(claims, "iss", required=True)
     assert iss is not None
     policy = issuers.get(iss)
@@ -152,14 +181,7 @@ def verify_access_token(
         if jkt is not None and (len(jkt) != 43 or not jkt.isascii()):
             raise AuthError(Reason.MALFORMED_TOKEN, "cnf.jkt is not a SHA-256 thumbprint")
 
-    if now >= exp + leeway:
-        raise AuthError(Reason.EXPIRED, "token has expired")
-    if nbf is not None and now + leeway < nbf:
-        raise AuthError(Reason.NOT_YET_VALID, "token is not valid yet (nbf)")
-    if iat is not None and now + leeway < iat:
-        raise AuthError(Reason.NOT_YET_VALID, "token was issued in the future (iat)")
-    if audiences.isdisjoint(token_auds):
-        raise AuthError(Reason.WRONG_AUDIENCE, "token audience is not this service")
+    check_lifetime_and_audience(exp, nbf, iat, token_auds, audiences, now, leeway)
     return VerifiedToken(
         issuer=iss,
         subject=sub,

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 import sidecar.authz.config
 import sidecar.authz.policy
+import sidecar.authz.trust_domains
 import sidecar.broker.config
 import sidecar.broker.registry
 import sidecar.egress.config
@@ -152,6 +153,7 @@ def rows_by_key(text: str, first_column: str) -> dict[str, list[str]]:
 PARSER_MODULES = (
     sidecar.authz.config,
     sidecar.authz.policy,
+    sidecar.authz.trust_domains,
     sidecar.broker.config,
     sidecar.broker.registry,
     sidecar.egress.config,
@@ -205,6 +207,7 @@ def _sidecar_full(attestor: dict[str, Any]) -> dict[str, Any]:
         "authz": {
             "audience": ORDERS,
             "issuers": [{"issuer": ISSUER}],
+            "trust_domains": [{"name": "example.org", "bundle_file": "/nonexistent/b.json"}],
             "grpc": {},
             "http": {},
             "dpop": {},
@@ -389,6 +392,9 @@ def test_sidecar_reference_defaults() -> None:
         {"audience": ORDERS, "issuers": [{"issuer": ISSUER}], "routes": [{"prefix": "/x"}]}
     )
     issuer = a.settings.issuers[ISSUER]
+    td = parse_authz_config(
+        {"audience": ORDERS, "trust_domains": [{"name": "example.org", "bundle_file": "/b"}]}
+    ).trust_domains[0]
     e = parse_egress_config(
         {"upstreams": [{"listen": "127.0.0.1:1", "upstream": "http://h", "audience": ORDERS}]}
     )
@@ -400,6 +406,12 @@ def test_sidecar_reference_defaults() -> None:
         "authz.issuers[].token_types": issuer.token_types,
         "authz.issuers[].refresh_interval": a.sources[0].refresh_interval,
         "authz.issuers[].min_refresh_interval": a.sources[0].min_refresh_interval,
+        "authz.trust_domains": list(a.trust_domains),
+        "authz.trust_domains[].algorithms": td.algorithms,
+        "authz.trust_domains[].insecure_http": False,
+        "authz.trust_domains[].workload_api": td.workload_api,
+        "authz.trust_domains[].refresh_interval": td.refresh_interval,
+        "authz.trust_domains[].min_refresh_interval": td.min_refresh_interval,
         "authz.grpc.enabled": a.grpc_listen is not None,
         "authz.grpc.listen": a.grpc_listen,
         "authz.http.enabled": a.http_listen is not None,

@@ -34,6 +34,7 @@ from factory import (
     unsigned_jws,
     view,
 )
+from spiffe_factory import spiffe_harness, svid
 
 from sidecar.authz.decision import Allow, Decision, Deny
 from sidecar.authz.nonce import NonceService
@@ -268,6 +269,15 @@ CASES = [
         "iss-with-trailing-slash",
         Reason.UNTRUSTED_ISSUER,
         lambda h: dpop(h, h.token(iss=ES_ISSUER + "/")),
+    ),
+    # trust_domain_mismatch: a JWT-SVID naming another trust domain, signed by this one's key
+    Case(
+        "svid-sub-of-another-trust-domain",
+        Reason.TRUST_DOMAIN_MISMATCH,
+        lambda h: spiffe_harness().decide(
+            h.bearer_request(token=svid(sub="spiffe://partner.example/ns/shop/sa/frontend"))
+        ),
+        scheme="Bearer",
     ),
     # wrong_type
     Case("typ-JWT", Reason.WRONG_TYPE, lambda h: dpop(h, h.token(typ="JWT"))),
