@@ -139,3 +139,17 @@ def test_merged_slashes_do_not_widen_the_match() -> None:
         request = view(path=forwarded, headers={"authorization": f"DPoP {token}", "dpop": proof})
         decision = h.decide(request)
         assert isinstance(decision, Deny) and decision.reason is Reason.HTU_MISMATCH, htu_path
+
+
+@pytest.mark.parametrize("suffix", ["?", "?x", "#", "#/", "/", "@evil.example"])
+def test_without_authorities_a_host_that_is_no_authority_is_refused(suffix: str) -> None:
+    """The origin is built from the client's Host: one that ends the authority early ('?', '#',
+    '/') would move the request's real path into a query or fragment, so a proof for ``/``
+    would match any path. Envoy answers 400 to such a Host; the core does not rely on that."""
+    h = make_harness()
+    token = h.token()
+    proof = h.proof(token, url=f"{ORDERS}/")
+    request = view(path="/orders/7", authority=f"orders.demo.local{suffix}",
+                   headers={"authorization": f"DPoP {token}", "dpop": proof})  # fmt: skip
+    decision = h.decide(request)
+    assert isinstance(decision, Deny) and decision.reason is Reason.HTU_MISMATCH, decision
