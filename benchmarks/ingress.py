@@ -37,6 +37,7 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     rate_limit_lua,
     run_wrk,
+    tree_cpu_seconds,
 )
 from sidecar.envoy_config import ingress_bootstrap  # noqa: E402
 from tests.integration.harness import (  # noqa: E402
@@ -78,6 +79,7 @@ class Server:
     grpc_port: int
     http_port: int
     unix_dir: Path | None = None  # listening on unix sockets there instead of the ports
+    workers: int = 1
 
     def socket(self, mode: str) -> str | None:
         return None if self.unix_dir is None else str(self.unix_dir / f"{mode}.sock")
@@ -130,13 +132,14 @@ class Bench:
         self.unbound = self.issuer.token(ttl=3600)
 
     def start_sidecar(
-        self, engine: str, wrap: list[str] | None = None, *, unix: bool = False
+        self, engine: str, wrap: list[str] | None = None, *, unix: bool = False, workers: int = 1
     ) -> Server:
         """``sidecar authz`` with ``engine``; ``wrap`` runs it under another command (a
         profiler) that takes the sidecar's arguments after its own; ``unix``: its listeners
-        are unix sockets instead of TCP ports."""
+        are unix sockets instead of TCP ports; ``workers`` > 1: that many worker processes,
+        not pinned (they are there to use every core)."""
         grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
-        name = f"authz-{engine}{'-unix' if unix else ''}"
+        name = f"authz-{engine}{'-unix' if unix else ''}{f'-w{workers}' if workers > 1 else ''}"
         unix_dir = self.tmp / name if unix else None
         grpc_listen, http_listen = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}"
         if unix_dir is not None:
@@ -148,12 +151,14 @@ class Bench:
                 "issuers": [{"issuer": self.issuer.issuer, "jwks_file": str(self.jwks)}],
                 "grpc": {"listen": grpc_listen, "engine": engine},
                 "http": {"listen": http_listen},
-                "replay": {"capacity": 2_000_000},
+                "replay": {"max_memory": 256},
                 "routes": [{"prefix": "/bearer", "auth": "bearer"}],
                 "rules": [{"name": "all", "principals": ["**"], "paths": ["/"]}],
             },
             "admin": {"listen": f"127.0.0.1:{admin_port}"},
         }
+        if workers > 1:
+            cfg["authz"]["workers"] = workers
         path = self.tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         argv = ["--log-level", "WARNING", "authz", "-c", str(path)]
@@ -163,8 +168,9 @@ class Bench:
             log_dir=self.tmp,
         ).start()
         wait_for_http(f"http://127.0.0.1:{admin_port}/readyz", 30, process=proc)
-        pin(proc.pid, SIDECAR_CPU)
-        return Server(proc, grpc_port, http_port, unix_dir)
+        if workers == 1:
+            pin(proc.pid, SIDECAR_CPU)
+        return Server(proc, grpc_port, http_port, unix_dir, workers)
 
     def start_trivial(self, engine: str, wrap: list[str] | None = None) -> Server:
         grpc_port, http_port = free_port(), free_port()
@@ -198,6 +204,7 @@ class Bench:
             mode=mode,  # type: ignore[arg-type]
             authz_port=authz_port,
             authz_unix=authz_unix,
+            authz_workers=server.workers if server is not None else 1,
             jwt_issuer=self.issuer.issuer,
             jwt_audiences=[AUDIENCE],
             jwt_jwks_file=str(self.jwks),
@@ -246,12 +253,14 @@ class Bench:
         try:
             warm = self.wrk(url, kind, 2, None, 5000)
             envoy_cpu0 = cpu_seconds(envoy.pid)
-            side_cpu0 = cpu_seconds(server.proc.pid) if server else 0.0
+            side_cpu0 = tree_cpu_seconds(server.proc.pid) if server else 0.0
             peak = self.wrk(url, kind, self.duration, None, max(warm.rps, 500))
             envoy_us = (cpu_seconds(envoy.pid) - envoy_cpu0) / max(peak.requests, 1) * 1e6
             side_us = 0.0
             if server is not None:
-                side_us = (cpu_seconds(server.proc.pid) - side_cpu0) / max(peak.requests, 1) * 1e6
+                side_us = (
+                    (tree_cpu_seconds(server.proc.pid) - side_cpu0) / max(peak.requests, 1) * 1e6
+                )
             half_rate = peak.rps / 2
             half = self.wrk(url, kind, self.duration * 0.75, half_rate, half_rate)
             base = None
@@ -279,6 +288,9 @@ def main() -> int:
     parser.add_argument("--engines", default="loop", help="gRPC engines: loop,threads,aio")
     parser.add_argument(
         "--no-unix", action="store_true", help="skip the unix-socket rows (Envoy pipe to authz)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="also measure this many authz.workers (1: skip)"
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/ingress.json"))
     args = parser.parse_args()
@@ -324,6 +336,33 @@ def main() -> int:
                     (f"gRPC {engines[0]}: full DPoP, unix socket", "grpc", "dpop", unix, t, False),
                     ("HTTP: bearer, unix socket", "http", "bearer", unix, "http", False),
                     ("HTTP: full DPoP, unix socket", "http", "dpop", unix, "http", False),
+                ]
+            if args.workers > 1:
+                # authz.workers over unix sockets (path.i each): compare with the rows above.
+                n = args.workers
+                many = servers["sidecar-workers"] = bench.start_sidecar(
+                    engines[0], unix=True, workers=n
+                )
+                t = f"grpc-{engines[0]}"
+                plan += [
+                    (
+                        f"gRPC {engines[0]}: bearer, unix, {n} workers",
+                        "grpc",
+                        "bearer",
+                        many,
+                        t,
+                        False,
+                    ),
+                    (
+                        f"gRPC {engines[0]}: full DPoP, unix, {n} workers",
+                        "grpc",
+                        "dpop",
+                        many,
+                        t,
+                        False,
+                    ),
+                    (f"HTTP: bearer, unix, {n} workers", "http", "bearer", many, "http", False),
+                    (f"HTTP: full DPoP, unix, {n} workers", "http", "dpop", many, "http", False),
                 ]
             for name, mode, kind, server, transport, trivial in plan:
                 base = None if mode == "none" else baseline_port
