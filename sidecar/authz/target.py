@@ -22,12 +22,9 @@ from urllib.parse import urlsplit
 
 from sidecar.authz.decision import RequestView
 from sidecar.errors import AuthError, Reason
-from sidecar.jose.rfc9449_dpop import normalize_htu
+from sidecar.jose.rfc9449_dpop import is_authority, normalize_htu
 
 _SLASHES = re.compile(r"/{2,}")
-#: host[:port] (RFC 3986 §3.2.2-3): no '/', '?' or '#', which would end the authority of a URL
-#: built from it and move the request's path into a query or fragment, and no '@' (userinfo).
-_AUTHORITY = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]+")
 #: A syntactically neutral origin to normalize a bare path with the same rules as an htu.
 _PATH_ONLY = "http://path.invalid"
 
@@ -95,7 +92,7 @@ class RequestTarget:
         else:
             # The client's Host builds the origin here: Envoy answers 400 to one that is no
             # authority, but the core does not rely on it.
-            if not _AUTHORITY.fullmatch(view.authority):
+            if not is_authority(view.authority):
                 raise AuthError(Reason.HTU_MISMATCH, "the request's Host is not an authority")
             try:
                 request_origin, request_path = htu_parts(view.url)

@@ -31,6 +31,7 @@ from sidecar.broker.attestation_unix import AttestationFailure, PeerTracker, rea
 from sidecar.broker.oauth import MAX_FORM_BYTES, NO_STORE, OAuthError, TokenHttpRequest
 from sidecar.broker.revocation import etag_matches
 from sidecar.broker.service import Broker, Issued
+from sidecar.jose.rfc9449_dpop import is_authority
 from sidecar.revocation_wire import CHANGED_HEADER, wait_preference
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,10 @@ async def token_request(request: web.Request, scheme: str) -> TokenHttpRequest:
     """Collect what the Broker decides on; nothing is judged here. The htu is the token
     endpoint URL as the client addressed it (RFC 9449 §4.3 step 9): our scheme, the Host
     header, the path without query (not ``request.host``: without a Host header it falls back
-    to ``socket.getfqdn()``, a blocking DNS call)."""
+    to ``socket.getfqdn()``, a blocking DNS call). A Host that is no ``host[:port]`` gives no
+    htu: ``broker?`` would make the path a query, matching a proof for ``/``."""
     host = request.headers.get("Host")
+    path = request.raw_path.split("?", 1)[0]
     body: bytes | None = None
     if request.content_length is None or request.content_length <= MAX_FORM_BYTES:
         try:
@@ -72,7 +75,7 @@ async def token_request(request: web.Request, scheme: str) -> TokenHttpRequest:
         body=body,
         authorization=request.headers.get("Authorization"),
         dpop=tuple(request.headers.getall("DPoP", ())),
-        htu=f"{scheme}://{host}{request.raw_path.split('?', 1)[0]}" if host else None,
+        htu=f"{scheme}://{host}{path}" if host and is_authority(host) else None,
     )
 
 

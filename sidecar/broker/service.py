@@ -181,7 +181,9 @@ class Broker:
     def verify_dpop(self, proofs: Sequence[str], htu: str | None, now: float) -> VerifiedProof:
         """RFC 9449 §5: the token request carries exactly one valid proof for this endpoint."""
         if htu is None:
-            raise OAuthError("invalid_request", "a Host header is required", reason="no_host")
+            raise OAuthError(
+                "invalid_request", "a Host header naming host[:port] is required", reason="no_host"
+            )
         if not proofs:
             raise OAuthError(
                 "invalid_dpop_proof", "a DPoP proof is required", reason="proof_missing"

@@ -30,6 +30,9 @@ MAX_NONCE = 512
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: host[:port] (RFC 3986 §3.2.2-3): no '/', '?' or '#', which would end the authority of a URL
+#: built from it and move the request's path into a query or fragment, and no '@' (userinfo).
+_AUTHORITY = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]+")
 
 
 def proof_htu(url: str) -> str:
@@ -47,6 +50,12 @@ def access_token_hash(token: str) -> str:
 def _normalize_pct(match: re.Match[str]) -> str:
     byte = int(match.group(1), 16)
     return chr(byte) if byte in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def is_authority(host: str) -> bool:
+    """Whether a client's ``Host`` can stand as the authority of the URL a proof's ``htu`` is
+    compared with (RFC 9449 §4.3 step 9): ``orders?`` would turn the real path into a query."""
+    return _AUTHORITY.fullmatch(host) is not None
 
 
 def normalize_htu(url: str) -> str:

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
+from sidecar.broker.http_app import token_request
 from sidecar.broker.oauth import (
     JWT_TOKEN_TYPE,
     TOKEN_EXCHANGE_GRANT,
@@ -204,3 +207,19 @@ def test_a_corrupt_state_file_stops_the_start(tmp_path: Path, content: str) -> N
     with pytest.raises(ConfigError) as err:
         RevocationStore(str(path), jti_retention=1).load()
     assert err.value.key == "revocation.state_file"
+
+
+@pytest.mark.parametrize(
+    ("host", "htu"),
+    [
+        ("broker.local:8443", "http://broker.local:8443/token"),
+        ("[::1]:8443", "http://[::1]:8443/token"),
+        ("broker.local?", None),  # the path would become a query: a proof for / would match
+        ("broker.local#", None),
+        ("broker.local/", None),
+        ("x@broker.local", None),
+    ],
+)
+def test_token_endpoint_url_is_built_only_from_a_plain_host(host: str, htu: str | None) -> None:
+    request = make_mocked_request("POST", "/token?q=1", headers={"Host": host})
+    assert asyncio.run(token_request(request, "http")).htu == htu
