@@ -204,6 +204,10 @@ HTTP_AUTHZ_ALLOWED_HEADERS: _Matchers = (
     ("exact", "x-forwarded-proto"),
     ("exact", "x-request-id"),
     ("prefix", "x-workload-"),
+    # WIMSE (auth: wimse routes): the WIT, the -01 proof header, a Txn-Token a WPT may cover.
+    ("exact", "workload-identity-token"),
+    ("exact", "workload-proof-token"),
+    ("exact", "txn-token"),
 )
 # Authorizer response headers copied onto the request to the app when it allows.
 HTTP_AUTHZ_UPSTREAM_HEADERS: _Matchers = (("prefix", "x-workload-"),)

@@ -19,6 +19,7 @@ from sidecar.authz.policy import Policy
 from sidecar.authz.replay import DEFAULT_MAX_MEMORY_MIB, capacity_for
 from sidecar.authz.target import parse_authority
 from sidecar.authz.trust_domains import TrustDomainSource, parse_trust_domains
+from sidecar.authz.wimse import parse_wimse
 from sidecar.config_util import (
     get_algorithms,
     get_bool,
@@ -230,7 +231,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         path,
         {"audience", "audiences", "issuers", "grpc", "http", "default_scheme", "leeway", "dpop",
          "nonce", "replay", "limits", "token_cache_size", "routes", "rules", "unknown_kid_wait",
-         "revocation", "workers", "authorities", "trust_domains"},
+         "revocation", "workers", "authorities", "trust_domains", "wimse"},
     )  # fmt: skip
     audiences = get_str_list(root, "audiences", path, None) if "audiences" in root else None
     if audiences is None:
@@ -277,7 +278,20 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         token_cache_size=get_int(root, "token_cache_size", path, 10_000),
         authorities=_authorities(root, path),
         trust_domains={td.name: td.algorithms for td in trust_domains},
+        wimse=parse_wimse(root, path, get_num(root, "leeway", path, 5.0)),
     )
+    if any(r.auth == "wimse" for r in policy_obj.routes):
+        if not settings.authorities:
+            raise ConfigError(
+                f"{path}.authorities",
+                "the origins this service answers to: an auth: wimse route checks a WPT's aud "
+                "against them, never against Host",
+            )
+        if not trust_domains:
+            raise ConfigError(
+                f"{path}.trust_domains",
+                "at least one trust domain whose bundle has wit-svid keys (auth: wimse)",
+            )
     grpc = section(root.get("grpc"), f"{path}.grpc")
     http = section(root.get("http"), f"{path}.http")
     known_keys(grpc, f"{path}.grpc", {"listen", "enabled", "engine", "workers"})

@@ -24,6 +24,8 @@ from sidecar.authz.revocation import RevocationList
 from sidecar.authz.target import RequestTarget
 from sidecar.authz.token_cache import VerifiedTokenCache
 from sidecar.authz.trust_domains import TrustBundles, refresh_target
+from sidecar.authz.wimse import WimseSettings, wimse_deny_shape
+from sidecar.authz.wimse import verify_request as verify_wimse
 from sidecar.errors import (
     NONCE_REASONS,
     PROOF_REASONS,
@@ -37,6 +39,7 @@ from sidecar.jose.rfc7515_jws import CompactJWS
 from sidecar.jose.rfc9068_access_token import IssuerPolicy, VerifiedToken, verify_access_token
 from sidecar.jose.rfc9449_dpop import DPoPPolicy, ProofKeyCache, VerifiedProof, verify_proof
 from sidecar.jose.spiffe_jwt_svid import verify_jwt_svid
+from sidecar.jose.wimse_wit import WitKeys
 
 IDENTITY_PREFIX = "x-workload-"
 #: Removed from every allowed request: the credentials, and the method-override headers some
@@ -44,6 +47,8 @@ IDENTITY_PREFIX = "x-workload-"
 STRIPPED = (
     "authorization",
     "dpop",
+    "workload-identity-token",
+    "workload-proof-token",
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
@@ -64,6 +69,8 @@ class AuthzSettings:
     max_token_bytes: int = 8192
     token_cache_size: int = 10_000
     proof_key_cache_size: int = 4096
+    #: ``auth: wimse`` routes: WIT keys, profile, proof lifetime and carriage.
+    wimse: WimseSettings = field(default_factory=WimseSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +158,8 @@ class Authorizer:
         algs = " ".join(sorted(settings.dpop.algorithms))
         self._dpop_challenge = f'DPoP algs="{algs}"'
         needs_nonce = any(r.nonce for r in policy.routes) or policy.default_route.nonce
+        #: Keys for WITs: the ``wit-svid`` keys of the trust domains' bundles.
+        self.wit_keys: WitKeys = self.bundles
         if needs_nonce and nonces is None:
             raise ValueError("a route requires DPoP nonces but no NonceService was given")
 
@@ -238,6 +247,8 @@ class Authorizer:
                 Reason.POLICY_DENIED, "ambiguous request path", route, "dpop", now, {}
             )
         route = self.policy.route_for(path)
+        if route.auth == "wimse":
+            return self._evaluate_wimse(view, route, path, now)
         # Known before parsing so that a rejected Bearer header gets a Bearer challenge.
         auth_header = view.headers.get("authorization", "")
         scheme = "bearer" if auth_header[:7].lower() == "bearer " else "dpop"
@@ -263,6 +274,49 @@ class Authorizer:
         dpop = self.settings.dpop
         return PendingAllow(
             dpop.replay_key(proof), dpop.replay_ttl, allow, route, scheme, meta, proof.iat
+        )
+
+    def _evaluate_wimse(
+        self, view: RequestView, route: Route, path: str, now: float
+    ) -> Deny | PendingAllow:
+        """An ``auth: wimse`` route: WIT then WPT (``sidecar.authz.wimse``), revocation,
+        policy; the WPT's jti is then recorded per sender like a DPoP proof's."""
+        meta: dict[str, Any] = {}
+        try:
+            creds = verify_wimse(
+                view,
+                settings=self.settings.wimse,
+                keys=self.wit_keys,
+                target=self.target,
+                now=now,
+                meta=meta,
+            )
+            wit = creds.wit
+            if self.revocations.is_revoked(wit.subject, wit.jti):
+                raise AuthError(Reason.REVOKED, "WIT or subject has been revoked")
+            rule = self.policy.allowing_rule(wit.subject, view.method, path)
+            if rule is None:
+                raise AuthError(Reason.POLICY_DENIED, "no rule allows this caller here")
+        except AuthError as err:
+            return self._deny(err.reason, err.detail, route, meta["scheme"], now, meta)
+        identity = Identity(
+            subject=wit.subject,
+            issuer=wit.issuer or wit.trust_domain,
+            auth="wimse",
+            jkt=wit.key.thumbprint,
+            client_id=None,
+            token_jti=wit.jti,
+            rule=rule.name,
+        )
+        allow = self._grant(view, route, identity, now, meta)
+        wpt = self.settings.wimse.wpt
+        # The restart guard reads proof_iat with the DPoP window: give it the earliest instant
+        # this WPT was acceptable (exp - lifetime - leeway) in those terms.
+        usable_from = creds.wpt.exp - wpt.max_lifetime - wpt.leeway
+        iat_equivalent = usable_from + self.settings.dpop.future_leeway
+        scheme = meta["scheme"]
+        return PendingAllow(
+            creds.wpt.replay_key, wpt.replay_ttl, allow, route, scheme, meta, iat_equivalent
         )
 
     def restart_guard_until(self) -> float:
@@ -390,25 +444,6 @@ class Authorizer:
         meta: dict[str, Any],
     ) -> Allow:
         auth = "dpop" if proof is not None else "bearer"
-        to_set: list[Header] = [
-            ("x-workload-id", token.subject),
-            ("x-workload-issuer", token.issuer),
-            ("x-workload-auth", auth),
-        ]
-        if proof is not None:
-            to_set.append(("x-workload-jkt", proof.jkt))
-        if token.client_id is not None:
-            to_set.append(("x-workload-client-id", token.client_id))
-        ours = {name for name, _ in to_set}
-        # Identity headers the caller sent itself are spoofed by definition: drop them.
-        remove = list(STRIPPED) + [
-            h for h in view.headers if h.startswith(IDENTITY_PREFIX) and h not in ours
-        ]
-        response: tuple[Header, ...] = ()
-        if route.nonce and self.nonces is not None:
-            response = (("dpop-nonce", self.nonces.issue(now)),)
-        meta["rule"] = rule
-        meta["auth"] = auth
         identity = Identity(
             subject=token.subject,
             issuer=token.issuer,
@@ -418,6 +453,30 @@ class Authorizer:
             token_jti=token.jti,
             rule=rule,
         )
+        return self._grant(view, route, identity, now, meta)
+
+    def _grant(
+        self, view: RequestView, route: Route, identity: Identity, now: float, meta: dict[str, Any]
+    ) -> Allow:
+        to_set: list[Header] = [
+            ("x-workload-id", identity.subject),
+            ("x-workload-issuer", identity.issuer),
+            ("x-workload-auth", identity.auth),
+        ]
+        if identity.jkt is not None:
+            to_set.append(("x-workload-jkt", identity.jkt))
+        if identity.client_id is not None:
+            to_set.append(("x-workload-client-id", identity.client_id))
+        ours = {name for name, _ in to_set}
+        # Identity headers the caller sent itself are spoofed by definition: drop them.
+        remove = list(STRIPPED) + [
+            h for h in view.headers if h.startswith(IDENTITY_PREFIX) and h not in ours
+        ]
+        response: tuple[Header, ...] = ()
+        if route.nonce and self.nonces is not None:
+            response = (("dpop-nonce", self.nonces.issue(now)),)
+        meta["rule"] = identity.rule
+        meta["auth"] = identity.auth
         return Allow(identity, tuple(to_set), tuple(remove), response, meta)
 
     def _deny(
@@ -436,6 +495,35 @@ class Authorizer:
             ("content-type", "application/json"),
             ("cache-control", "no-store"),
         ]
+        desc = _quoted(detail)
+        if scheme.startswith("wimse"):
+            status, error, challenge = wimse_deny_shape(reason, status, scheme, desc)
+            if challenge:
+                headers.append(("www-authenticate", challenge))
+        else:
+            error = self._oauth_challenge(reason, status, route, scheme, desc, meta, headers, now)
+        if status == 503:
+            headers.append(("retry-after", str(retry_after)))
+        body = json.dumps(
+            {"error": error or reason.value, "reason": reason.value, "detail": detail}
+        )
+        metadata = dict(meta)
+        metadata["reason"] = reason.value
+        return Deny(status, reason, detail, tuple(headers), body, metadata)
+
+    def _oauth_challenge(
+        self,
+        reason: Reason,
+        status: int,
+        route: Route,
+        scheme: str,
+        desc: str,
+        meta: Mapping[str, Any],
+        headers: list[Header],
+        now: float,
+    ) -> str:
+        """The ``error`` code, and the Bearer / DPoP challenge headers (RFC 6750 §3,
+        RFC 9449 §7.1) of a deny on a DPoP or bearer route."""
         if reason in NONCE_REASONS:
             error = "use_dpop_nonce"
         elif reason in PROOF_REASONS:
@@ -446,7 +534,6 @@ class Authorizer:
             error = "insufficient_scope"
         else:
             error = ""
-        desc = _quoted(detail)
         if status == 403 and meta.get("sub"):
             # RFC 6750 §3.1 / RFC 9449 §7.1: the caller authenticated but may not do this
             # (a path refused before any credential was checked gets no challenge).
@@ -469,14 +556,7 @@ class Authorizer:
             headers.append(("www-authenticate", ", ".join(challenges)))
             if reason in NONCE_REASONS and self.nonces is not None:
                 headers.append(("dpop-nonce", self.nonces.issue(now)))
-        elif status == 503:
-            headers.append(("retry-after", str(retry_after)))
-        body = json.dumps(
-            {"error": error or reason.value, "reason": reason.value, "detail": detail}
-        )
-        metadata = dict(meta)
-        metadata["reason"] = reason.value
-        return Deny(status, reason, detail, tuple(headers), body, metadata)
+        return error
 
     def internal_error(self, detail: str) -> Deny:
         """The deny the transports send when ``decide`` itself failed (a bug): fail closed."""

@@ -24,7 +24,7 @@ from sidecar.config_util import (
 )
 from sidecar.errors import ConfigError
 
-AuthMode = Literal["dpop", "bearer"]
+AuthMode = Literal["dpop", "bearer", "wimse"]
 _SLASHES = re.compile(r"/{2,}")
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 
@@ -130,7 +130,7 @@ class Policy:
             prefix = get_str(item, "prefix", key)
             if not prefix.startswith("/"):
                 raise ConfigError(f"{key}.prefix", "a path starting with '/'", prefix)
-            auth: Any = get_choice(item, "auth", key, ("dpop", "bearer"), "dpop")
+            auth: Any = get_choice(item, "auth", key, ("dpop", "bearer", "wimse"), "dpop")
             routes.append(Route(prefix, auth, get_bool(item, "nonce", key, nonce_default)))
         routes.sort(key=lambda r: len(r.prefix), reverse=True)
         rules = []

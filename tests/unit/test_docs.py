@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 import sidecar.authz.config
 import sidecar.authz.policy
 import sidecar.authz.trust_domains
+import sidecar.authz.wimse
 import sidecar.broker.config
 import sidecar.broker.registry
 import sidecar.egress.config
@@ -154,6 +155,7 @@ PARSER_MODULES = (
     sidecar.authz.config,
     sidecar.authz.policy,
     sidecar.authz.trust_domains,
+    sidecar.authz.wimse,
     sidecar.broker.config,
     sidecar.broker.registry,
     sidecar.egress.config,
@@ -215,7 +217,9 @@ def _sidecar_full(attestor: dict[str, Any]) -> dict[str, Any]:
             "replay": {},
             "limits": {},
             "revocation": {},
-            "routes": [{"prefix": "/orders"}],
+            "authorities": ["https://orders.example"],
+            "wimse": {},
+            "routes": [{"prefix": "/orders"}, {"prefix": "/w", "auth": "wimse"}],
             "rules": [{"principals": [ORDERS]}],
         },
         "admin": {},
@@ -433,6 +437,9 @@ def test_sidecar_reference_defaults() -> None:
         "authz.revocation.interval": a.revocation_interval,
         "authz.revocation.wait": a.revocation_wait,
         "authz.routes[].auth": a.policy.routes[0].auth,
+        "authz.wimse.profile": "wit-svid" if a.settings.wimse.wit.svid else "wit",
+        "authz.wimse.max_proof_lifetime": a.settings.wimse.wpt.max_lifetime,
+        "authz.wimse.accept_proof_header": a.settings.wimse.accept_proof_header,
         "egress.on_existing_authorization": e.on_existing_authorization,
         "egress.x_forwarded": e.x_forwarded,
         "egress.via": e.via,
