@@ -509,6 +509,8 @@ class Authorizer:
         )
         metadata = dict(meta)
         metadata["reason"] = reason.value
+        if reason is Reason.POLICY_DENIED:
+            metadata["route"] = route.prefix  # M9: policy denies per configured route
         return Deny(status, reason, detail, tuple(headers), body, metadata)
 
     def _oauth_challenge(

@@ -69,7 +69,7 @@ class CheckGuard:
         decision = check.step
         assert not isinstance(decision, IORequest)
         if self.metrics is not None:
-            self.metrics.record(self.transport, decision.reason, time.perf_counter() - check.start)
+            self.metrics.record(self.transport, decision, time.perf_counter() - check.start)
         log_decision(decision)
         return decision
 

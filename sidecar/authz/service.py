@@ -101,6 +101,8 @@ class AuthzService:
             bundles=self.bundles,
         )
         self.metrics = AuthzMetrics(registry)
+        for source in self._all_sources():
+            source.on_refresh = self.metrics.jwks_refreshed
         self.metrics.cache_gauge(
             "sidecar_authz_token_cache_entries",
             "Verified access tokens cached",
@@ -155,16 +157,13 @@ class AuthzService:
         if source is None or not source.may_refresh():
             return False
         try:
-            changed = await asyncio.wait_for(
-                asyncio.shield(source.refresh()), self.cfg.unknown_kid_wait
+            return await asyncio.wait_for(
+                asyncio.shield(source.refresh("unknown_kid")), self.cfg.unknown_kid_wait
             )
         except TimeoutError:
+            # The fetch goes on (shielded) but nobody awaits it to the end: count it here.
             self.metrics.jwks_refreshes.labels("unknown_kid", "timeout").inc()
             return False
-        self.metrics.jwks_refreshes.labels(
-            "unknown_kid", "changed" if changed else "unchanged"
-        ).inc()
-        return changed
 
     def readiness(self) -> tuple[bool, str]:
         missing = [iss for iss in self.sources if not self.keys.has_issuer(iss)]
@@ -188,7 +187,8 @@ class AuthzService:
         # an issuer that is down — checks for it deny (unknown_key) until its keys arrive.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(s.refresh() for s in self._all_sources())), timeout=5.0
+                asyncio.gather(*(s.refresh("startup") for s in self._all_sources())),
+                timeout=5.0,
             )
         for source in self._all_sources():
             self._tasks.append(asyncio.create_task(source.run_periodic()))

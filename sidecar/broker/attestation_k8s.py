@@ -136,7 +136,8 @@ class ClusterVerifier:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.gather(*(s.refresh() for s in self.sources.values())), first_load_timeout
+                asyncio.gather(*(s.refresh("startup") for s in self.sources.values())),
+                first_load_timeout,
             )
         self._tasks = [asyncio.create_task(s.run_periodic()) for s in self.sources.values()]
 
@@ -219,6 +220,8 @@ class ClusterVerifier:
         if not source.may_refresh():
             return False
         try:
-            return await asyncio.wait_for(asyncio.shield(source.refresh()), UNKNOWN_KID_WAIT)
+            return await asyncio.wait_for(
+                asyncio.shield(source.refresh("unknown_kid")), UNKNOWN_KID_WAIT
+            )
         except TimeoutError:
             return False

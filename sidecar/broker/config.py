@@ -105,6 +105,9 @@ class BrokerConfig:
     #: Connections to ``listen`` and to the attestation socket.
     http_connections: ConnLimits = HTTP_LIMITS
     attestation_connections: ConnLimits = ATTESTATION_LIMITS
+    #: Audiences whose grants are counted by name (M5); the metric's label values are bounded
+    #: by this list.
+    high_privilege_audiences: frozenset[str] = frozenset()
 
     @property
     def base_path(self) -> str:
@@ -229,7 +232,11 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
     listen = parse_listen(root.get("listen", DEFAULT_LISTEN), "listen")
 
     tokens = section(root.get("tokens"), "tokens")
-    known_keys(tokens, "tokens", {"ttl", "subject_leeway", "max_subject_token_bytes"})
+    known_keys(
+        tokens,
+        "tokens",
+        {"ttl", "subject_leeway", "max_subject_token_bytes", "high_privilege_audiences"},
+    )
     ttl = get_num(tokens, "ttl", "tokens", 300.0, minimum=1.0)
     if ttl > 86400:
         raise ConfigError(
@@ -335,5 +342,8 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
         http_connections=http_connections,
         attestation_connections=parse_conn_limits(
             attestation.get("connections"), "attestation.connections", ATTESTATION_LIMITS
+        ),
+        high_privilege_audiences=frozenset(
+            get_str_list(tokens, "high_privilege_audiences", "tokens", [])
         ),
     )

@@ -3,7 +3,7 @@ use and kept: ``labels()`` costs a dict look-up and a lock per call."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -22,8 +22,14 @@ ISSUANCE_BUCKETS = (
     0.05,
     0.1,
     0.25,
+    0.3,  # the M2 objective: p95 under 300 ms
+    0.5,
     1.0,
 )
+ATTESTORS = ("unix", "k8s")
+#: Refusal reasons that are never tolerated (M6 replays, M8 revoked callers): their children
+#: exist from the start so that the first one shows as an increase.
+ALERTED_REFUSALS = ("replayed", "revoked")
 
 
 class BrokerMetrics:
@@ -67,6 +73,29 @@ class BrokerMetrics:
             registry=registry,
         )
         self.revocation_request = BoundLabels(self.revocation_requests)
+        self.refusals = Counter(
+            "sidecar_broker_refusals",
+            "Token requests refused, by attestor and finer reason (a closed set of codes)",
+            ["attestor", "reason"],
+            registry=registry,
+        )
+        self.key_rotations = Counter(
+            "sidecar_broker_key_rotations",
+            "Scheduled signing-key generations, by outcome (ok|failed)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.high_privilege_grants = Counter(
+            "sidecar_broker_high_privilege_grants",
+            "Tokens issued for an audience listed in tokens.high_privilege_audiences",
+            ["audience"],
+            registry=registry,
+        )
+        for attestor in ATTESTORS:
+            for reason in ALERTED_REFUSALS:
+                self.refusals.labels(attestor, reason)
+        for outcome in ("ok", "failed"):
+            self.key_rotations.labels(outcome)
         self._issuance = BoundLabels(self.issuance)
         self._latency = BoundLabels(self.latency)
 
@@ -76,6 +105,19 @@ class BrokerMetrics:
     def record(self, attestor: str, result: str, seconds: float) -> None:
         self._issuance(attestor, result).inc()
         self._latency(attestor).observe(seconds)
+
+    def watch_grants(self, audiences: Iterable[str]) -> None:
+        """Expose the high-privilege audiences at zero before their first grant."""
+        for audience in audiences:
+            self.high_privilege_grants.labels(audience)
+
+    def granted(self, audiences: Iterable[str], watched: frozenset[str]) -> None:
+        for audience in audiences:
+            if audience in watched:
+                self.high_privilege_grants.labels(audience).inc()
+
+    def refused(self, attestor: str, reason: str) -> None:
+        self.refusals.labels(attestor, reason).inc()
 
     def attestation_failed(self, attestor: str, reason: str) -> None:
         self.attestation_failures.labels(attestor, reason).inc()

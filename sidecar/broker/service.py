@@ -74,6 +74,8 @@ Clock = Callable[[], float]
 #: stays.
 EXCHANGE_REFUSAL = "invalid_request"
 UNIX_REFUSAL = "access_denied"
+#: Seconds between attempts to generate the next signing key after one failed.
+ROTATION_RETRY = 30.0
 
 
 def policy_refusal(error: str, description: str, reason: str) -> OAuthError:
@@ -290,6 +292,7 @@ class Broker:
             return
         assert error is not None
         self.metrics.record(attestor, error.error, elapsed)
+        self.metrics.refused(attestor, error.reason)
         if attestation_failed:
             self.metrics.attestation_failed(attestor, error.reason)
         self.audit.emit(
@@ -413,6 +416,7 @@ class Broker:
                          fields=attempt.fields)  # fmt: skip
             raise
         self._finish(attestor, started, now, issued=issued, fields=attempt.fields)
+        self.metrics.granted(attested.audiences, self.cfg.high_privilege_audiences)
         return issued
 
     async def _unix_evidence(self, peer: PeerCreds | AttestationFailure) -> UnixEvidence:
@@ -584,6 +588,7 @@ class BrokerService:
         )
         self.broker = broker
         m = self.metrics
+        m.watch_grants(cfg.high_privilege_audiences)
         m.gauge("sidecar_broker_published_keys", "Keys in the JWKS", lambda: len(ring.published()))
         m.gauge(
             "sidecar_broker_revoked", "Revoked subjects and jtis", lambda: len(self.revocations)
@@ -671,7 +676,16 @@ class BrokerService:
         while True:
             now = self.clock()
             if ring.next_key_due(now):
-                private = await asyncio.to_thread(generate_private_key, ring.schedule.alg)
+                try:
+                    private = await asyncio.to_thread(generate_private_key, ring.schedule.alg)
+                except Exception as exc:
+                    # Keep serving with the active key and try again shortly; the alert on
+                    # this outcome pages before the active key is retired.
+                    self.metrics.key_rotations.labels("failed").inc()
+                    log.error("signing key generation failed: %s", type(exc).__name__)
+                    await asyncio.sleep(ROTATION_RETRY)
+                    continue
+                self.metrics.key_rotations.labels("ok").inc()
                 now = self.clock()
                 key = make_signing_key(private, ring.schedule.alg, now)
                 self._key_events([ring.publish_next(key, now)], now)

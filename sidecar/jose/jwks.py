@@ -125,9 +125,12 @@ class JwksSource:
         self.min_refresh_interval = min_refresh_interval
         self.timeout = timeout
         self._last_attempt = -1e18
-        self._inflight: asyncio.Task[bool] | None = None
+        self._inflight: asyncio.Task[str] | None = None
         self._jwks_uri: str | None = location.uri
         self.last_error: str | None = None
+        #: Told (trigger, outcome) after each refresh a caller awaited to the end; outcome is
+        #: ``changed``, ``unchanged`` or ``failed``.
+        self.on_refresh: Callable[[str, str], None] | None = None
 
     def may_refresh(self) -> bool:
         return time.monotonic() - self._last_attempt >= self.min_refresh_interval
@@ -163,13 +166,17 @@ class JwksSource:
         except JWKError as exc:
             raise JwksUnavailable(str(exc)) from None
 
-    async def refresh(self) -> bool:
-        """Fetch now (single-flight); True if the key set changed. Never raises."""
+    async def refresh(self, trigger: str = "demand") -> bool:
+        """Fetch now (single-flight); True if the key set changed. Never raises. ``trigger``
+        (``startup``, ``periodic``, ``unknown_kid``) is only reported to ``on_refresh``."""
         if self._inflight is None or self._inflight.done():
             self._inflight = asyncio.ensure_future(self._refresh_once())
-        return await asyncio.shield(self._inflight)
+        outcome = await asyncio.shield(self._inflight)
+        if self.on_refresh is not None:
+            self.on_refresh(trigger, outcome)
+        return outcome == "changed"
 
-    async def _refresh_once(self) -> bool:
+    async def _refresh_once(self) -> str:
         self._last_attempt = time.monotonic()
         try:
             keys = await self._load()
@@ -182,7 +189,7 @@ class JwksSource:
                 self.location.issuer,
                 logfmt_value(self.last_error),
             )
-            return False
+            return "failed"
         self.last_error = None
         changed = self.store.replace(self.location.issuer, keys)
         if changed:
@@ -191,7 +198,7 @@ class JwksSource:
                 self.location.issuer,
                 logfmt_value(",".join(sorted(k.kid or "-" for k in keys))),
             )
-        return changed
+        return "changed" if changed else "unchanged"
 
     async def run_periodic(self) -> None:
         waiting = 0  # consecutive rounds without any key for this issuer
@@ -204,4 +211,4 @@ class JwksSource:
                 delay = min(30.0, 2.0**waiting)
                 waiting += 1
             await asyncio.sleep(delay)
-            await self.refresh()
+            await self.refresh("periodic")

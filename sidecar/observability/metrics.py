@@ -9,6 +9,7 @@ from typing import Generic, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from sidecar.authz.decision import Decision
 from sidecar.errors import Reason
 
 M = TypeVar("M", bound=MetricWrapperBase)
@@ -35,6 +36,7 @@ def function_gauge(
     """A gauge read from ``fn`` at scrape time (cache sizes, key counts)."""
     Gauge(name, doc, registry=registry).set_function(fn)
 
+
 # Check latency lives between ~50 µs (cached token, bearer) and the 200 ms Envoy deadline.
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -43,6 +45,17 @@ LATENCY_BUCKETS = (
 
 # Revocation propagation: ~ms with long-poll on one host, up to the poll interval without.
 PROPAGATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TRANSPORTS = ("grpc", "http")
+#: Deny reasons that page on their first occurrence (M6 replays, M8 credential-leak
+#: indicators, a replay store that is down): their children exist from the start so that the
+#: first one shows as an increase.
+ALERTED_REASONS = (
+    Reason.REPLAYED,
+    Reason.PROOF_KEY_MISMATCH,
+    Reason.ATH_MISMATCH,
+    Reason.REVOKED,
+    Reason.REPLAY_STORE_UNAVAILABLE,
+)
 
 
 class AuthzMetrics:
@@ -76,17 +89,32 @@ class AuthzMetrics:
             buckets=PROPAGATION_BUCKETS,
             registry=registry,
         )
+        self.policy_denies = Counter(
+            "sidecar_authz_policy_denies",
+            "Checks denied by the policy, by route (a configured authz.routes prefix, or /)",
+            ["route"],
+            registry=registry,
+        )
         self._decisions = BoundLabels(self.decisions)
+        for transport in TRANSPORTS:
+            for reason in ALERTED_REASONS:
+                self._decisions(transport, "deny", reason.value)
         self._latency = BoundLabels(self.latency)
 
     def cache_gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
         function_gauge(self.registry, name, doc, fn)
 
-    def record(self, transport: str, reason: Reason | None, seconds: float) -> None:
+    def jwks_refreshed(self, trigger: str, outcome: str) -> None:
+        self.jwks_refreshes.labels(trigger, outcome).inc()
+
+    def record(self, transport: str, decision: Decision, seconds: float) -> None:
+        reason = decision.reason
         if reason is None:
             self._decisions(transport, "allow", "").inc()
         else:
             self._decisions(transport, "deny", reason.value).inc()
+            if reason is Reason.POLICY_DENIED:
+                self.policy_denies.labels(decision.metadata.get("route", "/")).inc()
         self._latency(transport).observe(seconds)
         if reason is Reason.REPLAYED:
             self.replay_hits.inc()

@@ -30,6 +30,7 @@ from tests.integration.harness import (
     wait_for_http,
 )
 from tests.integration.issuer import AUDIENCE, FRONTEND, INTRUDER, DevIssuer, client_signer
+from tests.integration.live_metrics import check_live_metrics, sample
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +86,7 @@ def _authz_config(tmp: Path, issuer: DevIssuer, grpc_port: int, http_port: int) 
             "routes": [
                 {"prefix": "/nonce", "auth": "dpop", "nonce": True},
                 {"prefix": "/bearer", "auth": "bearer"},
+                {"prefix": "/orders", "auth": "dpop"},  # names the M9 metric's route label
             ],
             "rules": [
                 {
@@ -291,8 +293,24 @@ def test_stale_or_forged_nonce_is_denied_with_fresh_challenge(stack: Stack) -> N
 
 
 def test_policy_forbidden_caller_gets_403(stack: Stack) -> None:
+    def denies() -> float | None:
+        page = http_request(f"http://127.0.0.1:{stack.authz_admin}/metrics")[2].decode()
+        return sample(page, "sidecar_authz_policy_denies_total", route="/orders")
+
+    before = denies()
     result = stack.request("GET", "/orders/1", dpop_headers(stack, "/orders/1", sub=INTRUDER))
     assert_denied(result, 403, "policy_denied", None)
+    # M9: counted under the configured route the path fell under.
+    assert denies() == (before or 0) + 1
+
+
+def test_live_metrics_pass_promtool(stack: Stack) -> None:
+    page = check_live_metrics(f"http://127.0.0.1:{stack.authz_admin}/metrics")
+    # The keys came from a file at start; the alerts' zero-tolerance children exist at 0.
+    refreshes = sample(page, "sidecar_jwks_refreshes_total", trigger="startup", outcome="changed")
+    assert refreshes == 1
+    labels = {"transport": stack.mode, "result": "deny", "reason": "proof_key_mismatch"}
+    assert sample(page, "sidecar_authz_decisions_total", **labels) is not None
 
 
 def test_bearer_route_and_bound_token_as_bearer(stack: Stack) -> None:

@@ -21,6 +21,7 @@ import pytest
 from jwcrypto import jwk, jwt
 
 from tests.integration.harness import REPO_ROOT, http_request
+from tests.integration.live_metrics import check_live_metrics, sample
 from tests.integration.test_broker_helpers import (
     EXCHANGE,
     PYTHON,
@@ -39,6 +40,7 @@ pytestmark = pytest.mark.integration
 
 ORDERS = f"{TRUST}/ns/shop/sa/orders"
 PAYMENTS = f"{TRUST}/ns/shop/sa/payments"
+VAULT = f"{TRUST}/ns/bank/sa/vault"  # no entry may request it
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def broker(
         tmp,
         entries=python_entries() + k8s_entries(cluster.issuer),
         clusters=[cluster_config(cluster)],
-        extra={"tokens": {"ttl": 300}},
+        extra={"tokens": {"ttl": 300, "high_privilege_audiences": [ORDERS, VAULT]}},
     ).start()
     try:
         yield proc
@@ -511,11 +513,23 @@ def test_revoked_subject_gets_no_new_token(broker: BrokerProcess) -> None:
 
 
 def test_metrics_and_health(broker: BrokerProcess) -> None:
-    broker.unix_token([ORDERS])
+    before = check_live_metrics(f"{broker.admin_url}/metrics")
+    signer = new_signer()
+    proof = signer.proof(method="POST", url="http://localhost/token", now=time.time())
+    assert broker.unix_token([ORDERS], signer, proof=proof).status == 200
+    assert broker.unix_token([ORDERS], signer, proof=proof).status == 400  # replayed
     assert http_request(f"{broker.admin_url}/healthz")[0] == 200
-    status, _, body = http_request(f"{broker.admin_url}/metrics")
-    text = body.decode()
-    assert status == 200
+    text = check_live_metrics(f"{broker.admin_url}/metrics")
+
+    def grown(name: str, **labels: str) -> float:
+        return (sample(text, name, **labels) or 0) - (sample(before, name, **labels) or 0)
+
+    # M6 and M5: the replay by finer reason, the grant of a listed high-privilege audience;
+    # a listed audience nobody asked for is exposed at 0, as are the rotation outcomes.
+    assert grown("sidecar_broker_refusals_total", attestor="unix", reason="replayed") == 1
+    assert grown("sidecar_broker_high_privilege_grants_total", audience=ORDERS) == 1
+    assert sample(text, "sidecar_broker_high_privilege_grants_total", audience=VAULT) == 0
+    assert sample(text, "sidecar_broker_key_rotations_total", outcome="failed") == 0
     assert 'sidecar_broker_issuance_total{attestor="unix",result="issued"}' in text
     assert 'sidecar_broker_issuance_seconds_count{attestor="unix"}' in text
     assert 'sidecar_broker_issuance_total{attestor="k8s",result="invalid_request"}' in text

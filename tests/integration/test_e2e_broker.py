@@ -57,6 +57,7 @@ from tests.integration.harness import (
     start_envoy,
     wait_for_http,
 )
+from tests.integration.live_metrics import check_live_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -328,6 +329,15 @@ def test_unmodified_client_reaches_b_with_a_identity(stack: Stack) -> None:
             check=True,
         )
         assert_reached_b_as_a(200, json.loads(out.stdout))
+
+
+def test_live_metrics_of_both_sidecars_pass_promtool(stack: Stack) -> None:
+    """``sidecar run`` with egress (A) and with ext_authz (B), after real traffic."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(stack.url("/orders/44"), timeout=10) as resp:
+        assert resp.status == 200
+    for port in (stack.a_admin, stack.b_admin):
+        check_live_metrics(f"http://127.0.0.1:{port}/metrics")
 
 
 def test_nonce_challenge_through_envoy_is_answered(stack: Stack) -> None:

@@ -4,10 +4,16 @@ integration tests check them with jwcrypto too)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from sidecar.broker import service
+from sidecar.broker.config import parse_broker_config
 from sidecar.broker.issuance import mint
 from sidecar.broker.keys import (
     SIGNING_ALGORITHMS,
@@ -144,3 +150,44 @@ def test_claims_shape_audience_list_and_not_after() -> None:
     assert claims1["aud"] == "x" and claims2["aud"] == ["x", "y"]
     assert claims2["exp"] == NOW + 42 and two.expires_in == 42
     assert claims1["jti"] != claims2["jti"] and len(b64url_decode(claims1["jti"])) == 16
+
+
+def test_a_failed_key_generation_is_counted_and_retried(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """M10: the rotation task survives a failed generation (the active key stays), counts it,
+    and retries; before, the exception ended the task and rotation silently stopped."""
+    cfg = parse_broker_config({"audit": {"path": str(tmp_path / "audit.log")}})
+    registry = CollectorRegistry()
+    svc = service.BrokerService(cfg, registry, clock=lambda: NOW + 80)  # next key is due
+    r = ring()
+    active = r.active.kid
+    attempts: list[str] = []
+
+    def flaky(alg: str) -> Any:
+        attempts.append(alg)
+        if len(attempts) == 1:
+            raise OSError("no entropy")
+        return generate_private_key(alg)
+
+    monkeypatch.setattr(service, "generate_private_key", flaky)
+    monkeypatch.setattr(service, "ROTATION_RETRY", 0.01)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(svc._rotate(r))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(r.published()) == 2:
+                break
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+    svc.audit.close()
+
+    def count(outcome: str) -> float | None:
+        labels = {"outcome": outcome}
+        return registry.get_sample_value("sidecar_broker_key_rotations_total", labels)
+
+    assert (count("failed"), count("ok")) == (1, 1)
+    assert r.active.kid == active and len(r.published()) == 2
