@@ -16,6 +16,11 @@ reused pid); the caller sidecars therefore join the broker's pid namespace (``pi
 service:broker``). Their executables are not readable by the broker (another uid), so
 ``unix:path``/``unix:sha256`` selectors are not available in compose: the uid is the identity.
 
+The ``observability`` profile (``docker compose --profile observability up``) adds
+Prometheus with the rules of deploy/observability/ and Grafana with its dashboard. The admin
+listeners stay pod-local: one Prometheus agent per pod joins the pod's network namespace,
+scrapes 127.0.0.1 and remote-writes to the central Prometheus (:data:`PROMETHEUS_URL`).
+
 tests/integration/test_compose.py checks docker-compose.yml and these files against the topology.
 """
 
@@ -48,6 +53,13 @@ CALLER_IDS: dict[str, str] = {
     "frontend-sidecar": topo.FRONTEND_ID,
     "reports-sidecar": topo.REPORTS_ID,
 }
+#: The services with an admin listener whose /metrics the observability profile collects.
+SCRAPED = ("broker", "orders-sidecar", "frontend-sidecar", "reports-sidecar")
+#: Where the pods' agents send what they scrape (the central Prometheus's receiver).
+PROMETHEUS_URL = "http://prometheus:9090/api/v1/write"
+#: Where the central Prometheus finds the rule files (bind-mounted read-only).
+RULES_DIR = "/etc/prometheus/rules"
+RULE_FILES = ("recording.rules.yml", "alerts.rules.yml")
 #: Rendered file → the service that mounts it.
 FILES: dict[str, str] = {
     "broker.yaml": "broker",
@@ -55,6 +67,8 @@ FILES: dict[str, str] = {
     "frontend-sidecar.yaml": "frontend-sidecar",
     "reports-sidecar.yaml": "reports-sidecar",
     "envoy.yaml": "envoy",
+    "prometheus.yaml": "prometheus",
+    **{f"metrics-{pod}.yaml": f"metrics-{pod}" for pod in topo.PODS},
 }
 
 
@@ -81,6 +95,33 @@ def configs(p: topo.Placement | None = None) -> dict[str, dict[str, Any]]:
             for service in CALLER_UIDS
         },
         "envoy.yaml": topo.envoy_bootstrap(p),
+        "prometheus.yaml": {
+            "global": {"evaluation_interval": "1m"},
+            "rule_files": [f"{RULES_DIR}/{name}" for name in RULE_FILES],
+        },
+        **{f"metrics-{pod}.yaml": agent_config(p, pod) for pod in topo.PODS},
+    }
+
+
+def agent_config(p: topo.Placement, pod: str) -> dict[str, Any]:
+    """A Prometheus agent in ``pod``'s network namespace: the pod's admin listeners by
+    loopback, one job per service (the rules aggregate by ``job``)."""
+    return {
+        "global": {"scrape_interval": "15s"},
+        "scrape_configs": [
+            {
+                "job_name": service,
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{p.port(service, 'admin')}"],
+                        "labels": {"pod": pod},
+                    }
+                ],
+            }
+            for service in SCRAPED
+            if topo.pod_of(service) == pod
+        ],
+        "remote_write": [{"url": PROMETHEUS_URL}],
     }
 
 

@@ -12,11 +12,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.harness import http_request
 
 
-def check_live_metrics(url: str) -> str:
-    """Fetch ``url`` and fail unless promtool finds nothing to complain about; the page."""
+def promtool() -> str:
     tool = shutil.which("promtool")
     if tool is None:
         pytest.skip("promtool not installed (.ci/run installs Debian's prometheus package)")
+    return tool
+
+
+def check_live_metrics(url: str) -> str:
+    """Fetch ``url`` and fail unless promtool finds nothing to complain about; the page."""
+    tool = promtool()
     status, _, body = http_request(url)
     assert status == 200
     done = subprocess.run([tool, "check", "metrics"], input=body, capture_output=True, timeout=60)

@@ -11,6 +11,7 @@ real Envoy validates its bootstrap.
 from __future__ import annotations
 
 import re
+import subprocess
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -21,14 +22,22 @@ import yaml
 from sidecar.broker.registry import unix_selectors
 from sidecar.demo import compose
 from sidecar.demo import topology as topo
+from sidecar.observability.dashboards import DATASOURCE
 from tests.integration import deploy_checks as checks
 from tests.integration.harness import REPO_ROOT, validate_envoy_config
+from tests.integration.live_metrics import promtool
 
 COMPOSE_PATH = REPO_ROOT / compose.COMPOSE_FILE
 COMPOSE_DIR = COMPOSE_PATH.parent
 OUT_DIR = REPO_ROOT / compose.OUT_DIR
 DOC: dict[str, Any] = yaml.safe_load(COMPOSE_PATH.read_text())
-SERVICES: dict[str, dict[str, Any]] = DOC["services"]
+#: The demo's services; the ``observability`` profile's are checked apart (end of file).
+SERVICES: dict[str, dict[str, Any]] = {
+    name: service for name, service in DOC["services"].items() if "profiles" not in service
+}
+OBSERVABILITY: dict[str, dict[str, Any]] = {
+    name: service for name, service in DOC["services"].items() if "profiles" in service
+}
 TOPOLOGY_SERVICES = {service for members in topo.PODS.values() for service in members}
 P = compose.placement()
 #: What each listening service's health check must probe: (port role, path).
@@ -50,7 +59,7 @@ def _owner(pod: str) -> str:
 def _volumes(service: str) -> list[tuple[str, str, bool]]:
     """(source, target, read-only) of the short-syntax volumes of ``service``."""
     out = []
-    for spec in SERVICES[service].get("volumes", []):
+    for spec in DOC["services"][service].get("volumes", []):
         assert isinstance(spec, str), f"{service}: use the short volume syntax: {spec!r}"
         source, target, *mode = spec.split(":")
         out.append((source, target, mode == ["ro"]))
@@ -372,3 +381,106 @@ def test_envoy_bootstrap_passes_envoy_validate() -> None:
     assert result.returncode == 0, f"envoy --mode validate failed:\n{output}"
     assert "OK" in output, output
     assert "deprecated" not in output.lower(), output
+
+
+# -- the observability profile ---------------------------------------------------------------
+
+
+def _flag(service: str, name: str) -> str:
+    values = [a.split("=", 1)[1] for a in OBSERVABILITY[service]["command"] if a.startswith(name)]
+    assert len(values) == 1, f"{service}: {name}"
+    return values[0]
+
+
+def test_observability_profile_services() -> None:
+    agents = {f"metrics-{pod}" for pod in topo.PODS}
+    assert set(OBSERVABILITY) == {"prometheus", "grafana"} | agents
+    for name, service in OBSERVABILITY.items():
+        assert service["profiles"] == ["observability"], name
+        for spec in service.get("ports", []):
+            assert spec.startswith("127.0.0.1:"), f"{name}: {spec} must publish on loopback"
+        for source, target, read_only in _volumes(name):
+            assert _is_bind(source) and read_only, f"{name}: {target}"
+            assert (COMPOSE_DIR / source).exists(), f"{name}: {source} does not exist"
+
+
+def test_each_pods_agent_scrapes_its_admin_listeners_over_loopback() -> None:
+    """Admin listeners stay pod-local: the agent joins the pod and pushes to Prometheus."""
+    assert "--web.enable-remote-write-receiver" in OBSERVABILITY["prometheus"]["command"]
+    for pod in topo.PODS:
+        name = f"metrics-{pod}"
+        service = OBSERVABILITY[name]
+        assert service["network_mode"] == f"service:{_owner(pod)}", name
+        assert "--enable-feature=agent" in service["command"], name
+        config_file = _mounted_file(name, _flag(name, "--config.file"))
+        assert config_file == _config(f"{name}.yaml").resolve(), name
+        config = yaml.safe_load(config_file.read_text())
+        scraped = {
+            job["job_name"]: target
+            for job in config["scrape_configs"]
+            for group in job["static_configs"]
+            for target in group["targets"]
+        }
+        expected = {s for s in compose.SCRAPED if topo.pod_of(s) == pod}
+        assert set(scraped) == expected, name
+        for job, target in scraped.items():
+            assert target == f"127.0.0.1:{P.port(job, 'admin')}", name
+            assert P.listen(job, "admin") == target, f"{job}: admin must stay pod-local"
+        urls = [w["url"] for w in config["remote_write"]]
+        assert urls == [compose.PROMETHEUS_URL] and "//prometheus:" in urls[0], name
+        listen = _flag(name, "--web.listen-address")
+        assert listen.startswith("127.0.0.1:"), name
+        pod_ports = {port for s in topo.PODS[pod] for port in P.ports.get(s, {}).values()}
+        assert int(listen.rsplit(":", 1)[1]) not in pod_ports, f"{name}: port taken in {pod}"
+    # Every sidecar process (Envoy's admin has Envoy's own statistics, which no rule uses).
+    with_admin = {s for s in TOPOLOGY_SERVICES if "admin" in P.ports.get(s, {})}
+    assert set(compose.SCRAPED) == with_admin - {"envoy"}
+
+
+def test_prometheus_loads_the_checked_rules(tmp_path: Path) -> None:
+    """The rule files Prometheus is given are the ones promtool tests; ``promtool check
+    config`` accepts its configuration (rule paths mapped to the mounted files) and the
+    agents'."""
+    tool = promtool()
+    config_file = _mounted_file("prometheus", _flag("prometheus", "--config.file"))
+    config = yaml.safe_load(config_file.read_text())
+    hosts = [_mounted_file("prometheus", path) for path in config["rule_files"]]
+    rules_dir = REPO_ROOT / "deploy" / "observability"
+    assert hosts == [(rules_dir / name).resolve() for name in compose.RULE_FILES]
+    config["rule_files"] = [str(h) for h in hosts]
+    checked = tmp_path / "prometheus.yaml"
+    checked.write_text(yaml.safe_dump(config))
+    agents = [_config(f"metrics-{pod}.yaml") for pod in topo.PODS]
+    done = subprocess.run(
+        [tool, "check", "config", str(checked), *map(str, agents)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_grafana_provisions_prometheus_and_the_generated_dashboards() -> None:
+    mounts = {target: source for source, target, _ in _volumes("grafana")}
+    provisioning = {
+        kind: COMPOSE_DIR / mounts[f"/etc/grafana/provisioning/{kind}"]
+        for kind in ("datasources", "dashboards")
+    }
+    sources = [
+        d
+        for f in sorted(provisioning["datasources"].glob("*.yaml"))
+        for d in yaml.safe_load(f.read_text())["datasources"]
+    ]
+    assert [(d["type"], d["uid"]) for d in sources] == [("prometheus", DATASOURCE.uid)]
+    assert sources[0]["url"] == "http://prometheus:9090"
+    assert "prometheus" in OBSERVABILITY
+    providers = [
+        p
+        for f in sorted(provisioning["dashboards"].glob("*.yaml"))
+        for p in yaml.safe_load(f.read_text())["providers"]
+    ]
+    assert len(providers) == 1
+    folder = providers[0]["options"]["path"]
+    dashboards = (COMPOSE_DIR / mounts[folder]).resolve()
+    assert dashboards == (REPO_ROOT / "deploy/observability/grafana/dashboards").resolve()
+    assert sorted(p.name for p in dashboards.glob("*.json")) == ["sidecar-slo.json"]
