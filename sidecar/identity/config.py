@@ -33,6 +33,7 @@ from sidecar.identity.attestors import Attestor, FileAttestor, K8sAttestor, Unix
 from sidecar.identity.clock_offset import ClockOffsets
 from sidecar.identity.rfc8693_exchange import JWT_TOKEN_TYPE
 from sidecar.identity.schedule import RefreshPolicy
+from sidecar.identity.spiffe_attestor import SpiffeAttestor
 from sidecar.jose.rfc9449_dpop import ProofSigner
 
 ATTESTOR_KEYS = {
@@ -40,6 +41,7 @@ ATTESTOR_KEYS = {
     "k8s": {"type", "token_file", "token_endpoint", "subject_token_type",
             "requested_token_type", "scope", "client_id", "timeout"},
     "file": {"type", "path", "poll_interval"},
+    "spiffe": {"type", "socket", "timeout"},
 }  # fmt: skip
 DEFAULT_K8S_TOKEN_FILE = "/var/run/secrets/tokens/sidecar-token"
 #: The broker's default attestation socket (``sidecar broker``: attestation.socket).
@@ -99,6 +101,8 @@ class IdentityConfig:
                 require_dpop=self.require_dpop,
                 offsets=offsets,
             )
+        if a.kind == "spiffe":
+            return SpiffeAttestor(a.socket, timeout=a.timeout, clock=clock)
         assert a.path is not None
         return FileAttestor(a.path, signer, clock=clock, poll_interval=a.poll_interval)
 
@@ -110,14 +114,21 @@ def _http_url(value: str | None, key: str) -> None:
 
 def _attestor(raw: Any, path: str) -> AttestorConfig:
     data = section(raw, path)
-    kind = get_choice(data, "type", path, ("unix", "k8s", "file"), "") if data else ""
+    kinds = tuple(ATTESTOR_KEYS)
+    kind = get_choice(data, "type", path, kinds, "") if data else ""
     if not kind:
-        raise ConfigError(f"{path}.type", "one of ['unix', 'k8s', 'file'] (required)")
+        raise ConfigError(f"{path}.type", f"one of {list(kinds)} (required)")
     known_keys(data, path, ATTESTOR_KEYS[kind])
     timeout = get_num(data, "timeout", path, 5.0, minimum=0.1)
     if kind == "unix":
         socket = get_str(data, "socket", path, DEFAULT_BROKER_SOCKET)
         return AttestorConfig(kind, socket=socket, timeout=timeout)
+    if kind == "spiffe":
+        # None: SPIFFE_ENDPOINT_SOCKET, read when the attestor first connects.
+        socket_uri = get_opt_str(data, "socket", path)
+        if socket_uri is not None and not socket_uri.startswith("unix://"):
+            raise ConfigError(f"{path}.socket", "a unix:///path", socket_uri)
+        return AttestorConfig(kind, socket=socket_uri, timeout=timeout)
     if kind == "k8s":
         endpoint = get_opt_str(data, "token_endpoint", path)
         _http_url(endpoint, f"{path}.token_endpoint")

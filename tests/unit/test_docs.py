@@ -230,6 +230,7 @@ SIDECAR_FULL = [
     _sidecar_full({"type": "unix"}),
     _sidecar_full({"type": "k8s"}),
     _sidecar_full({"type": "file", "path": "/nonexistent/token.jwt"}),
+    _sidecar_full({"type": "spiffe", "socket": "unix:///nonexistent/agent.sock"}),
 ]
 BROKER_FULL = {
     "keys": {},

@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.egress.config import parse_egress_config, parse_origin
 from sidecar.errors import ConfigError
 from sidecar.identity.config import parse_identity_config
+from sidecar.jose.rfc9449_dpop import ProofSigner
 
 AUD = "spiffe://demo.local/ns/shop/sa/orders"
 
@@ -172,6 +174,8 @@ def test_identity_config_unix_and_extra_audiences() -> None:
         ({"attestor": {"type": "k8s"}}, "identity.issuer"),
         ({"issuer": "ldap://x", "attestor": {"type": "k8s"}}, "identity.issuer"),
         ({"attestor": {"type": "file"}}, "identity.attestor.path"),
+        ({"attestor": {"type": "spiffe", "socket": "/run/agent.sock"}}, "identity.attestor.socket"),
+        ({"attestor": {"type": "spiffe", "path": "/t"}}, "identity.attestor.path"),
         (
             {"attestor": {"type": "file", "path": "/t"}, "refresh": {"jitter": 2}},
             "identity.refresh.jitter",
@@ -190,6 +194,17 @@ def test_identity_errors_name_the_key(data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_identity_config(data)
     assert info.value.key == key, str(info.value)
+
+
+def test_spiffe_attestor_socket_defaults_to_the_environment() -> None:
+    from sidecar.identity.spiffe_attestor import SpiffeAttestor
+
+    default = parse_identity_config({"attestor": {"type": "spiffe"}})
+    assert default.attestor.socket is None  # SPIFFE_ENDPOINT_SOCKET, read at first use
+    cfg = parse_identity_config({"attestor": {"type": "spiffe", "socket": "unix:///run/a.sock"}})
+    assert cfg.attestor.socket == "unix:///run/a.sock"
+    assert isinstance(cfg.build_attestor(ProofSigner(ec.generate_private_key(ec.SECP256R1()))),
+                      SpiffeAttestor)  # fmt: skip
 
 
 def test_the_example_configuration_is_valid() -> None:
