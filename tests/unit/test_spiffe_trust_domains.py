@@ -232,3 +232,39 @@ def test_bundle_file_source_fills_the_trust_bundles(tmp_path: Any) -> None:
     assert api is None
     assert run(source.refresh())
     assert [k.kid for k in bundles.keys_for_use("jwt-svid", DOMAIN, None)] == [DOMAIN_KID]
+
+
+def test_bundle_endpoint_source_fetches_and_refreshes_over_http() -> None:
+    """A real local HTTP server (``insecure_http``, the test-only flag) serving the bundle,
+    rotated between two refreshes."""
+    from aiohttp import web
+
+    served = {"doc": bundle()}
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.json_response(served["doc"])
+
+    async def main() -> tuple[list[str | None], list[str | None]]:
+        app = web.Application()
+        app.router.add_get("/bundle", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            url = f"http://127.0.0.1:{port}/bundle"
+            cfg = parse_authz_config(config(bundle_endpoint=url, insecure_http=True))
+            bundles = TrustBundles()
+            source, _ = make_bundle_source(cfg.trust_domains[0], bundles)
+            assert await source.refresh()
+            first = [k.kid for k in bundles.keys_for_use("jwt-svid", DOMAIN, None)]
+            served["doc"] = bundle(OTHER_KEY, "rotated")
+            assert await source.refresh()
+            second = [k.kid for k in bundles.keys_for_use("jwt-svid", DOMAIN, None)]
+            return first, second
+        finally:
+            await runner.cleanup()
+
+    first, second = run(main())
+    assert first == [DOMAIN_KID] and second == ["rotated"]
