@@ -89,6 +89,8 @@ class BrokerConfig:
     listen: tuple[str, int]
     keys: KeysConfig
     token_ttl: float
+    #: Lifetime of an issued WIT (hours: its key proves every request anyway).
+    wit_ttl: float
     subject_leeway: float
     max_subject_token_bytes: int
     dpop: DPoPPolicy
@@ -235,8 +237,12 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
     known_keys(
         tokens,
         "tokens",
-        {"ttl", "subject_leeway", "max_subject_token_bytes", "high_privilege_audiences"},
-    )
+        {"ttl", "wit_ttl", "subject_leeway", "max_subject_token_bytes",
+         "high_privilege_audiences"},
+    )  # fmt: skip
+    wit_ttl = get_num(tokens, "wit_ttl", "tokens", 14400.0, minimum=60.0)
+    if wit_ttl > 86400:
+        raise ConfigError("tokens.wit_ttl", "at most 86400 seconds", wit_ttl)
     ttl = get_num(tokens, "ttl", "tokens", 300.0, minimum=1.0)
     if ttl > 86400:
         raise ConfigError(
@@ -322,8 +328,10 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
     return BrokerConfig(
         issuer=issuer,
         listen=listen,
-        keys=_keys(root.get("keys"), registry.max_ttl(ttl)),
+        # Retired keys stay published as long as anything they signed: WITs included.
+        keys=_keys(root.get("keys"), max(registry.max_ttl(ttl), wit_ttl)),
         token_ttl=ttl,
+        wit_ttl=wit_ttl,
         subject_leeway=get_num(tokens, "subject_leeway", "tokens", 30.0),
         max_subject_token_bytes=get_int(
             tokens, "max_subject_token_bytes", "tokens", 16384, minimum=512

@@ -96,6 +96,10 @@ def make_public_app(broker: Broker) -> web.Application:
             return web.Response(status=304, headers=dict(headers))
         return _json(body, headers=headers)
 
+    async def bundle(_: web.Request) -> web.Response:
+        # A SPIFFE bundle endpoint (https_web profile) for ingresses verifying our WITs.
+        return _json(broker.wit_bundle(), headers=(("Cache-Control", jwks_cache),))
+
     async def token(request: web.Request) -> web.Response:
         try:
             return _issued(await broker.exchange(await token_request(request, scheme)))
@@ -134,6 +138,7 @@ def make_public_app(broker: Broker) -> web.Application:
     if base:  # RFC 8414 §3.1: the well-known segment goes between host and issuer path
         app.router.add_get(f"/.well-known/oauth-authorization-server{base}", discovery)
     app.router.add_get(f"{base}/jwks.json", jwks)
+    app.router.add_get(f"{base}/bundle", bundle)
     app.router.add_post(f"{base}/token", token)
     app.router.add_get(f"{base}/revocations", revocations)
     return app

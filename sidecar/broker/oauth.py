@@ -221,6 +221,35 @@ def parse_exchange(form: Form) -> ExchangeRequest:
     return ExchangeRequest(subject_token=subject_token, audiences=targets(form))
 
 
+#: The ``requested_token_type`` that asks for a WIMSE Workload Identity Token instead of an
+#: access token. No URI is registered for WITs (draft-ietf-wimse-workload-creds-02); this one
+#: follows the RFC 8693 §3 pattern and is the sidecar's own convention.
+WIT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:wit"
+
+
+def requests_wit(form: Form) -> bool:
+    """True when the request asks for a WIT (``requested_token_type``), False for an access
+    token (the default); anything else is refused."""
+    requested = form.one("requested_token_type", required=False)
+    if requested not in (None, ACCESS_TOKEN_TYPE, WIT_TOKEN_TYPE):
+        raise OAuthError(
+            "invalid_request",
+            f"requested_token_type must be {ACCESS_TOKEN_TYPE} or {WIT_TOKEN_TYPE}",
+        )
+    return requested == WIT_TOKEN_TYPE
+
+
+def wit_response(wit: str, expires_in: int) -> bytes:
+    """RFC 8693 §2.2.1 with a WIT: not an access token, so ``token_type`` is ``N_A``."""
+    doc = {
+        "access_token": wit,
+        "issued_token_type": WIT_TOKEN_TYPE,
+        "token_type": "N_A",
+        "expires_in": expires_in,
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def token_response(access_token: str, expires_in: int) -> bytes:
     """RFC 8693 §2.2.1 / RFC 9449 §5: a DPoP-bound access token."""
     doc = {

@@ -54,13 +54,19 @@ from sidecar.broker.oauth import (
     TokenHttpRequest,
     parse_exchange,
     parse_request,
+    requests_wit,
     targets,
     token_response,
+    wit_response,
 )
 from sidecar.broker.registry import Entry
 from sidecar.broker.revocation import RevocationStore, validate_value
 from sidecar.errors import AuthError, ConfigError, ReplayStoreUnavailable
+from sidecar.jose.rfc7515_jws import parse_compact
+from sidecar.jose.rfc7517_jwk import public_jwk_dict
 from sidecar.jose.rfc9449_dpop import ProofKeyCache, VerifiedProof, verify_proof
+from sidecar.jose.spiffe_bundle import WIT_SVID
+from sidecar.jose.wimse_wit import SVID_ALGORITHMS, issue_wit
 from sidecar.net_limits import ADMIN_LIMITS, ConnLimits, GuardedSite, ListenerGuard, server_options
 
 log = logging.getLogger(__name__)
@@ -108,6 +114,7 @@ class _Attested:
     audiences: list[str]
     proof: VerifiedProof
     not_after: float | None  # the subject token's expiry, if there is one
+    wit: bool = False  # a WIT was asked for (requested_token_type), not an access token
 
 
 class Broker:
@@ -169,6 +176,14 @@ class Broker:
         ).encode()
 
     # -- published documents ----------------------------------------------------------------
+
+    def wit_bundle(self) -> bytes:
+        """A SPIFFE bundle (Trust Domain and Bundle §4) of the keys WITs are signed with
+        (``use: wit-svid``): the published signing keys; a WIT's ``typ`` keeps it apart from
+        an access token signed by the same key."""
+        keys = [{**k.public_jwk, "use": WIT_SVID} for k in self.ring.published()]
+        doc = {"keys": keys, "spiffe_refresh_hint": self.cfg.keys.jwks_max_age}
+        return json.dumps(doc, separators=(",", ":")).encode()
 
     def jwks(self) -> tuple[bytes, str]:
         cached = self._jwks
@@ -263,6 +278,30 @@ class Broker:
                 "invalid_request", "the subject token expires too soon", reason="expired"
             )
         return Issued(token_response(minted.token, minted.expires_in), minted)
+
+    def _issue_wit(self, entry: Entry, proof: VerifiedProof, now: float) -> Issued:
+        """A WIT in the SPIFFE WIT-SVID profile for the key that signed the token request's
+        DPoP proof (the sidecar's in-memory key): ``sub`` the entry's SPIFFE ID, no ``aud``."""
+        key = self.ring.active
+        if proof.key is None or proof.alg not in SVID_ALGORITHMS or key.alg not in SVID_ALGORITHMS:
+            raise OAuthError(
+                "invalid_request",
+                "a WIT-SVID needs an RS, ES or PS key for the proof and the issuer (no EdDSA)",
+                reason="wit_key_alg",
+            )
+        wit = issue_wit(
+            key.private_key,
+            alg=key.alg,
+            kid=key.kid,
+            subject=entry.spiffe_id,
+            workload_jwk=public_jwk_dict(proof.key.key, alg=proof.alg),
+            now=now,
+            lifetime=self.cfg.wit_ttl,
+            issuer=self.cfg.issuer,
+        )
+        claims = parse_compact(wit, max_bytes=len(wit)).payload
+        minted = MintedToken(wit, claims["jti"], key.kid, claims["iat"], claims["exp"])
+        return Issued(wit_response(wit, minted.expires_in), minted)
 
     def _finish(
         self,
@@ -375,7 +414,9 @@ class Broker:
         async def attest(attempt: _Attempt, now: float) -> _Attested:
             if isinstance(peer, PeerCreds):
                 attempt.fields.update(pid=peer.pid, uid=peer.uid, gid=peer.gid)
-            audiences = targets(parse_request(http))
+            form = parse_request(http)
+            wit = requests_wit(form)
+            audiences = [] if wit else targets(form)
             attempt.fields["aud"] = audiences
             proof = self.verify_dpop(http.dpop, http.htu, now)
             attempt.fields["jkt"] = proof.jkt
@@ -386,7 +427,9 @@ class Broker:
                 f"no registration entry matches this workload (uid={evidence.uid} "
                 f"gid={evidence.gid} exe={evidence.exe or 'unreadable'})"
             )
-            return _Attested(evidence.selectors, unregistered, UNIX_REFUSAL, audiences, proof, None)
+            return _Attested(
+                evidence.selectors, unregistered, UNIX_REFUSAL, audiences, proof, None, wit
+            )
 
         return await self._issue_attested("unix", attest)
 
@@ -406,10 +449,14 @@ class Broker:
                 raise policy_refusal(attested.refusal, attested.unregistered, "no_entry")
             attempt.attestation_failed = False
             attempt.fields.update(sub=entry.spiffe_id, entry=entry.index)
-            self._allowed(entry, attested.audiences)
+            if not attested.wit:
+                self._allowed(entry, attested.audiences)
             self._not_revoked(entry.spiffe_id, attested.refusal)
-            issued = self._issue(entry, attested.audiences, attested.proof, now,
-                                 attested.not_after)  # fmt: skip
+            if attested.wit:
+                issued = self._issue_wit(entry, attested.proof, now)
+            else:
+                issued = self._issue(entry, attested.audiences, attested.proof, now,
+                                     attested.not_after)  # fmt: skip
         except OAuthError as exc:
             self._finish(attestor, started, now, error=exc,
                          attestation_failed=attempt.attestation_failed,

@@ -87,6 +87,9 @@ class VerifiedProof:
     htu: str
     iat: float
     nonce: str | None
+    #: The proof's key and algorithm: what a WIT's ``cnf.jwk`` confirms when one is issued.
+    key: PublicJWK | None = None
+    alg: str | None = None
 
 
 #: The proof algorithms accepted unless configured otherwise (ingress and broker alike).
@@ -290,7 +293,9 @@ def verify_proof(
     signing_input = proof[: len(h64) + 1 + len(p64)].encode("ascii")
     if not verify_signature(alg, key.key, signing_input, signature):
         raise AuthError(Reason.PROOF_INVALID, "proof signature does not verify")
-    return VerifiedProof(jkt=key.thumbprint, jti=jti, htm=htm, htu=htu, iat=float(iat), nonce=nonce)
+    return VerifiedProof(
+        jkt=key.thumbprint, jti=jti, htm=htm, htu=htu, iat=float(iat), nonce=nonce, key=key, alg=alg
+    )
 
 
 class ProofSigner:

@@ -18,8 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwcrypto import jwk, jwt
 
+from sidecar.authz.trust_domains import TrustBundles
+from sidecar.broker.oauth import WIT_TOKEN_TYPE
+from sidecar.jose.b64 import b64url_decode
+from sidecar.jose.rfc9449_dpop import ProofSigner
+from sidecar.jose.spiffe_bundle import import_bundle
+from sidecar.jose.wimse_wit import WitPolicy, verify_wit
+from sidecar.jose.wimse_wpt import WptPolicy, WptSigner, verify_wpt
 from tests.integration.harness import REPO_ROOT, http_request
 from tests.integration.live_metrics import check_live_metrics, sample
 from tests.integration.test_broker_helpers import (
@@ -146,6 +154,48 @@ def test_unix_attested_client_gets_bound_token(broker: BrokerProcess) -> None:
     assert record["sha256"] == hashlib.sha256(Path(PYTHON).read_bytes()).hexdigest()
     assert record["jkt"] == signer.thumbprint
     assert answer.token not in broker.audit_path.read_text(), "the token reached the audit log"
+
+
+def test_unix_attested_client_gets_a_wit_svid(broker: BrokerProcess) -> None:
+    """requested_token_type=...:wit: a WIT-SVID for the key of the request's DPoP proof, its
+    issuer keys in the SPIFFE bundle at /bundle (use: wit-svid); a WPT by that key verifies."""
+    workload_key = ec.generate_private_key(ec.SECP256R1())
+    signer = ProofSigner(workload_key)
+    answer = broker.unix_token([], signer, extra=[("requested_token_type", WIT_TOKEN_TYPE)])
+    assert answer.status == 200, answer.body
+    assert answer.headers["cache-control"] == "no-store"
+    assert answer.body["issued_token_type"] == WIT_TOKEN_TYPE
+    assert answer.body["token_type"] == "N_A"
+    assert answer.body["expires_in"] == 14400  # tokens.wit_ttl's default: hours
+    status, _, body = http_request(f"{broker.issuer}/bundle")
+    assert status == 200
+    bundles = TrustBundles()
+    bundles.replace("test.local", import_bundle(json.loads(body)))
+    now = time.time()
+    wit = verify_wit(answer.token, keys=bundles, now=now, policy=WitPolicy(svid=True))
+    assert wit.subject == f"{TRUST}/unix/python"
+    assert wit.key.thumbprint == signer.thumbprint and wit.key_alg == "ES256"
+    assert wit.issuer == broker.issuer
+    header = json.loads(b64url_decode(answer.token.split(".")[0]))
+    assert header["typ"] == "wit+jwt" and set(header) == {"alg", "kid", "typ"}
+    url = "https://orders.test.local/pay"
+    wpt = WptSigner(workload_key, "ES256").proof(url=url, wit=answer.token, now=now)
+    assert verify_wpt(wpt, wit=wit, now=now, policy=WptPolicy(), url=url).jti
+    # The access-token JWKS is no WIT bundle: keys with use "sig" are not wit-svid keys.
+    _, _, jwks = http_request(f"{broker.issuer}/jwks.json")
+    assert import_bundle(json.loads(jwks)) == []
+    record = broker.wait_audit(lambda r: r.get("jkt") == signer.thumbprint)
+    assert record["result"] == "ok" and record["sub"] == wit.subject
+    assert answer.token not in broker.audit_path.read_text()
+
+
+def test_unix_wit_refusals(broker: BrokerProcess) -> None:
+    other = broker.unix_token([], extra=[("requested_token_type", "urn:example:other")])
+    assert (other.status, other.error) == (400, "invalid_request")
+    # An Ed25519 proof key cannot be a WIT-SVID's cnf key (the profile has no EdDSA).
+    ed = ProofSigner(ed25519.Ed25519PrivateKey.generate(), "EdDSA")
+    answer = broker.unix_token([], ed, extra=[("requested_token_type", WIT_TOKEN_TYPE)])
+    assert (answer.status, answer.error) == (400, "invalid_request"), answer.body
 
 
 def test_unix_several_audiences_and_keepalive(broker: BrokerProcess) -> None:

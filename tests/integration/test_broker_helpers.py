@@ -289,6 +289,7 @@ class BrokerProcess:
         *,
         proof: str | bool | None = True,
         htu: str = "http://localhost/token",
+        extra: Sequence[tuple[str, str]] = (),
     ) -> Answer:
         """``POST /token`` on the attestation socket (this test process is the workload)."""
         signer = signer or new_signer()
@@ -299,7 +300,8 @@ class BrokerProcess:
             headers.append(("DPoP", proof))
         conn = UnixHTTPConnection(self.socket)
         try:
-            return post_form(conn, "/token", [("audience", a) for a in audiences], headers)
+            fields = [("audience", a) for a in audiences] + list(extra)
+            return post_form(conn, "/token", fields, headers)
         finally:
             conn.close()
 

@@ -111,10 +111,24 @@ def test_issuer_path_puts_endpoints_under_it() -> None:
 
 def test_entry_ttl_extends_key_retention() -> None:
     cfg = parse_broker_config(
-        {"entries": [{**UNIX_ENTRY, "ttl": 3600}], "keys": {"retire_grace": 10}}
+        {
+            "entries": [{**UNIX_ENTRY, "ttl": 3600}],
+            "keys": {"retire_grace": 10},
+            "tokens": {"wit_ttl": 600},
+        }
     )
     assert cfg.max_token_ttl == 3600
     assert cfg.keys.schedule.retain_for == 3610
+
+
+def test_wit_ttl_extends_key_retention() -> None:
+    # A WIT lives for hours: the key that signed it stays published as long.
+    cfg = parse_broker_config({"keys": {"retire_grace": 10}})
+    assert cfg.wit_ttl == 14400
+    assert cfg.keys.schedule.retain_for == 14410
+    with pytest.raises(ConfigError) as err:
+        parse_broker_config({"tokens": {"wit_ttl": 90000}})
+    assert err.value.key == "tokens.wit_ttl"
 
 
 def _write_key(path: Path, mode: int) -> None:
