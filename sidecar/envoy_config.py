@@ -70,10 +70,10 @@ with warnings.catch_warnings():
         CircuitBreakers,
         CircuitBreakersThresholds,
         Cluster,
+        ClusterCommonLbConfig,
         ClusterDiscoveryType,
         ClusterDnsLookupFamily,
         ClusterLbPolicy,
-        OutlierDetection,
     )
     from envoy_data_plane.envoy.config.core.v3 import (
         Address,
@@ -142,7 +142,7 @@ with warnings.catch_warnings():
         HttpProtocolOptionsExplicitHttpConfig,
     )
     from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, StringMatcher
-    from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+    from envoy_data_plane.envoy.type.v3 import HttpStatus, Percent, StatusCode
     from envoy_data_plane.google.protobuf import Any as AnyProto
 
 from sidecar.listen_address import ListenAddress
@@ -229,6 +229,7 @@ EXPLICIT_DEFAULTS: dict[type[betterproto2.Message], tuple[str, ...]] = {
     ExtAuthz: ("failure_mode_allow", "include_peer_certificate"),
     HttpConnectionManager: ("xff_num_trusted_hops",),
     JwtProvider: ("forward",),
+    Percent: ("value",),  # healthy_panic_threshold: 0 turns panic mode off
 }
 
 
@@ -336,40 +337,32 @@ def _cluster(
 
 
 def _avoid_dead_endpoints(cluster: Cluster) -> None:
-    """Several authorizer workers: take turns (round robin), eject a worker on its first
-    local connect failure, and probe every worker with a TCP connect each second (a dead one
-    is marked unhealthy after two failed probes and comes back on the first probe its
-    replacement answers). Checks that fail to connect or are reset are retried on another worker
-    (:func:`_authz_retry_policy`). Not least-request: a dead worker has no requests in
-    flight, so least-request would prefer it, retries included.
-
-    Envoy's panic mode stays on: with one of two workers down it balances over both again,
-    and the checks sent to the dead one fail to connect at once and are retried on the other.
-    That also keeps a worker whose health check merely timed out under CPU load in service
-    (with panic mode off, two such false alarms would deny everything). Every check in flight
-    may need a retry when a worker dies: the cap on concurrent retries (default 3) is raised
-    to the cap on requests."""
+    """Several authorizer workers: take turns (round robin), probe every worker with a TCP
+    connect twice a second (a dead one is out after one failed probe and back on the first
+    probe its replacement answers), and retry checks that failed to connect or were reset
+    on another worker (:func:`_authz_retry_policy`). Not least-request: a dead worker has no
+    requests in flight, so least-request would prefer it, retries included. No outlier
+    ejection: one slow check (a timeout) on the surviving worker would eject it. Every check
+    in flight may need a retry when a worker dies: the cap on concurrent retries (default 3)
+    is raised to the cap on requests."""
     cluster.circuit_breakers = CircuitBreakers(
         thresholds=[CircuitBreakersThresholds(max_retries=MAX_AUTHZ_RETRIES)]
     )
     cluster.health_checks = [
         HealthCheck(
             timeout=timedelta(seconds=1),
-            interval=timedelta(seconds=1),
-            no_traffic_interval=timedelta(seconds=1),
-            unhealthy_threshold=2,
+            interval=timedelta(milliseconds=500),
+            no_traffic_interval=timedelta(milliseconds=500),
+            unhealthy_threshold=1,
             healthy_threshold=1,
             tcp_health_check=HealthCheckTcpHealthCheck(),
         )
     ]
-    cluster.outlier_detection = OutlierDetection(
-        split_external_local_origin_errors=True,
-        consecutive_local_origin_failure=1,
-        enforcing_consecutive_local_origin_failure=100,
-        interval=timedelta(seconds=1),
-        base_ejection_time=timedelta(seconds=1),
-        max_ejection_percent=50,
-    )
+    # No panic mode: by default Envoy balances over every host, dead ones included, once
+    # fewer than half are healthy. A worker is unhealthy only when a TCP connect to it fails,
+    # which the kernel answers for a listening worker however busy it is: so no live worker
+    # is ever left out, and a dead one is out within a probe.
+    cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0))
 
 
 def _authz_retry_policy() -> RetryPolicy:
@@ -379,7 +372,7 @@ def _authz_retry_policy() -> RetryPolicy:
     the retry (fail closed; the client signs a new proof)."""
     return RetryPolicy(
         retry_on="connect-failure,refused-stream,reset",
-        num_retries=3,
+        num_retries=5,
         retry_back_off=BackoffStrategy(
             base_interval=timedelta(milliseconds=5), max_interval=timedelta(milliseconds=50)
         ),
@@ -544,7 +537,7 @@ def ingress_bootstrap_message(
     ``authz_unix`` replaces ``authz_host:authz_port`` by a unix socket (an Envoy ``pipe``).
     ``authz_workers`` > 1 lists every worker of ``sidecar authz`` (port + i, or path + ``.i``,
     as :meth:`ListenAddress.for_worker` derives them) as an endpoint of the ext_authz cluster,
-    with health checks, outlier ejection and retries on another worker.
+    with health checks, no panic mode and retries on another worker.
 
     Both ext_authz modes fail closed: an unreachable or erroring authorizer yields 503.
 

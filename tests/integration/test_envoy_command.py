@@ -248,11 +248,11 @@ def test_workers_are_all_endpoints_of_the_authz_cluster(mode: str, where: str) -
         assert addresses == [{"pipe": {"path": f"/run/wis/authz.sock.{i}"}} for i in range(3)]
     else:
         assert [a["socket_address"]["port_value"] for a in addresses] == [9300, 9301, 9302]
-    # A dead worker leaves the rotation (health check, ejection) and its checks are retried
+    # A dead worker leaves the rotation (health check, no panic mode) and its checks are retried
     # on another worker, but only when they never got an answer.
     assert "lb_policy" not in cluster  # ROUND_ROBIN, the proto3 default
     assert cluster["health_checks"][0]["tcp_health_check"] == {}
-    assert cluster["outlier_detection"]["consecutive_local_origin_failure"] == 1
+    assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0.0}
     http_filter = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     ext_authz = http_filter["typed_config"]["http_filters"][0]["typed_config"]
     service = ext_authz["grpc_service" if mode == "grpc" else "http_service"]
