@@ -271,10 +271,10 @@ def _endpoint_address(address: ListenAddress) -> Address:
     return _address(address.host, address.port)
 
 
-#: Envoy's idle limit on its connections to the HTTP authorizer: below the authorizer's own
-#: (``authz.http.connections.idle_timeout``, 60 s by default), so Envoy closes an idle
-#: connection first and never sends a check on one the authorizer is closing.
-AUTHZ_HTTP_IDLE_TIMEOUT = timedelta(seconds=30)
+#: Envoy's idle limit on its connections to the authorizer (HTTP and gRPC): below the
+#: authorizer's own (``authz.{http,grpc}.connections.idle_timeout``, 60 s by default), so Envoy
+#: closes an idle connection first and never sends a check on one the authorizer is closing.
+AUTHZ_IDLE_TIMEOUT = timedelta(seconds=30)
 
 
 def _protocol_options(*, http2: bool, idle_timeout: timedelta | None) -> dict[str, AnyProto]:
@@ -564,7 +564,13 @@ def ingress_bootstrap_message(
         if mode == "grpc":
             http_filters.append(_ext_authz_grpc_filter(timeout, retry))
             clusters.append(
-                _cluster(AUTHZ_GRPC_CLUSTER, endpoints, http2=True, connect_timeout=timeout)
+                _cluster(
+                    AUTHZ_GRPC_CLUSTER,
+                    endpoints,
+                    http2=True,
+                    connect_timeout=timeout,
+                    idle_timeout=AUTHZ_IDLE_TIMEOUT,
+                )
             )
         else:
             http_filters.append(_ext_authz_http_filter(base, timeout, retry))
@@ -573,7 +579,7 @@ def ingress_bootstrap_message(
                     AUTHZ_HTTP_CLUSTER,
                     endpoints,
                     connect_timeout=timeout,
-                    idle_timeout=AUTHZ_HTTP_IDLE_TIMEOUT,
+                    idle_timeout=AUTHZ_IDLE_TIMEOUT,
                 )
             )
     elif mode == "jwt_authn":

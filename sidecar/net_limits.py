@@ -16,6 +16,9 @@ listener (:class:`ConnLimits`):
 * ``idle_timeout``: aiohttp's keep-alive limit between requests, and the limit on a body that
   stops arriving or on a response the client stops reading.
 
+The gRPC ext_authz server (HTTP/2, :mod:`sidecar.authz.grpc_h2`) is kept by the same guard: its
+protocol answers :meth:`GuardedConnection.overdue` itself (idle there means no stream open).
+
 Deadlines are checked by one sweep per listener (a quarter of the shortest timeout, at most a
 second): nothing is scheduled per request or per read. A late connection is aborted.
 
@@ -39,7 +42,7 @@ import weakref
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -75,6 +78,8 @@ class ConnLimits:
 #: only a body that stops arriving is cut there.
 EGRESS_LIMITS = ConnLimits(body_timeout=0.0)
 HTTP_LIMITS = ConnLimits()
+#: The gRPC ext_authz port (HTTP/2): body is a call's message after its HEADERS.
+GRPC_LIMITS = ConnLimits()
 ATTESTATION_LIMITS = ConnLimits(header_timeout=5.0, body_timeout=5.0, max_per_uid=64)
 #: The admin ports and the broker's admin socket (not configurable: a scraper and an operator).
 ADMIN_LIMITS = ConnLimits(max_connections=64)
@@ -176,8 +181,20 @@ def busy_response(reason: str) -> bytes:
     return head.encode() + body
 
 
+class GuardedConnection(Protocol):
+    """What a :class:`ListenerGuard` needs of a connection: :class:`GuardedProtocol` for aiohttp,
+    the gRPC server's own protocol for HTTP/2."""
+
+    uid: int | None
+
+    def overdue(self, now: float, limits: ConnLimits) -> str | None: ...
+
+    def abort(self) -> None: ...
+
+
 class ListenerGuard:
-    """The connections of one listener: admission, per-uid counts, deadlines."""
+    """The connections of one listener: admission, per-uid counts, deadlines. ``refusal``
+    is what a connection over a cap is sent before it is closed."""
 
     def __init__(
         self,
@@ -188,13 +205,15 @@ class ListenerGuard:
         peer_uid: Callable[[asyncio.BaseTransport], int | None] | None = None,
         on_open: Callable[[asyncio.BaseTransport], None] | None = None,
         on_close: Callable[[asyncio.BaseTransport], None] | None = None,
+        refusal: Callable[[str], bytes] = busy_response,
     ) -> None:
         self.name = name
+        self._refusal = refusal
         self.limits = limits
         self._peer_uid = peer_uid
         self._on_open = on_open
         self._on_close = on_close
-        self._conns: dict[asyncio.BaseTransport, GuardedProtocol] = {}
+        self._conns: dict[asyncio.BaseTransport, GuardedConnection] = {}
         self._per_uid: Tally[int] = Tally()
         self._sweeper: asyncio.Task[None] | None = None
         metrics = connection_metrics(registry)
@@ -204,7 +223,13 @@ class ListenerGuard:
         }
         self._timed_out = {
             r: metrics.timed_out.labels(name, r)
-            for r in ("header_timeout", "body_timeout", "body_stalled", "send_stalled")
+            for r in (
+                "header_timeout",
+                "body_timeout",
+                "body_stalled",
+                "send_stalled",
+                "idle_timeout",
+            )
         }
 
     def __len__(self) -> int:
@@ -218,7 +243,11 @@ class ListenerGuard:
         conns = self._conns
 
         async def guarded(request: web.BaseRequest) -> web.StreamResponse:
-            conn = conns.get(request.transport)  # type: ignore[arg-type]
+            # An aiohttp listener's connections are all GuardedProtocol.
+            conn = cast(
+                "GuardedProtocol | None",
+                conns.get(request.transport),  # type: ignore[arg-type]
+            )
             if conn is None:  # pragma: no cover - the connection went away meanwhile
                 return await handler(request)
             conn.request = request
@@ -234,7 +263,7 @@ class ListenerGuard:
 
     # -- admission ------------------------------------------------------------------------
 
-    def admit(self, conn: GuardedProtocol, transport: asyncio.BaseTransport) -> bool:
+    def admit(self, conn: GuardedConnection, transport: asyncio.BaseTransport) -> bool:
         limits = self.limits
         if len(self._conns) >= limits.max_connections:
             self._refuse(transport, "max_connections", f"{limits.max_connections} open")
@@ -263,10 +292,10 @@ class ListenerGuard:
             detail,
         )
         with contextlib.suppress(Exception):
-            transport.write(busy_response(reason))  # type: ignore[attr-defined]
+            transport.write(self._refusal(reason))  # type: ignore[attr-defined]
         transport.close()
 
-    def release(self, conn: GuardedProtocol, transport: asyncio.BaseTransport) -> None:
+    def release(self, conn: GuardedConnection, transport: asyncio.BaseTransport) -> None:
         if self._conns.pop(transport, None) is None:
             return
         if conn.uid is not None:

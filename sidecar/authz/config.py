@@ -38,7 +38,7 @@ from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc7515_jws import normalize_typ
 from sidecar.jose.rfc9068_access_token import IssuerPolicy
 from sidecar.listen_address import ListenAddress, check_worker_addresses, parse_listen_address
-from sidecar.net_limits import HTTP_LIMITS, ConnLimits, parse_conn_limits
+from sidecar.net_limits import GRPC_LIMITS, HTTP_LIMITS, ConnLimits, parse_conn_limits
 from sidecar.revocation_wire import MAX_WAIT
 
 #: ext_authz gRPC engines (see sidecar.authz.grpc_server): our HTTP/2 server on the event loop
@@ -77,6 +77,7 @@ class AuthzConfig:
     revocation_wait: int
     workers: int = 1
     http_connections: ConnLimits = HTTP_LIMITS
+    grpc_connections: ConnLimits = GRPC_LIMITS
     trust_domains: tuple[TrustDomainSource, ...] = ()
 
 
@@ -294,7 +295,13 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
             )
     grpc = section(root.get("grpc"), f"{path}.grpc")
     http = section(root.get("http"), f"{path}.http")
-    known_keys(grpc, f"{path}.grpc", {"listen", "enabled", "engine", "workers"})
+    known_keys(grpc, f"{path}.grpc", {"listen", "enabled", "engine", "workers", "connections"})
+    grpc_engine = get_choice(grpc, "engine", f"{path}.grpc", GRPC_ENGINES, "loop")
+    if "connections" in grpc and grpc_engine != "loop":
+        # grpcio's servers (threads, aio) are not ours to guard: refuse a limit we cannot keep.
+        raise ConfigError(
+            f"{path}.grpc.connections", "only with engine 'loop' (the default)", grpc_engine
+        )
     known_keys(http, f"{path}.http", {"listen", "enabled", "path_prefix", "connections"})
     grpc_listen = (
         parse_listen_address(grpc.get("listen", "127.0.0.1:9191"), f"{path}.grpc.listen")
@@ -318,7 +325,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         policy=policy_obj,
         sources=tuple(sources),
         grpc_listen=grpc_listen,
-        grpc_engine=get_choice(grpc, "engine", f"{path}.grpc", GRPC_ENGINES, "loop"),
+        grpc_engine=grpc_engine,
         grpc_workers=_workers(grpc, f"{path}.grpc"),
         http_listen=http_listen,
         http_path_prefix=_path_prefix(http, f"{path}.http"),
@@ -336,6 +343,9 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         workers=workers,
         http_connections=parse_conn_limits(
             http.get("connections"), f"{path}.http.connections", HTTP_LIMITS
+        ),
+        grpc_connections=parse_conn_limits(
+            grpc.get("connections"), f"{path}.grpc.connections", GRPC_LIMITS
         ),
         revocation_wait=wait,
         trust_domains=trust_domains,

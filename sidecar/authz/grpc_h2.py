@@ -9,6 +9,10 @@ without I/O answers within the same ``data_received`` call: no task, no thread h
 Bounds: ``max_concurrent`` open streams per connection (more is a connection error), a message
 of at most ``max_message`` bytes (more: RESOURCE_EXHAUSTED), the header list size, and the
 caller's ``grpc-timeout`` for a handler that has to wait on I/O (then DEADLINE_EXCEEDED).
+With a :class:`~sidecar.net_limits.ListenerGuard` (``authz.grpc.connections``) also the number of
+connections and their deadlines: the preface and first request within ``header_timeout``, each
+request's message within ``body_timeout`` of its HEADERS, and ``idle_timeout`` for a connection
+with no stream open or whose answers the peer stops reading.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import functools
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -34,9 +39,10 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, SettingsFrame
 
 from sidecar.listen_address import ListenAddress, bind_unix
+from sidecar.net_limits import ConnLimits, ListenerGuard
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ _OK_TRAILERS = ((b"grpc-status", b"0"),)
 _TIMEOUT = re.compile(rb"(\d{1,8})([HMSmun])")
 _UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 MAX_HEADER_LIST = 16 * 1024
+_now = time.monotonic
 
 
 class GrpcError(Exception):
@@ -70,11 +77,22 @@ def parse_timeout(value: bytes) -> float | None:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
-class _Call:
-    __slots__ = ("body", "expired", "handler", "pending", "task", "timeout", "timer")
+def refusal(reason: str) -> bytes:
+    """Sent to a connection over the cap before it is closed: our SETTINGS (the server preface)
+    and GOAWAY ENHANCE_YOUR_CALM for stream 0, so the peer knows no request of it was processed."""
+    frame = GoAwayFrame(0)
+    frame.last_stream_id = 0
+    frame.error_code = ErrorCodes.ENHANCE_YOUR_CALM
+    frame.additional_data = f"too many connections ({reason})".encode()
+    return SettingsFrame(0).serialize() + frame.serialize()
 
-    def __init__(self, handler: Handler, timeout: float | None) -> None:
+
+class _Call:
+    __slots__ = ("body", "expired", "handler", "pending", "since", "task", "timeout", "timer")
+
+    def __init__(self, handler: Handler, timeout: float | None, since: float) -> None:
         self.handler = handler
+        self.since = since  # when its HEADERS arrived
         self.body = bytearray()
         self.timeout = timeout
         self.task: asyncio.Future[bytes] | None = None
@@ -91,8 +109,16 @@ class GrpcH2Protocol(asyncio.Protocol):
         max_concurrent: int,
         max_message: int,
         live: set[GrpcH2Protocol] | None = None,
+        guard: ListenerGuard | None = None,
     ) -> None:
         self.handlers = handlers
+        self.guard = guard
+        self.uid: int | None = None  # for the guard: TCP and Envoy, no per-uid cap
+        self.opened = _now()
+        #: When the last stream opened or the last answer needing I/O went out; None until the
+        #: first request (then the header deadline applies).
+        self.last_call: float | None = None
+        self.paused_since: float | None = None
         self.max_message = max_message
         self.live = live if live is not None else set()
         # Header validation off: it is most of h2's cost per call (measured), and nothing here
@@ -122,6 +148,8 @@ class GrpcH2Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        if self.guard is not None and not self.guard.admit(self, transport):
+            return  # refused and closed by the guard
         self.transport = cast(asyncio.Transport, transport)
         self.live.add(self)
         self.conn.initiate_connection()
@@ -133,16 +161,51 @@ class GrpcH2Protocol(asyncio.Protocol):
             if call.task is not None:
                 call.task.cancel()
         self.calls.clear()
-        self.transport = None
+        transport, self.transport = self.transport, None
+        if self.guard is not None and transport is not None:
+            self.guard.release(self, transport)
 
     def pause_writing(self) -> None:
         # The peer does not read our answers: stop reading its requests until it does.
+        self.paused_since = _now()
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.paused_since = None
         if self.transport is not None:
             self.transport.resume_reading()
+
+    # -- deadlines (called by the guard's sweep) -------------------------------------------
+
+    def overdue(self, now: float, limits: ConnLimits) -> str | None:
+        if self.paused_since is not None and now - self.paused_since > limits.idle_timeout:
+            return "send_stalled"
+        if self.last_call is None:
+            # Not even a preface and one HEADERS yet: a silent or slow-loris connection.
+            return "header_timeout" if now - self.opened > limits.header_timeout else None
+        for call in self._waiting.values():  # answers the peer gives no window for
+            if now - call.since > limits.idle_timeout:
+                return "send_stalled"
+        if limits.body_timeout:
+            for call in self.calls.values():
+                if call.task is None and now - call.since > limits.body_timeout:
+                    return "body_timeout"  # a request whose message never ends
+        if not self.calls and not self._waiting and now - self.last_call > limits.idle_timeout:
+            return "idle_timeout"
+        return None
+
+    def abort(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.calls or self._waiting or self.paused_since is not None:
+            transport.abort()
+            return
+        # Nothing in flight: GOAWAY first, so a stream crossing it is known to the peer as
+        # unprocessed (and retried) rather than failed.
+        self.goaway()
+        transport.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -181,6 +244,7 @@ class GrpcH2Protocol(asyncio.Protocol):
 
     def _request(self, event: RequestReceived) -> None:
         sid = event.stream_id
+        self.last_call = now = _now()
         if self.last_stream is not None and sid > self.last_stream:
             # Opened after our GOAWAY: refused, the peer may retry it elsewhere.
             self.conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
@@ -207,7 +271,9 @@ class GrpcH2Protocol(asyncio.Protocol):
         if handler is None:
             self._trailers_only(sid, UNIMPLEMENTED, "unknown method")
             return
-        self.calls[sid] = _Call(handler, parse_timeout(timeout) if timeout is not None else None)
+        self.calls[sid] = _Call(
+            handler, parse_timeout(timeout) if timeout is not None else None, now
+        )
         if event.stream_ended is not None:
             self._ended(sid)
 
@@ -262,6 +328,7 @@ class GrpcH2Protocol(asyncio.Protocol):
             call.task.cancel()
 
     def _done(self, sid: int, call: _Call, task: asyncio.Future[bytes]) -> None:
+        self.last_call = _now()
         if call.timer is not None:
             call.timer.cancel()
         code, message, answer = OK, "", b""
@@ -379,12 +446,19 @@ def _percent_encode(message: str) -> bytes:
 
 
 class GrpcH2Server:
-    """Listens on a TCP port or a unix socket (a :class:`ListenAddress`)."""
+    """Listens on a TCP port or a unix socket (a :class:`ListenAddress`); with ``guard``, its
+    connections are capped and held to its deadlines (build it with :func:`refusal`)."""
 
     def __init__(
-        self, handlers: dict[bytes, Handler], *, max_concurrent: int, max_message: int
+        self,
+        handlers: dict[bytes, Handler],
+        *,
+        max_concurrent: int,
+        max_message: int,
+        guard: ListenerGuard | None = None,
     ) -> None:
         self.handlers = handlers
+        self.guard = guard
         self.max_concurrent = max_concurrent
         self.max_message = max_message
         self.server: asyncio.Server | None = None
@@ -396,6 +470,7 @@ class GrpcH2Server:
             max_concurrent=self.max_concurrent,
             max_message=self.max_message,
             live=self.protocols,
+            guard=self.guard,
         )
 
     async def start(self, address: ListenAddress, *, backlog: int = 1024) -> ListenAddress:
@@ -404,16 +479,21 @@ class GrpcH2Server:
         if address.path is not None:
             sock = bind_unix(address.path, backlog)  # mode 0600
             self.server = await loop.create_unix_server(self._protocol, sock=sock)
-            return address
-        self.server = await loop.create_server(
-            self._protocol, address.host, address.port, backlog=backlog
-        )
-        return ListenAddress(address.host, int(self.server.sockets[0].getsockname()[1]))
+        else:
+            self.server = await loop.create_server(
+                self._protocol, address.host, address.port, backlog=backlog
+            )
+            address = ListenAddress(address.host, int(self.server.sockets[0].getsockname()[1]))
+        if self.guard is not None:
+            self.guard.start()
+        return address
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, tell every peer GOAWAY, let calls in flight end within ``grace``."""
         if self.server is None:
             return
+        if self.guard is not None:
+            await self.guard.stop()
         self.server.close()
         for proto in list(self.protocols):
             proto.goaway()

@@ -29,14 +29,16 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
+from prometheus_client import CollectorRegistry
 
 from sidecar.authz.core import IORequest, RefreshKeys
 from sidecar.authz.decision import Allow, Decision, Header, RequestView
 from sidecar.authz.forwarded import connection_scheme, request_method
-from sidecar.authz.grpc_h2 import GrpcH2Server
+from sidecar.authz.grpc_h2 import GrpcH2Server, refusal
 from sidecar.authz.guard import Check, CheckGuard
 from sidecar.errors import ReplayStoreUnavailable
 from sidecar.listen_address import SOCKET_MODE, ListenAddress, remove_stale_socket, socket_umask
+from sidecar.net_limits import GRPC_LIMITS, ConnLimits, ListenerGuard
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _OK = status_pb2.Status(code=code_pb2.OK)
@@ -269,16 +271,28 @@ async def start_grpc_server(
     *,
     max_concurrent: int = 1000,
     workers: int = 4,
+    limits: ConnLimits = GRPC_LIMITS,
+    registry: CollectorRegistry | None = None,
 ) -> tuple[Any, ListenAddress]:
     """Serve ``engine`` (its class picks the server); returns the server and the address it
     bound (the real port when 0 was asked for).
 
     Beyond ``max_concurrent`` calls in progress (per connection for ``loop``) the call is
-    refused, which Envoy (failure mode closed) turns into a deny: bounded, and never an allow."""
+    refused, which Envoy (failure mode closed) turns into a deny: bounded, and never an allow.
+    The ``loop`` engine's connections are kept to ``limits`` (metrics in ``registry``)."""
     server: Any
     if isinstance(engine, LoopCheckHandler):
+        guard = ListenerGuard(
+            "authz_grpc",
+            limits,
+            registry if registry is not None else CollectorRegistry(),
+            refusal=refusal,
+        )
         server = GrpcH2Server(
-            {CHECK_PATH: engine}, max_concurrent=max_concurrent, max_message=MAX_MESSAGE
+            {CHECK_PATH: engine},
+            max_concurrent=max_concurrent,
+            max_message=MAX_MESSAGE,
+            guard=guard,
         )
         return server, await server.start(address)
     if isinstance(engine, ThreadedAuthorizationServicer):

@@ -206,7 +206,11 @@ class AuthzService:
             else:
                 engine = LoopCheckHandler(checks, self.cfg.default_scheme)
             self._grpc, self.grpc_address = await start_grpc_server(
-                engine, self.cfg.grpc_listen, workers=self.cfg.grpc_workers
+                engine,
+                self.cfg.grpc_listen,
+                workers=self.cfg.grpc_workers,
+                limits=self.cfg.grpc_connections,
+                registry=self.registry,
             )
         if self.cfg.http_listen is not None:
             app = make_http_app(

@@ -14,7 +14,7 @@ from sidecar.envoy_config import (
     dump_yaml,
     ingress_bootstrap,
 )
-from sidecar.net_limits import HTTP_LIMITS
+from sidecar.net_limits import GRPC_LIMITS, HTTP_LIMITS
 from tests.integration.harness import REPO_ROOT, envoy_render, free_port, validate_envoy_config
 
 ENVOY_DIR = REPO_ROOT / "envoy"
@@ -176,6 +176,9 @@ def test_grpc_mode() -> None:
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     ]
     assert opts["explicit_http_config"] == {"http2_protocol_options": {}}
+    # As for HTTP: Envoy drops an idle connection before the authorizer's loop engine does.
+    idle = float(opts["common_http_protocol_options"]["idle_timeout"].rstrip("s"))
+    assert idle < GRPC_LIMITS.idle_timeout
     assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"] == {
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9191}}
     }

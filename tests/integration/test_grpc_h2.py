@@ -28,6 +28,7 @@ from hyperframe.frame import DataFrame, Frame, HeadersFrame
 
 from sidecar.authz.grpc_h2 import GrpcError, GrpcH2Server, Handler, parse_timeout
 from sidecar.listen_address import ListenAddress
+from sidecar.net_limits import ListenerGuard
 
 PATH = "/envoy.service.auth.v3.Authorization/Check"
 
@@ -35,12 +36,14 @@ PATH = "/envoy.service.auth.v3.Authorization/Check"
 class ServerThread:
     """A GrpcH2Server on its own uvloop loop in a thread, as the sidecar runs it."""
 
-    def __init__(self, handler: Handler, *, max_message: int = 1 << 20) -> None:
+    def __init__(
+        self, handler: Handler, *, max_message: int = 1 << 20, guard: ListenerGuard | None = None
+    ) -> None:
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = GrpcH2Server(
-            {PATH.encode(): handler}, max_concurrent=100, max_message=max_message
+            {PATH.encode(): handler}, max_concurrent=100, max_message=max_message, guard=guard
         )
         self.port = self.run(self.server.start(ListenAddress("127.0.0.1", 0))).port
 

@@ -465,6 +465,7 @@ def test_sidecar_reference_defaults() -> None:
     assert unix.policy == policy, "identity.refresh defaults are not RefreshPolicy's"
     expected |= _connection_defaults("egress.connections", e.connections)
     expected |= _connection_defaults("authz.http.connections", a.http_connections)
+    expected |= _connection_defaults("authz.grpc.connections", a.grpc_connections)
     _check_defaults(documented, expected)
 
 

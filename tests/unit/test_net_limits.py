@@ -11,6 +11,7 @@ from sidecar.errors import ConfigError
 from sidecar.net_limits import (
     ATTESTATION_LIMITS,
     EGRESS_LIMITS,
+    GRPC_LIMITS,
     HTTP_LIMITS,
     ConnLimits,
     busy_response,
@@ -25,6 +26,7 @@ def test_defaults_per_listener() -> None:
     assert EGRESS_LIMITS.body_timeout == 0  # uploads stream: only a stalled one is cut
     authz = parse_authz_config({"audience": "a", "issuers": [{"issuer": "http://i"}]})
     assert authz.http_connections == HTTP_LIMITS
+    assert authz.grpc_connections == GRPC_LIMITS == ConnLimits(1024, 10.0, 10.0, 60.0)
     broker = parse_broker_config({})
     assert broker.http_connections == HTTP_LIMITS
     assert broker.attestation_connections == ATTESTATION_LIMITS
@@ -59,6 +61,18 @@ def test_errors_name_the_key(section: dict[str, object], default: ConnLimits, ke
     with pytest.raises(ConfigError) as err:
         parse_conn_limits(section, "x.connections", default)
     assert err.value.key == key
+
+
+def test_grpc_connections_are_read_and_only_for_the_loop_engine() -> None:
+    base = {"audience": "a", "issuers": [{"issuer": "http://i"}]}
+    grpc = {"connections": {"max_connections": 5, "idle_timeout": 2}}
+    cfg = parse_authz_config({**base, "grpc": grpc})
+    assert cfg.grpc_connections == ConnLimits(5, 10.0, 10.0, 2.0)
+    assert cfg.http_connections == HTTP_LIMITS
+    # grpcio's engines are not guarded: a limit that would not hold is refused at load.
+    with pytest.raises(ConfigError) as err:
+        parse_authz_config({**base, "grpc": {**grpc, "engine": "threads"}})
+    assert err.value.key == "authz.grpc.connections"
 
 
 def test_busy_response_is_complete_http() -> None:
