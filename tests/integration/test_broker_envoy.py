@@ -90,7 +90,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         entries=python_entries() + k8s_entries(cluster.issuer),
         clusters=[cluster_config(cluster)],
         extra={
-            "tokens": {"ttl": 6},
+            # Retired keys stay published for the longest lifetime they signed, WITs
+            # included: the shortest wit_ttl keeps fast rotation within the key-count bound.
+            "tokens": {"ttl": 6, "wit_ttl": 60},
             "keys": {
                 "rotate_every": ROTATE_EVERY,
                 "prepublish": 2,
