@@ -365,16 +365,24 @@ def _avoid_dead_endpoints(cluster: Cluster) -> None:
     cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0))
 
 
-def _authz_retry_policy() -> RetryPolicy:
+def _authz_retry_policy(timeout: timedelta) -> RetryPolicy:
     """Retry a check that never reached a worker or whose worker died (connect failure,
     reset), on a different worker. A deny or an error answer is never retried: a check is
     decided once. A DPoP proof whose worker died after recording it is denied as replayed on
-    the retry (fail closed; the client signs a new proof)."""
+    the retry (fail closed; the client signs a new proof).
+
+    Envoy also uses ``retry_back_off.max_interval`` as the per-try timeout of an ext_authz
+    call (envoyproxy/envoy#38847; this API has no per-try field). A short one cancels every
+    check slower than it and sends it to the other worker, which has seen its proof: denied
+    as replayed, and the work done twice, up to 1 + ``num_retries`` times under load, where
+    checks are slow. So it is longer than the check's own ``timeout``, which always ends a
+    slow check first (failing closed) and is never retried; the back-off itself stays a few
+    ms (base 5 ms, doubling per retry, 80 ms at most after 5)."""
     return RetryPolicy(
         retry_on="connect-failure,refused-stream,reset",
         num_retries=5,
         retry_back_off=BackoffStrategy(
-            base_interval=timedelta(milliseconds=5), max_interval=timedelta(milliseconds=50)
+            base_interval=timedelta(milliseconds=5), max_interval=timeout + timeout
         ),
         retry_host_predicate=[
             RetryPolicyRetryHostPredicate(
@@ -560,7 +568,7 @@ def ingress_bootstrap_message(
         if authz_workers < 1:
             raise ValueError(f"authz_workers must be at least 1, got {authz_workers}")
         endpoints = [base.for_worker(i, authz_workers) for i in range(authz_workers)]
-        retry = _authz_retry_policy() if authz_workers > 1 else None
+        retry = _authz_retry_policy(timeout) if authz_workers > 1 else None
         if mode == "grpc":
             http_filters.append(_ext_authz_grpc_filter(timeout, retry))
             clusters.append(

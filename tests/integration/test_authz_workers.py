@@ -218,6 +218,67 @@ def test_nonce_from_one_worker_is_honoured_by_the_other(pool: Pool) -> None:
     assert status == 200, hdrs
 
 
+def _decisions(pool: Pool) -> dict[str, float]:
+    """Checks decided so far, by "result reason", summed over the workers."""
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(pool.metrics()):
+        for sample in family.samples:
+            if sample.name == "sidecar_authz_decisions_total":
+                key = f"{sample.labels['result']} {sample.labels['reason']}".strip()
+                counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["grpc", "http"])
+def test_a_slow_check_is_decided_once_not_retried(pool: Pool, tmp_path: Path, mode: str) -> None:
+    """Both workers stall for 300 ms (well inside the 2 s check timeout) while one DPoP check
+    is in flight. Envoy must wait for it, not cancel it and retry on the other worker: that
+    worker would see the proof again and deny it as replayed, and under load every slow check
+    would be decided up to six times (the collapse of issue 9's two-worker DPoP rows)."""
+    envoy_port, envoy_admin, app_port = free_port(), free_port(), free_port()
+    app = start_echo_app(app_port, tmp_path, name=f"workers-slow-{mode}", access_log=False)
+    envoy = start_envoy(
+        ingress_bootstrap(
+            listen_port=envoy_port,
+            upstream_port=app_port,
+            admin_port=envoy_admin,
+            mode=mode,  # type: ignore[arg-type]
+            authz_port=pool.grpc_base if mode == "grpc" else pool.http_base,
+            authz_workers=2,
+            authz_timeout_ms=2000,
+        ),
+        tmp_path,
+        envoy_admin,
+    )
+    pids = pool.worker_pids()
+    try:
+        url = f"http://127.0.0.1:{envoy_port}/orders/5"
+        assert http_request(url, headers=_dpop(pool, url))[0] == 200  # connections are up
+        before = _decisions(pool)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(0.3, lambda: [os.kill(p, signal.SIGCONT) for p in pids])
+        resume.start()
+        try:
+            status, hdrs, _ = http_request(url, headers=_dpop(pool, url))
+        finally:
+            resume.join()
+        cluster = "ext_authz" if mode == "grpc" else "ext_authz_http"
+        stats = {k: v for k, v in envoy_stats(envoy_admin, rf"^cluster\.{cluster}\.").items() if v}
+        assert (status, hdrs.get("x-authz-reason")) == (200, None), stats
+        after = _decisions(pool)
+        decided = {r: after[r] - before.get(r, 0.0) for r in after if after[r] != before.get(r)}
+        # Decided once, allowed: no second attempt denied as replayed.
+        assert list(decided.values()) == [1.0], (decided, stats)
+        assert next(iter(decided)).startswith("allow"), (decided, stats)
+        assert stats.get(f"cluster.{cluster}.upstream_rq_per_try_timeout", 0) == 0, stats
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        envoy.stop()
+        app.stop()
+
+
 def test_killed_worker_is_replaced_and_no_request_is_lost(pool: Pool) -> None:
     token = pool.issuer.token()
     url = pool.envoy_url("/bearer/x")
