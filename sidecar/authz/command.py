@@ -87,8 +87,19 @@ async def serve_worker(settings: WorkerSettings) -> None:
     )
 
 
+def worker_argv(config_path: str, log_level: str | None) -> list[str]:
+    """The command line of one worker (``--worker`` is appended by the pool): the parent's own
+    log level included, so ``--log-level WARNING`` quiets the workers too."""
+    level = ["--log-level", log_level] if log_level else []
+    return [sys.executable, "-m", "sidecar", *level, "authz", "-c", config_path]
+
+
 async def supervise(
-    data: dict[str, Any], cfg: AuthzConfig, admin: ListenAddress, config_path: str
+    data: dict[str, Any],
+    cfg: AuthzConfig,
+    admin: ListenAddress,
+    config_path: str,
+    log_level: str | None = None,
 ) -> None:
     from sidecar.authz.workers import PoolRegistry, WorkerPool
     from sidecar.net_limits import FdWatch
@@ -99,8 +110,7 @@ async def supervise(
     fds = FdWatch(registry)
     fds.start()
     # The file name only shows in ps: a worker takes its settings from the parent.
-    argv = [sys.executable, "-m", "sidecar", "authz", "-c", config_path]
-    pool = WorkerPool(data, cfg, registry, argv)
+    pool = WorkerPool(data, cfg, registry, worker_argv(config_path, log_level))
     runner = None
     try:
         await pool.start()
@@ -147,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = parse_authz_config(data.get("authz"))
     admin = ListenAddress(*parse_admin_listen(data))
     if cfg.workers > 1:
-        run(lambda: supervise(data, cfg, admin, args.config))
+        run(lambda: supervise(data, cfg, admin, args.config, args.log_level))
     else:
         run(lambda: serve(cfg, admin))
     return 0
