@@ -44,7 +44,7 @@ AUTHZ_MODES = ("grpc", "http")
 DEFAULT_LISTEN_PORT = 10000
 DEFAULT_UPSTREAM_PORT = 8080
 DEFAULT_ADMIN_PORT = 9901
-# The sidecar's ext_authz listeners (DESIGN.md): gRPC on 9191, HTTP on 9192.
+# The sidecar's ext_authz listeners (docs/ARCHITECTURE.md "Ports"): gRPC on 9191, HTTP on 9192.
 DEFAULT_AUTHZ_PORTS = {"grpc": 9191, "http": 9192}
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_AUTHZ_TIMEOUT_MS = 250

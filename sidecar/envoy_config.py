@@ -15,10 +15,11 @@ per Envoy API message), never with string templates:
   with the ``.proto`` field names (``Message.to_dict(casing=Casing.SNAKE)``): exactly what
   ``envoy -c FILE`` expects once dumped to YAML (see :func:`dump_yaml`). Callers may edit it.
 
-Only configuration generation uses these classes, never the request path (DESIGN.md "Hot path
-rules"). Measured here: importing them takes about 0.5 s and the first build another 0.45 s
-(pydantic); after that a bootstrap takes about 5 ms to build, 30 ms to turn into a dict (most of
-it ``to_dict``) and 3 ms to dump as YAML. The hand-written dicts this replaced took 0.01 ms.
+Only configuration generation uses these classes, never the request path
+(docs/ARCHITECTURE.md "Hot-path rules"). Measured here: importing them takes about 0.5 s and
+the first build another 0.45 s (pydantic); after that a bootstrap takes about 5 ms to build,
+30 ms to turn into a dict (most of it ``to_dict``) and 3 ms to dump as YAML. The hand-written
+dicts this replaced took 0.01 ms.
 
 proto3 JSON leaves out every field equal to its default (``lb_policy: ROUND_ROBIN``,
 ``codec_type: AUTO``, ``false`` booleans...). The few defaults that *are* the security decision

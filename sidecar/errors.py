@@ -1,7 +1,7 @@
 """One root error for the package; every failure a caller can see carries a stable code.
 
-The deny reasons are a closed set (DESIGN.md): the same strings appear in responses, logs and
-metric labels, so renaming one is a breaking change.
+The deny reasons are a closed set (docs/ARCHITECTURE.md "Reason codes"): the same strings appear
+in responses, logs and metric labels, so renaming one is a breaking change.
 """
 
 from __future__ import annotations
