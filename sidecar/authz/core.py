@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from sidecar.authz.decision import Allow, Decision, Deny, Header, Identity, RequestView
 from sidecar.authz.nonce import NonceService
-from sidecar.authz.policy import Policy, Route, canonical_path
+from sidecar.authz.policy import Policy, Route, Rule, canonical_path
 from sidecar.authz.replay import ReplayStore
 from sidecar.authz.revocation import RevocationList
 from sidecar.authz.target import RequestTarget
@@ -260,11 +260,7 @@ class Authorizer:
             if proof is not None:
                 meta["proof_jti"] = proof.jti
                 self._check_nonce(route, proof, now)
-            if self.revocations.is_revoked(verified.subject, verified.jti):
-                raise AuthError(Reason.REVOKED, "token or subject has been revoked")
-            rule = self.policy.allowing_rule(verified.subject, view.method, path)
-            if rule is None:
-                raise AuthError(Reason.POLICY_DENIED, "no rule allows this caller here")
+            rule = self._admit(verified.subject, verified.jti, view.method, path, "token")
         except AuthError as err:
             return self._deny(err.reason, err.detail, route, scheme, now, meta)
         allow = self._allow(view, route, verified, proof, rule.name, now, meta)
@@ -275,6 +271,17 @@ class Authorizer:
         return PendingAllow(
             dpop.replay_key(proof), dpop.replay_ttl, allow, route, scheme, meta, proof.iat
         )
+
+    def _admit(
+        self, subject: str, jti: str | None, method: str, path: str, credential: str
+    ) -> Rule:
+        """Revocation, then policy: the same for every kind of credential."""
+        if self.revocations.is_revoked(subject, jti):
+            raise AuthError(Reason.REVOKED, f"{credential} or subject has been revoked")
+        rule = self.policy.allowing_rule(subject, method, path)
+        if rule is None:
+            raise AuthError(Reason.POLICY_DENIED, "no rule allows this caller here")
+        return rule
 
     def _evaluate_wimse(
         self, view: RequestView, route: Route, path: str, now: float
@@ -292,11 +299,7 @@ class Authorizer:
                 meta=meta,
             )
             wit = creds.wit
-            if self.revocations.is_revoked(wit.subject, wit.jti):
-                raise AuthError(Reason.REVOKED, "WIT or subject has been revoked")
-            rule = self.policy.allowing_rule(wit.subject, view.method, path)
-            if rule is None:
-                raise AuthError(Reason.POLICY_DENIED, "no rule allows this caller here")
+            rule = self._admit(wit.subject, wit.jti, view.method, path, "WIT")
         except AuthError as err:
             return self._deny(err.reason, err.detail, route, meta["scheme"], now, meta)
         identity = Identity(
