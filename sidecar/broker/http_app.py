@@ -28,9 +28,9 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.broker.attestation_unix import AttestationFailure, PeerTracker, read_peer
+from sidecar.broker.core import Broker, Issued
 from sidecar.broker.oauth import MAX_FORM_BYTES, NO_STORE, OAuthError, TokenHttpRequest
 from sidecar.broker.revocation import etag_matches
-from sidecar.broker.service import Broker, Issued
 from sidecar.jose.rfc9449_dpop import is_authority
 from sidecar.revocation_wire import CHANGED_HEADER, wait_preference
 

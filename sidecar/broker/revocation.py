@@ -93,6 +93,7 @@ class RevocationStore:
         # Set (and replaced) on every change: wakes every held long-poll at once.
         self._change = asyncio.Event()
         self._closed = False
+        self._save_lock = asyncio.Lock()
 
     def __len__(self) -> int:
         return len(self.subjects) + len(self.jtis)
@@ -129,6 +130,14 @@ class RevocationStore:
             "jtis": dict(sorted(self.jtis.items())),
         }
         return json.dumps(doc, indent=1).encode() + b"\n"
+
+    async def save(self) -> None:
+        """Write the current state, if there is a state file (one writer at a time; each
+        writes the latest state)."""
+        if self.state_file is None:
+            return
+        async with self._save_lock:
+            await asyncio.to_thread(self.save_sync, self.state_bytes())
 
     def save_sync(self, data: bytes) -> None:
         """Atomic replace (call in a thread: it fsyncs)."""

@@ -27,8 +27,9 @@ from sidecar.authz.policy import Policy
 from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
 from sidecar.authz.revocation import RevocationList
 from sidecar.broker.config import parse_broker_config
+from sidecar.broker.core import Broker
 from sidecar.broker.keys import KeyRing, make_signing_key
-from sidecar.broker.service import Broker, BrokerService
+from sidecar.broker.service import BrokerService
 from sidecar.jose.b64 import b64url_encode
 from sidecar.jose.jwks import KeyStore
 from sidecar.jose.rfc7515_jws import sign_compact
