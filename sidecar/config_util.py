@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 
 from sidecar.errors import ConfigError
+from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, with_aliases
 from sidecar.jose.rfc9449_dpop import DEFAULT_PROOF_ALGORITHMS, DPoPPolicy
 
@@ -25,7 +27,7 @@ def section(data: Any, key: str) -> Mapping[str, Any]:
     return data
 
 
-def known_keys(data: Mapping[str, Any], key: str, allowed: set[str]) -> None:
+def known_keys(data: Mapping[str, Any], key: str, allowed: Set[str]) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{key}.{unknown[0]}", f"one of the known keys {sorted(allowed)}")
@@ -98,6 +100,51 @@ def get_algorithms(
             f"{path}.{key}", "at least one algorithm (an empty list denies all)", algs
         )
     return with_aliases(frozenset(algs))
+
+
+def check_url(value: str, key: str, *, bare: bool = False) -> str:
+    """An absolute http(s) URL with a host. ``bare`` (an issuer identifier we publish, OIDC
+    Discovery §3 / RFC 8414 §2): also no user information, query, fragment or trailing slash,
+    refused rather than normalized because clients must use exactly this string."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, "an absolute http(s) URL", value)
+    if bare and (parts.query or parts.fragment or value.endswith(("/", "?", "#")) or "#" in value):
+        raise ConfigError(key, "a URL without query, fragment or trailing slash", value)
+    if bare and (parts.username or parts.password):
+        raise ConfigError(key, "a URL without user information", value)
+    return value
+
+
+def get_opt_url(data: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = get_opt_str(data, key, path)
+    return None if value is None else check_url(value, f"{path}.{key}")
+
+
+def exactly_one(path: str, chosen: Mapping[str, object]) -> None:
+    """Refuse a section that sets none or several of mutually exclusive sources (a source is
+    set unless its value is None or False)."""
+    if sum(value is not None and value is not False for value in chosen.values()) != 1:
+        names = list(chosen)
+        listed = ", ".join(names[:-1]) + f" or {names[-1]}"
+        raise ConfigError(path, f"exactly one of {listed}")
+
+
+#: The keys :func:`get_jwks_location` reads.
+JWKS_LOCATION_KEYS = frozenset({"issuer", "jwks_file", "jwks_uri", "discovery"})
+
+
+def get_jwks_location(item: Mapping[str, Any], path: str) -> JwksLocation:
+    """Where an issuer's keys come from: exactly one of ``jwks_file``, ``jwks_uri`` or
+    ``discovery: true`` (the default when neither of the others is set)."""
+    issuer = get_str(item, "issuer", path)
+    jwks_file = get_opt_str(item, "jwks_file", path)
+    jwks_uri = get_opt_url(item, "jwks_uri", path)
+    discovery = get_bool(item, "discovery", path, jwks_file is None and jwks_uri is None)
+    exactly_one(path, {"jwks_file": jwks_file, "jwks_uri": jwks_uri, "discovery: true": discovery})
+    if discovery:
+        check_url(issuer, f"{path}.issuer")
+    return JwksLocation(issuer=issuer, file=jwks_file, uri=jwks_uri, discovery=discovery)
 
 
 def get_dpop_policy(

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from sidecar.authz.core import AuthzSettings
 from sidecar.authz.policy import Policy
@@ -21,13 +20,16 @@ from sidecar.authz.target import parse_authority
 from sidecar.authz.trust_domains import TrustDomainSource, parse_trust_domains
 from sidecar.authz.wimse import parse_wimse
 from sidecar.config_util import (
+    JWKS_LOCATION_KEYS,
     get_algorithms,
     get_bool,
     get_choice,
     get_dpop_policy,
     get_int,
+    get_jwks_location,
     get_num,
     get_opt_str,
+    get_opt_url,
     get_str,
     get_str_list,
     known_keys,
@@ -46,6 +48,10 @@ from sidecar.revocation_wire import MAX_WAIT
 GRPC_ENGINES = ("loop", "threads", "aio")
 
 log = logging.getLogger(__name__)
+
+
+#: An issuer's keys besides where its keys come from (``JWKS_LOCATION_KEYS``).
+ISSUER_KEYS = {"algorithms", "token_types", "refresh_interval", "min_refresh_interval"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,30 +89,16 @@ class AuthzConfig:
 
 def _issuer(raw: Any, key: str) -> tuple[IssuerPolicy, IssuerSource]:
     item = section(raw, key)
-    known_keys(
-        item,
-        key,
-        {"issuer", "jwks_file", "jwks_uri", "discovery", "algorithms", "token_types",
-         "refresh_interval", "min_refresh_interval"},
-    )  # fmt: skip
-    issuer = get_str(item, "issuer", key)
-    jwks_file = get_opt_str(item, "jwks_file", key)
-    jwks_uri = get_opt_str(item, "jwks_uri", key)
-    discovery = get_bool(item, "discovery", key, jwks_file is None and jwks_uri is None)
-    if sum([jwks_file is not None, jwks_uri is not None, discovery]) != 1:
-        raise ConfigError(key, "exactly one of jwks_file, jwks_uri or discovery: true")
-    if jwks_uri is not None and not jwks_uri.startswith(("http://", "https://")):
-        raise ConfigError(f"{key}.jwks_uri", "an http(s) URL", jwks_uri)
-    if discovery and not issuer.startswith(("http://", "https://")):
-        raise ConfigError(f"{key}.issuer", "an http(s) URL when discovery is used", issuer)
+    known_keys(item, key, JWKS_LOCATION_KEYS | ISSUER_KEYS)
+    location = get_jwks_location(item, key)
     types = get_str_list(item, "token_types", key, ["at+jwt"])
     policy = IssuerPolicy(
-        issuer=issuer,
+        issuer=location.issuer,
         algorithms=get_algorithms(item, "algorithms", key, ["ES256"]),
         token_types=frozenset(normalize_typ(t) for t in types if t != "none"),
     )
     source = IssuerSource(
-        location=JwksLocation(issuer=issuer, file=jwks_file, uri=jwks_uri, discovery=discovery),
+        location=location,
         refresh_interval=get_num(item, "refresh_interval", key, 300.0, minimum=1.0),
         min_refresh_interval=get_num(item, "min_refresh_interval", key, 10.0, minimum=0.0),
     )
@@ -121,14 +113,6 @@ def _path_prefix(http: Mapping[str, Any], path: str) -> str:
         raise ConfigError(f"{path}.path_prefix", "'' or a path like /authz (no trailing /)",
                           prefix)  # fmt: skip
     return prefix
-
-
-def _http_url(value: str | None, key: str) -> str | None:
-    if value is not None:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(key, "an absolute http(s) URL", value)
-    return value
 
 
 def _authorities(root: Mapping[str, Any], path: str) -> frozenset[str]:
@@ -336,9 +320,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         replay_capacity=_replay_capacity(replay, f"{path}.replay"),
         redis_url=redis_url,
         unknown_kid_wait=get_num(root, "unknown_kid_wait", path, 0.1),
-        revocation_url=_http_url(
-            get_opt_str(revocation, "url", f"{path}.revocation"), f"{path}.revocation.url"
-        ),
+        revocation_url=get_opt_url(revocation, "url", f"{path}.revocation"),
         revocation_interval=get_num(revocation, "interval", f"{path}.revocation", 5.0, minimum=0.5),
         workers=workers,
         http_connections=parse_conn_limits(

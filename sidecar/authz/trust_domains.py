@@ -14,7 +14,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config_util import get_algorithms, get_bool, get_num, get_opt_str, known_keys, section
+from sidecar.config_util import (
+    exactly_one,
+    get_algorithms,
+    get_bool,
+    get_num,
+    get_opt_str,
+    known_keys,
+    section,
+)
 from sidecar.errors import ConfigError
 from sidecar.identity.workload_api import WorkloadApi
 from sidecar.jose.jwks import JwksLocation, JwksSource, KeyStore
@@ -95,8 +103,8 @@ def _trust_domain(raw: Any, key: str) -> TrustDomainSource:
     bundle_file = get_opt_str(item, "bundle_file", key)
     endpoint = get_opt_str(item, "bundle_endpoint", key)
     workload_api = get_bool(item, "workload_api", key, False)
-    if sum([bundle_file is not None, endpoint is not None, workload_api]) != 1:
-        raise ConfigError(key, "exactly one of bundle_file, bundle_endpoint or workload_api: true")
+    chosen = {"bundle_file": bundle_file, "bundle_endpoint": endpoint}
+    exactly_one(key, {**chosen, "workload_api: true": workload_api})
     if endpoint is not None:
         insecure = get_bool(item, "insecure_http", key, False)
         if not endpoint.startswith("https://") and not (

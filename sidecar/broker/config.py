@@ -16,11 +16,14 @@ from urllib.parse import urlsplit
 from sidecar.broker.keys import MAX_PUBLISHED_KEYS, SIGNING_ALGORITHMS, Schedule, load_private_key
 from sidecar.broker.registry import Registry, parse_entries
 from sidecar.config_util import (
+    JWKS_LOCATION_KEYS,
+    check_url,
     get_algorithms,
     get_bool,
     get_choice,
     get_dpop_policy,
     get_int,
+    get_jwks_location,
     get_num,
     get_opt_str,
     get_str,
@@ -56,6 +59,10 @@ TOP_KEYS = {
     "audit",
     "admin",
 }
+
+
+#: A cluster's keys besides where its keys come from (``JWKS_LOCATION_KEYS``).
+CLUSTER_KEYS = {"audiences", "algorithms", "refresh_interval", "min_refresh_interval"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,51 +132,15 @@ class BrokerConfig:
         return self.registry.max_ttl(self.token_ttl)
 
 
-def _issuer_url(value: str, key: str) -> str:
-    parts = urlsplit(value)
-    # OIDC Discovery §3 / RFC 8414 §2: https (http allowed here for loopback), no query or
-    # fragment; the value must be exactly what clients use, so a trailing slash is refused
-    # rather than normalized away.
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(key, "an absolute http(s) URL", value)
-    if parts.query or parts.fragment or value.endswith("/") or "?" in value or "#" in value:
-        raise ConfigError(key, "a URL without query, fragment or trailing slash", value)
-    if parts.username or parts.password:
-        raise ConfigError(key, "a URL without user information", value)
-    return value
-
-
 def _cluster(raw: Any, key: str) -> ClusterConfig:
     item = section(raw, key)
-    known_keys(
-        item,
-        key,
-        {
-            "issuer",
-            "jwks_file",
-            "jwks_uri",
-            "discovery",
-            "audiences",
-            "algorithms",
-            "refresh_interval",
-            "min_refresh_interval",
-        },
-    )
-    issuer = get_str(item, "issuer", key)
-    jwks_file = get_opt_str(item, "jwks_file", key)
-    jwks_uri = get_opt_str(item, "jwks_uri", key)
-    discovery = get_bool(item, "discovery", key, jwks_file is None and jwks_uri is None)
-    if sum([jwks_file is not None, jwks_uri is not None, discovery]) != 1:
-        raise ConfigError(key, "exactly one of jwks_file, jwks_uri or discovery: true")
-    if jwks_uri is not None and not jwks_uri.startswith(("http://", "https://")):
-        raise ConfigError(f"{key}.jwks_uri", "an http(s) URL", jwks_uri)
-    if discovery and not issuer.startswith(("http://", "https://")):
-        raise ConfigError(f"{key}.issuer", "an http(s) URL when discovery is used", issuer)
+    known_keys(item, key, JWKS_LOCATION_KEYS | CLUSTER_KEYS)
+    location = get_jwks_location(item, key)
     audiences = get_str_list(item, "audiences", key)
     if not audiences:
         raise ConfigError(f"{key}.audiences", "at least one accepted service-account audience")
     return ClusterConfig(
-        location=JwksLocation(issuer=issuer, file=jwks_file, uri=jwks_uri, discovery=discovery),
+        location=location,
         audiences=frozenset(audiences),
         algorithms=get_algorithms(item, "algorithms", key, DEFAULT_CLUSTER_ALGS),
         refresh_interval=get_num(item, "refresh_interval", key, 300.0, minimum=1.0),
@@ -230,7 +201,7 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
     raw_issuer = root.get("issuer", DEFAULT_ISSUER)
     if not isinstance(raw_issuer, str):
         raise ConfigError("issuer", "a URL string", raw_issuer)
-    issuer = _issuer_url(raw_issuer, "issuer")
+    issuer = check_url(raw_issuer, "issuer", bare=True)
     listen = parse_listen(root.get("listen", DEFAULT_LISTEN), "listen")
 
     tokens = section(root.get("tokens"), "tokens")

@@ -23,6 +23,7 @@ from sidecar.config_util import (
     get_choice,
     get_num,
     get_opt_str,
+    get_opt_url,
     get_str,
     get_str_list,
     known_keys,
@@ -107,11 +108,6 @@ class IdentityConfig:
         return FileAttestor(a.path, signer, clock=clock, poll_interval=a.poll_interval)
 
 
-def _http_url(value: str | None, key: str) -> None:
-    if value is not None and not value.startswith(("http://", "https://")):
-        raise ConfigError(key, "an http(s) URL", value)
-
-
 def _attestor(raw: Any, path: str) -> AttestorConfig:
     data = section(raw, path)
     kinds = tuple(ATTESTOR_KEYS)
@@ -130,8 +126,7 @@ def _attestor(raw: Any, path: str) -> AttestorConfig:
             raise ConfigError(f"{path}.socket", "a unix:///path", socket_uri)
         return AttestorConfig(kind, socket=socket_uri, timeout=timeout)
     if kind == "k8s":
-        endpoint = get_opt_str(data, "token_endpoint", path)
-        _http_url(endpoint, f"{path}.token_endpoint")
+        endpoint = get_opt_url(data, "token_endpoint", path)
         return AttestorConfig(
             kind,
             token_file=get_str(data, "token_file", path, DEFAULT_K8S_TOKEN_FILE),
@@ -193,8 +188,7 @@ def parse_identity_config(
         root, path, {"issuer", "attestor", "audiences", "refresh", "require_dpop",
                      "public_jwk_file"}
     )  # fmt: skip
-    issuer = get_opt_str(root, "issuer", path)
-    _http_url(issuer, f"{path}.issuer")
+    issuer = get_opt_url(root, "issuer", path)
     attestor = _attestor(root.get("attestor"), f"{path}.attestor")
     if attestor.kind == "k8s" and issuer is None and attestor.token_endpoint is None:
         raise ConfigError(f"{path}.issuer", "the issuer URL (k8s discovery starts there)")
