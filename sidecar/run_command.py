@@ -68,6 +68,10 @@ async def serve(data: dict[str, Any]) -> None:
         identity_cfg = parse_identity_config(data["identity"], extra_audiences=egress_audiences)
     elif egress_audiences:
         raise ConfigError("identity", "an identity section (the egress upstreams need tokens)")
+    if egress_cfg is not None and identity_cfg is not None:
+        from sidecar.egress.wimse import check_attestor
+
+        check_attestor(egress_cfg.wimse_keys, identity_cfg.attestor.kind)
     authz_cfg = None
     if data.get("authz") is not None:
         from sidecar.authz.config import parse_authz_config
@@ -105,8 +109,9 @@ async def serve(data: dict[str, Any]) -> None:
             await tokens.start()
         if egress_cfg is not None and tokens is not None:
             proxy = EgressProxy(
-                egress_cfg, tokens=tokens, signer=signer, registry=registry, offsets=offsets
-            )
+                egress_cfg, tokens=tokens, signer=signer, registry=registry, offsets=offsets,
+                wpt_signer=signer.wpt_signer(),
+            )  # fmt: skip
             await proxy.start()
         if authz_cfg is not None:
             from sidecar.authz.service import AuthzService

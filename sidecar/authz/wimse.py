@@ -20,7 +20,14 @@ from typing import Any
 
 from sidecar.authz.decision import RequestView
 from sidecar.authz.target import RequestTarget
-from sidecar.config_util import get_bool, get_choice, get_num, known_keys, section
+from sidecar.config_util import (
+    get_bool,
+    get_choice,
+    get_num,
+    get_str_list,
+    known_keys,
+    section,
+)
 from sidecar.errors import AuthError, Reason
 from sidecar.jose.wimse_wit import (
     WIT_HEADER,
@@ -51,13 +58,15 @@ def parse_wimse(root: Mapping[str, Any], path: str, leeway: float) -> WimseSetti
     the ``wit-svid`` keys of ``authz.trust_domains``."""
     key = f"{path}.wimse"
     raw = section(root.get("wimse"), key)
-    known_keys(raw, key, {"profile", "max_proof_lifetime", "accept_proof_header"})
+    known_keys(raw, key, {"profile", "max_proof_lifetime", "accept_proof_header", "other_tokens"})
     profile = get_choice(raw, "profile", key, ("wit-svid", "wit"), "wit-svid")
     return WimseSettings(
         wit=WitPolicy(svid=profile == "wit-svid", leeway=leeway),
         wpt=WptPolicy(
             max_lifetime=get_num(raw, "max_proof_lifetime", key, 300.0, minimum=1.0),
             leeway=leeway,
+            # oth entries naming these headers are checked; any other entry rejects the WPT.
+            other_tokens=frozenset(n.lower() for n in get_str_list(raw, "other_tokens", key, [])),
         ),
         accept_proof_header=get_bool(raw, "accept_proof_header", key, False),
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from sidecar.errors import SidecarError
+from sidecar.jose.wimse_wit import WIT_TOKEN_TYPE as WIT_TOKEN_TYPE  # re-exported
 
 TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
@@ -221,10 +222,6 @@ def parse_exchange(form: Form) -> ExchangeRequest:
     return ExchangeRequest(subject_token=subject_token, audiences=targets(form))
 
 
-#: The ``requested_token_type`` that asks for a WIMSE Workload Identity Token instead of an
-#: access token. No URI is registered for WITs (draft-ietf-wimse-workload-creds-02); this one
-#: follows the RFC 8693 §3 pattern and is the sidecar's own convention.
-WIT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:wit"
 
 
 def requests_wit(form: Form) -> bool:

@@ -8,6 +8,11 @@ Example::
           listen: 127.0.0.1:15001
           upstream: http://127.0.0.1:10000          # may carry a base path: http://h:p/api
           audience: spiffe://demo.local/ns/shop/sa/orders
+        - name: billing                   # WIMSE: a WIT + a WPT per request (egress/wimse.py)
+          listen: 127.0.0.1:15002
+          upstream: http://127.0.0.1:10001
+          auth: wimse                     # token (default: the audience's access token) | wimse
+          wimse: {proof_header: authorization, proof_lifetime: 30, other_tokens: []}
       forward_proxy:                      # optional, for apps that honour HTTP_PROXY
         listen: 127.0.0.1:15080
         destinations:
@@ -45,7 +50,9 @@ from sidecar.config_util import (
     parse_listen,
     section,
 )
+from sidecar.egress.wimse import WimseUpstream, parse_upstream_auth
 from sidecar.errors import ConfigError
+from sidecar.identity.rfc8693_exchange import WIT_AUDIENCE
 from sidecar.net_limits import EGRESS_LIMITS, ConnLimits, parse_conn_limits
 
 AUTHORIZATION_MODES = ("replace", "keep", "reject")
@@ -63,6 +70,13 @@ class Target:
     base_path: str
     audience: str
     on_existing_authorization: str
+    #: ``auth: wimse``: send a WIT and a WPT instead of an access token (``audience`` is "").
+    wimse: WimseUpstream | None = None
+
+    @property
+    def token_key(self) -> str:
+        """The token source slot this target's credential comes from."""
+        return WIT_AUDIENCE if self.wimse is not None else self.audience
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +122,26 @@ class EgressConfig:
     #: The listeners' side: connections from the app.
     connections: ConnLimits = EGRESS_LIMITS
 
+    def targets(self) -> list[tuple[str, Target]]:
+        """(config key, target) of every upstream and forward-proxy destination."""
+        out = [(f"egress.upstreams[{i}]", u.target) for i, u in enumerate(self.upstreams)]
+        if self.forward_proxy is not None:
+            out += [
+                (f"egress.forward_proxy.destinations[{i}]", d.target)
+                for i, d in enumerate(self.forward_proxy.destinations.values())
+            ]
+        return out
+
     @property
     def audiences(self) -> list[str]:
-        auds = [u.target.audience for u in self.upstreams]
-        if self.forward_proxy is not None:
-            auds += [d.target.audience for d in self.forward_proxy.destinations.values()]
-        return list(dict.fromkeys(auds))
+        """The token source slots to prefetch: the access tokens' audiences, and the WIT's
+        when an upstream has ``auth: wimse``."""
+        return list(dict.fromkeys(t.token_key for _, t in self.targets()))
+
+    @property
+    def wimse_keys(self) -> list[str]:
+        """Config keys of the ``auth: wimse`` upstreams and destinations."""
+        return [key for key, t in self.targets() if t.wimse is not None]
 
 
 def parse_origin(value: str, key: str) -> tuple[str, str]:
@@ -134,16 +162,24 @@ def parse_origin(value: str, key: str) -> tuple[str, str]:
     return f"{url.scheme}://{authority}", url.raw_path.rstrip("/")
 
 
-def _target(item: Mapping[str, Any], key: str, name: str, default_auth: str) -> Target:
-    origin, base = parse_origin(get_str(item, "upstream", key), f"{key}.upstream")
+def _target(
+    item: Mapping[str, Any], key: str, name: str, default_auth: str, *, upstream: bool = True
+) -> Target:
+    """A target from an upstream or a forward-proxy destination; ``upstream`` False: a
+    destination without ``upstream``, reached at the request's own URL (origin "")."""
+    origin, base = "", ""
+    if upstream:
+        origin, base = parse_origin(get_str(item, "upstream", key), f"{key}.upstream")
+    wimse = parse_upstream_auth(item, key)
     return Target(
         name=name,
         origin=origin,
         base_path=base,
-        audience=get_str(item, "audience", key),
+        audience="" if wimse is not None else get_str(item, "audience", key),
         on_existing_authorization=get_choice(
             item, "on_existing_authorization", key, AUTHORIZATION_MODES, default_auth
         ),
+        wimse=wimse,
     )
 
 
@@ -183,8 +219,11 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
         key = f"{path}.upstreams[{i}]"
         item = section(raw, key)
         known_keys(
-            item, key, {"name", "listen", "upstream", "audience", "on_existing_authorization"}
-        )
+            item,
+            key,
+            {"name", "listen", "upstream", "audience", "on_existing_authorization", "auth",
+             "wimse"},
+        )  # fmt: skip
         listen_raw = get_str(item, "listen", key)
         listen = parse_listen(listen_raw, f"{key}.listen")
         name = get_opt_str(item, "name", key) or listen_raw
@@ -207,8 +246,9 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
             known_keys(
                 item,
                 key,
-                {"match", "audience", "upstream", "name", "on_existing_authorization"},
-            )
+                {"match", "audience", "upstream", "name", "on_existing_authorization", "auth",
+                 "wimse"},
+            )  # fmt: skip
             host, port = _host_port(get_str(item, "match", key), f"{key}.match")
             if (host, port) in dests:
                 raise ConfigError(f"{key}.match", "a destination listed once", f"{host}:{port}")
@@ -216,18 +256,7 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
             if name in names:  # one metric label, one target: upstreams and destinations alike
                 raise ConfigError(f"{key}.name", "a name no upstream or destination uses", name)
             names.add(name)
-            if "upstream" in item:
-                target = _target(item, key, name, default_auth)
-            else:
-                target = Target(
-                    name=name,
-                    origin="",
-                    base_path="",
-                    audience=get_str(item, "audience", key),
-                    on_existing_authorization=get_choice(
-                        item, "on_existing_authorization", key, AUTHORIZATION_MODES, default_auth
-                    ),
-                )
+            target = _target(item, key, name, default_auth, upstream="upstream" in item)
             dests[(host, port)] = ForwardDestination(host=host, port=port, target=target)
         forward = ForwardProxyConfig(
             parse_listen(get_str(fp, "listen", fkey), f"{fkey}.listen"), dests

@@ -23,7 +23,9 @@ the client never decompresses). ``Expect`` is answered here (``100 Continue``) a
 
 Credentials: with ``on_existing_authorization: replace`` the app's ``Authorization`` and
 ``DPoP`` are removed before ours are added; ``keep`` forwards the app's own credentials
-untouched (nothing is injected); ``reject`` refuses the request with 403.
+untouched (nothing is injected); ``reject`` refuses the request with 403. On an
+``auth: wimse`` upstream the app's ``Authorization``, ``DPoP``, ``Workload-Identity-Token`` and
+``Workload-Proof-Token`` are always removed (:mod:`sidecar.egress.wimse`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 _REQUEST_ONLY_DROP = frozenset({"host", "expect"})
-_CREDENTIALS = frozenset({"authorization", "dpop"})
+CREDENTIALS = frozenset({"authorization", "dpop"})
 
 
 def connection_options(values: Iterable[str]) -> frozenset[str]:
@@ -70,12 +72,15 @@ def request_headers(
     incoming: Iterable[tuple[str, str]],
     *,
     drop_credentials: bool,
+    credentials: frozenset[str] = CREDENTIALS,
     x_forwarded: str = "keep",
     peer: str | None = None,
     proto: str = "http",
     via: str | None = None,
 ) -> CIMultiDict[str]:
-    """The headers to send upstream (without our credentials, which the caller adds)."""
+    """The headers to send upstream (without our credentials, which the caller adds).
+    ``credentials``: the lower-case names ``drop_credentials`` removes (a WIMSE upstream
+    adds the WIMSE headers)."""
     items = list(incoming)
     listed = connection_options(v for k, v in items if k.lower() == "connection")
     out: CIMultiDict[str] = CIMultiDict()
@@ -89,7 +94,7 @@ def request_headers(
             continue
         if listed and lower in listed:
             continue
-        if drop_credentials and lower in _CREDENTIALS:
+        if drop_credentials and lower in credentials:
             continue
         if (
             x_forwarded != "keep"

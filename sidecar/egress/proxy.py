@@ -33,14 +33,16 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
+from sidecar.egress import wimse as wimse_egress
 from sidecar.egress.config import EgressConfig, ForwardProxyConfig, Target
-from sidecar.egress.headers import request_headers, response_headers
+from sidecar.egress.headers import CREDENTIALS, request_headers, response_headers
 from sidecar.egress.metrics import EgressMetrics
 from sidecar.egress.nonce import NonceCache, dpop_error
 from sidecar.identity.clock_offset import ClockOffsets, says_time_was_wrong
 from sidecar.identity.errors import IdentityError
 from sidecar.identity.token import IssuedToken
 from sidecar.jose.rfc9449_dpop import ProofSigner
+from sidecar.jose.wimse_wpt import WptSigner
 from sidecar.net_limits import GuardedSite, ListenerGuard, server_options
 from sidecar.observability.logs import RateLimitedLog
 
@@ -110,10 +112,15 @@ class EgressProxy:
         clock: Callable[[], float] = time.time,
         log_interval: float = 30.0,
         offsets: ClockOffsets | None = None,
+        wpt_signer: WptSigner | None = None,
     ) -> None:
         self.cfg = cfg
         self._tokens = tokens
         self._signer = signer
+        # auth: wimse upstreams: WPTs by the key the WIT confirms (the DPoP key).
+        self._wpt = wpt_signer
+        if wpt_signer is None and cfg.wimse_keys:
+            raise ValueError("auth: wimse upstreams need a WPT signer")
         self._clock = clock
         self.metrics = EgressMetrics(registry)
         self._registry = registry
@@ -281,15 +288,15 @@ class EgressProxy:
         return _local_response(answer, label)
 
     async def _token(self, target: Target) -> IssuedToken:
-        token = self._tokens.current(target.audience)
+        """The target's access token, or its WIT (``auth: wimse``)."""
+        key = target.token_key
+        token = self._tokens.current(key)
         if token is not None:
             return token
         try:
-            return await self._tokens.get(target.audience)
+            return await self._tokens.get(key)
         except IdentityError as err:
-            raise _LocalAnswer(
-                503, "no_valid_token", err.detail, audience=target.audience
-            ) from None
+            raise _LocalAnswer(503, "no_valid_token", err.detail, audience=key) from None
 
     async def _body(self, request: web.BaseRequest) -> tuple[Any, bool]:
         """(data for the upstream request, whether it can be sent twice)."""
@@ -317,9 +324,10 @@ class EgressProxy:
         self, request: web.BaseRequest, target: Target, path: str, query: str, started: float
     ) -> web.StreamResponse:
         label = target.name
+        wimse = target.wimse
         try:
             inject = True
-            if "Authorization" in request.headers:
+            if wimse is None and "Authorization" in request.headers:
                 mode = target.on_existing_authorization
                 if mode == "reject":
                     raise _LocalAnswer(
@@ -334,6 +342,7 @@ class EgressProxy:
             headers = request_headers(
                 request.headers.items(),
                 drop_credentials=inject,
+                credentials=wimse_egress.STRIPPED if wimse is not None else CREDENTIALS,
                 x_forwarded=self.cfg.x_forwarded,
                 peer=request.remote if append else None,
                 proto=request.scheme if append else "http",
@@ -359,7 +368,13 @@ class EgressProxy:
             offsets = self.offsets
             for attempt in (0, 1):
                 signed_at = self._clock()
-                if token is not None:
+                if wimse is not None:
+                    assert token is not None and self._wpt is not None
+                    wimse_egress.add_credentials(
+                        headers, settings=wimse, signer=self._wpt, wit=token.token, url=htu,
+                        now=signed_at + offsets.offset(origin),
+                    )  # fmt: skip
+                elif token is not None:
                     headers["Authorization"] = token.authorization
                     if token.is_dpop:
                         headers["DPoP"] = self._signer.proof(

@@ -41,6 +41,7 @@ from sidecar.identity.errors import IdentityError
 from sidecar.identity.rfc8693_exchange import (
     JWT_TOKEN_TYPE,
     MAX_RESPONSE_BYTES,
+    WIT_AUDIENCE,
     TokenRequest,
     attestation_form,
     exchange_form,
@@ -58,6 +59,7 @@ from sidecar.identity.token import (
     unverified_claims,
 )
 from sidecar.jose.rfc9449_dpop import ProofSigner
+from sidecar.jose.wimse_wit import WIT_TOKEN_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,7 @@ class DPoPTokenClient:
                 expected_jkt=self._signer.thumbprint,
                 require_dpop=self._require_dpop,
                 clock_offset=offsets.offset(peer),
+                wit=req.wit,
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -228,7 +231,10 @@ class UnixAttestor:
         )
 
     async def fetch(self, audience: str) -> IssuedToken:
-        req = TokenRequest(UNIX_TOKEN_URL, UNIX_TOKEN_URL, attestation_form([audience]))
+        req = TokenRequest(
+            UNIX_TOKEN_URL, UNIX_TOKEN_URL, attestation_form([audience]),
+            wit=audience == WIT_AUDIENCE,
+        )  # fmt: skip
         return await self._client.request(req, audience)
 
     async def close(self) -> None:
@@ -373,17 +379,19 @@ class K8sAttestor:
         subject_token = await self._read_subject_token()  # every time: the kubelet rotates it
         endpoint = await self.token_endpoint()
         parts = urlsplit(endpoint)
+        wit = audience == WIT_AUDIENCE  # a WIT has no audience; it is asked for by type
         req = TokenRequest(
             url=endpoint,
             htu=f"{parts.scheme}://{parts.netloc}{parts.path or '/'}",
             form=exchange_form(
                 subject_token=subject_token,
-                audiences=[audience],
+                audiences=[] if wit else [audience],
                 subject_token_type=self._subject_token_type,
-                requested_token_type=self._requested_token_type,
+                requested_token_type=WIT_TOKEN_TYPE if wit else self._requested_token_type,
                 scope=self._scope,
                 client_id=self._client_id,
             ),
+            wit=wit,
         )
         try:
             return await self._client.request(req, audience)

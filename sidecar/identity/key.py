@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from sidecar.jose.b64 import b64url_encode
 from sidecar.jose.rfc9449_dpop import ProofSigner, access_token_hash, proof_htu
+from sidecar.jose.wimse_wpt import WptSigner
 
 _JTI_BYTES = 16  # 128 bits (RFC 9449 §11.1)
 _POOL = _JTI_BYTES * 1024
@@ -66,6 +67,11 @@ class EgressProofSigner(ProofSigner):
                 self._htu.clear()
             self._htu[url] = member
         return member
+
+    def wpt_signer(self) -> WptSigner:
+        """WPTs by this key: a WIT fetched with our DPoP proof confirms it (``cnf.jwk``), so
+        the one in-memory key proves both kinds of request."""
+        return WptSigner(self._ec_key, self.alg)
 
     def proof(
         self,

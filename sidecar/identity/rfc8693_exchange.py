@@ -17,11 +17,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sidecar.identity.errors import IdentityError
-from sidecar.identity.token import IssuedToken, bound_jkt, numeric_claim, unverified_claims
+from sidecar.identity.token import (
+    IssuedToken,
+    bound_jkt,
+    confirmed_jwk_thumbprint,
+    numeric_claim,
+    unverified_claims,
+)
+from sidecar.jose.wimse_wit import WIT_TOKEN_TYPE
 
 TOKEN_EXCHANGE_GRANT = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+#: The token source's key for the workload's WIT: a WIT has no audience, so its slot is named
+#: by the token type asked for (``/tokens`` and the identity metrics show it under this name).
+WIT_AUDIENCE = WIT_TOKEN_TYPE
 
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_TOKEN_BYTES = 16 * 1024
@@ -39,6 +49,8 @@ class TokenRequest:
     url: str
     htu: str
     form: tuple[tuple[str, str], ...]
+    #: A WIT is asked for (``requested_token_type``), not an access token.
+    wit: bool = False
 
 
 def exchange_form(
@@ -70,7 +82,10 @@ def exchange_form(
 
 def attestation_form(audiences: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """The broker's Unix-socket endpoint: the caller is identified by its peer credentials,
-    so the form names only the audience(s)."""
+    so the form names only the audience(s) — or, for :data:`WIT_AUDIENCE`, asks for a WIT
+    (which has no audience)."""
+    if list(audiences) == [WIT_AUDIENCE]:
+        return (("requested_token_type", WIT_TOKEN_TYPE),)
     return tuple(("audience", aud) for aud in audiences)
 
 
@@ -185,13 +200,15 @@ def parse_token_response(
     expected_jkt: str,
     require_dpop: bool,
     clock_offset: float = 0.0,
+    wit: bool = False,
 ) -> IssuedToken:
     """Turn a token endpoint's answer into an IssuedToken, or raise IdentityError.
 
     ``requested_at`` is when the request was sent: RFC 6749 §5.1 ``expires_in`` counts from
     the response, so counting from the request errs on the safe side. If the token is a JWT
     whose ``exp`` comes earlier still, that wins: a token is never kept past either bound.
-    ``exp`` is on the issuer's clock: ``clock_offset`` (issuer minus ours) brings it to ours."""
+    ``exp`` is on the issuer's clock: ``clock_offset`` (issuer minus ours) brings it to ours.
+    ``wit``: the answer must be a WIT bound to our key (:func:`_wit_kind`)."""
     if status != 200:
         raise error_from_response(status, headers, body)
     if len(body) > MAX_RESPONSE_BYTES:
@@ -209,7 +226,10 @@ def parse_token_response(
     raw_type = doc.get("token_type")
     # RFC 6749 §7.1 / RFC 9449 §5: token_type is case-insensitive.
     token_type = raw_type.lower() if isinstance(raw_type, str) else ""
-    if token_type == "dpop":
+    claims = unverified_claims(token)
+    if wit:
+        kind = _wit_kind(doc, token_type, claims, expected_jkt)
+    elif token_type == "dpop":
         kind = "DPoP"
     elif token_type == "bearer":
         if require_dpop:
@@ -223,7 +243,6 @@ def parse_token_response(
         raise IdentityError(
             "bad_response", f"unsupported token_type {_clean(raw_type)!r}", retryable=True
         )
-    claims = unverified_claims(token)
     expires_in = doc.get("expires_in")
     exp = numeric_claim(claims, "exp")
     if exp is not None:
@@ -250,3 +269,21 @@ def parse_token_response(
         issued_token_type=issued if isinstance(issued, str) else None,
         claims=claims,
     )
+
+
+def _wit_kind(
+    doc: Mapping[str, object], token_type: str, claims: dict[str, object] | None, jkt: str
+) -> str:
+    """A WIT answer (RFC 8693 §2.2.1 shape): ``issued_token_type`` the WIT type, ``token_type``
+    ``N_A`` (not an access token), and ``cnf.jwk`` our key: every WPT we send is signed with
+    it, so a WIT confirming another key would make every request fail at the receiver."""
+    if doc.get("issued_token_type") != WIT_TOKEN_TYPE or token_type != "n_a":
+        raise IdentityError(
+            "bad_response",
+            f"the issuer did not answer with a WIT (issued_token_type {WIT_TOKEN_TYPE}, "
+            "token_type N_A)",
+            retryable=True,
+        )
+    if confirmed_jwk_thumbprint(claims) != jkt:
+        raise IdentityError("binding_mismatch", "the issued WIT confirms another key (cnf.jwk)")
+    return "WIT"

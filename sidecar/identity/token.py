@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.jose.b64 import b64url_decode
+from sidecar.jose.rfc7638_thumbprint import jwk_thumbprint
 
 
 @dataclass(frozen=True, slots=True)
 class IssuedToken:
     """An access token and what we know about it. ``expires_at`` and ``issued_at`` are on the
     clock the token source was given (Unix seconds). ``token_type`` is ``DPoP`` (send with a
-    proof, RFC 9449 §7.1) or ``Bearer`` (RFC 6750)."""
+    proof, RFC 9449 §7.1), ``Bearer`` (RFC 6750), or ``WIT`` (a Workload Identity Token: sent
+    in its own header with a proof per request, never in ``Authorization``)."""
 
     token: str = field(repr=False)
     token_type: str
@@ -89,6 +91,18 @@ def bound_jkt(claims: dict[str, Any] | None) -> str | None:
     cnf = None if claims is None else claims.get("cnf")
     jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
     return jkt if isinstance(jkt, str) else None
+
+
+def confirmed_jwk_thumbprint(claims: dict[str, Any] | None) -> str | None:
+    """The RFC 7638 thumbprint of ``cnf.jwk`` (RFC 7800 §3.2; a WIT's key) if present."""
+    cnf = None if claims is None else claims.get("cnf")
+    jwk = cnf.get("jwk") if isinstance(cnf, dict) else None
+    if not isinstance(jwk, dict):
+        return None
+    try:
+        return jwk_thumbprint(jwk)
+    except (ValueError, TypeError):
+        return None
 
 
 def has_cnf(claims: dict[str, Any] | None) -> bool:

@@ -28,6 +28,10 @@ from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, verify_signat
 WIT_TYP = "wit+jwt"
 #: The header carrying a WIT (workload-creds §4.1).
 WIT_HEADER = "workload-identity-token"
+#: The RFC 8693 ``requested_token_type`` that asks an issuer for a WIT instead of an access
+#: token. No URI is registered for WITs (workload-creds-02); this one follows the RFC 8693 §3
+#: pattern and is the sidecar's own convention (broker and identity client share it).
+WIT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:wit"
 MAX_SUB = 2048
 MAX_KID = 256
 #: RFC 9864 names Ed25519 signatures "Ed25519" and deprecates "EdDSA"; both are accepted.

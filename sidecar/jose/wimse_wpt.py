@@ -182,6 +182,7 @@ class WptSigner:
         now: float,
         lifetime: float = 30.0,
         access_token: str | None = None,
+        txn_token: str | None = None,
         other_tokens: Mapping[str, str] | None = None,
         jti: str | None = None,
         exp: int | None = None,
@@ -194,6 +195,8 @@ class WptSigner:
         }
         if access_token is not None:
             claims["ath"] = token_hash(access_token)
+        if txn_token is not None:
+            claims["tth"] = token_hash(txn_token.strip())
         if other_tokens:
             claims["oth"] = {
                 name.lower(): token_hash(value.strip()) for name, value in other_tokens.items()

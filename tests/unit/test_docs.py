@@ -34,6 +34,7 @@ import sidecar.authz.wimse
 import sidecar.broker.config
 import sidecar.broker.registry
 import sidecar.egress.config
+import sidecar.egress.wimse
 import sidecar.identity.config
 import sidecar.net_limits
 from sidecar import config_util, run_command
@@ -159,6 +160,7 @@ PARSER_MODULES = (
     sidecar.broker.config,
     sidecar.broker.registry,
     sidecar.egress.config,
+    sidecar.egress.wimse,
     sidecar.identity.config,
     sidecar.net_limits,
 )
@@ -198,11 +200,20 @@ def _sidecar_full(attestor: dict[str, Any]) -> dict[str, Any]:
                     "listen": "127.0.0.1:15001",
                     "upstream": "http://127.0.0.1:10000",
                     "audience": ORDERS,
-                }
+                },
+                {
+                    "listen": "127.0.0.1:15002",
+                    "upstream": "http://127.0.0.1:10000",
+                    "auth": "wimse",
+                    "wimse": {},
+                },
             ],
             "forward_proxy": {
                 "listen": "127.0.0.1:15080",
-                "destinations": [{"match": "orders.shop:80", "audience": ORDERS}],
+                "destinations": [
+                    {"match": "orders.shop:80", "audience": ORDERS},
+                    {"match": "pay.shop:80", "auth": "wimse"},
+                ],
             },
             "timeouts": {},
         },
@@ -403,6 +414,10 @@ def test_sidecar_reference_defaults() -> None:
     e = parse_egress_config(
         {"upstreams": [{"listen": "127.0.0.1:1", "upstream": "http://h", "audience": ORDERS}]}
     )
+    w = parse_egress_config(
+        {"upstreams": [{"listen": "127.0.0.1:1", "upstream": "http://h", "auth": "wimse"}]}
+    ).upstreams[0].target.wimse
+    assert w is not None
     unix = parse_identity_config({"attestor": {"type": "unix"}})
     k8s = parse_identity_config({"issuer": ISSUER, "attestor": {"type": "k8s"}})
     file = parse_identity_config({"attestor": {"type": "file", "path": "/x"}})
@@ -441,6 +456,11 @@ def test_sidecar_reference_defaults() -> None:
         "authz.wimse.profile": "wit-svid" if a.settings.wimse.wit.svid else "wit",
         "authz.wimse.max_proof_lifetime": a.settings.wimse.wpt.max_lifetime,
         "authz.wimse.accept_proof_header": a.settings.wimse.accept_proof_header,
+        "authz.wimse.other_tokens": sorted(a.settings.wimse.wpt.other_tokens),
+        "egress.upstreams[].auth": "token" if e.upstreams[0].target.wimse is None else "wimse",
+        "egress.upstreams[].wimse.proof_header": w.proof_header,
+        "egress.upstreams[].wimse.proof_lifetime": w.proof_lifetime,
+        "egress.upstreams[].wimse.other_tokens": list(w.other_tokens),
         "egress.on_existing_authorization": e.on_existing_authorization,
         "egress.x_forwarded": e.x_forwarded,
         "egress.via": e.via,
