@@ -145,7 +145,7 @@ class Bench:
         if unix_dir is not None:
             unix_dir.mkdir()
             grpc_listen, http_listen = f"unix:{unix_dir}/grpc.sock", f"unix:{unix_dir}/http.sock"
-        cfg = {
+        cfg: dict[str, Any] = {
             "authz": {
                 "audience": AUDIENCE,
                 "issuers": [{"issuer": self.issuer.issuer, "jwks_file": str(self.jwks)}],

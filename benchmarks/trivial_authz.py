@@ -31,7 +31,7 @@ from sidecar.runtime import run, wait_for_stop_signal  # noqa: E402
 ALLOW = external_auth_pb2.CheckResponse(
     status=status_pb2.Status(code=code_pb2.OK), ok_response=external_auth_pb2.OkHttpResponse()
 )
-ALLOW_BYTES = ALLOW.SerializeToString()
+ALLOW_BYTES: bytes = ALLOW.SerializeToString()
 
 
 def loop_check(payload: bytes) -> bytes:

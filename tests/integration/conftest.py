@@ -27,6 +27,14 @@ from tests.integration.harness import (
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything here starts real processes: mark it, so ``-m "not integration"`` never does."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_process_survives_the_session() -> Iterator[None]:
     """Stop whatever a test forgot, then assert (pgrep -g / pgrep -f) nothing is left."""

@@ -34,7 +34,7 @@ from sidecar.jose.rfc7518_algorithms import verify_signature
 HEADER = "workload.spiffe.io"
 
 
-class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
+class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     def __init__(
         self, trust_domain: str, spiffe_id: str, *, ttl: float = 300, seed: int = 1
     ) -> None:
@@ -70,7 +70,7 @@ class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ign
 
     def start(self, socket_path: Path) -> str:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self, self._server)
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
         self._server.add_insecure_port(f"unix:{socket_path}")
         self._server.start()
         return f"unix://{socket_path}"

@@ -134,7 +134,7 @@ def stack(
                 listen_port=envoy_port,
                 upstream_port=app_port,
                 admin_port=envoy_admin,
-                mode=mode,  # type: ignore[arg-type]
+                mode=mode,
                 authz_port=grpc_port if mode == "grpc" else http_port,
             ),
             tmp,

@@ -257,7 +257,12 @@ def test_a_slow_check_is_decided_once_not_retried(pool: Pool, tmp_path: Path, mo
         before = _decisions(pool)
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
-        resume = threading.Timer(0.3, lambda: [os.kill(p, signal.SIGCONT) for p in pids])
+
+        def resume_all() -> None:
+            for p in pids:
+                os.kill(p, signal.SIGCONT)
+
+        resume = threading.Timer(0.3, resume_all)
         resume.start()
         try:
             status, hdrs, _ = http_request(url, headers=_dpop(pool, url))

@@ -389,7 +389,7 @@ def test_envoy_bootstrap_passes_envoy_validate() -> None:
 def _flag(service: str, name: str) -> str:
     values = [a.split("=", 1)[1] for a in OBSERVABILITY[service]["command"] if a.startswith(name)]
     assert len(values) == 1, f"{service}: {name}"
-    return values[0]
+    return str(values[0])
 
 
 def test_observability_profile_services() -> None:

@@ -306,9 +306,9 @@ def test_one_uid_holding_connections_does_not_starve_another(
         with contextlib.closing(unix(proc.socket)()) as sock:
             assert sock.recv(65536).startswith(b"HTTP/1.1 503 ")
         # ...while another user's workload still gets its token.
-        answer = token_as(NOBODY, proc.socket)
-        assert answer.startswith("HTTP/1.1 200 "), answer
-        assert "access_token" in answer
+        reply = token_as(NOBODY, proc.socket)
+        assert reply.startswith("HTTP/1.1 200 "), reply
+        assert "access_token" in reply
         assert "connection refused: max_per_uid (4 open by uid 0)" in proc.process.log_text()
         for sock in socks:
             sock.close()
@@ -406,7 +406,7 @@ def test_authz_http_port_cuts_slow_and_idle_connections(sidecar: Sidecar) -> Non
 
 
 def test_egress_listener_connection_cap(sidecar: Sidecar) -> None:
-    cap = SHORT["max_connections"]
+    cap = int(SHORT["max_connections"])
     socks = [tcp(sidecar.egress_port)() for _ in range(cap)]
     try:
         # One more than the cap: a clear 503, then the connection is closed.
@@ -457,7 +457,7 @@ def test_admin_port_cuts_slow_and_idle_connections() -> None:
     registry = CollectorRegistry()
     started = threading.Event()
     bound: list[int] = []
-    stop: list[Callable[[], None]] = []
+    stop: list[Callable[[], object]] = []
 
     async def serve() -> None:
         app = make_admin_app(registry, lambda: (True, "ready"))

@@ -26,7 +26,7 @@ from tests.integration.harness import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
-EXPECTED_STEPS = [
+EXPECTED_STEPS: list[tuple[str, dict[str, Any]]] = [
     (
         "frontend calls orders",
         {"status": 200, "x-workload-id": FRONTEND_ID, "leaked": [], "attestor": "k8s"},

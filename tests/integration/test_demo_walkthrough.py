@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ class _AllowEverything(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         self.rfile.read(length)
         if self.path == "/tokens":
-            body = {"audiences": [{"claims": {"jti": "same-token-forever"}}]}
+            body: dict[str, Any] = {"audiences": [{"claims": {"jti": "same-token-forever"}}]}
         else:
             body = {"app": "orders", "headers": {"x-workload-id": FRONTEND_ID},
                     "body_bytes": length}  # fmt: skip

@@ -249,6 +249,7 @@ class MiniIssuer:
     async def _attest(self, request: web.Request) -> web.Response:
         form = await request.post()
         sock = request.transport.get_extra_info("socket") if request.transport else None
+        assert sock is not None, "attestation request without a socket"
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, _gid = struct.unpack("3i", creds)
         self.requests.append(

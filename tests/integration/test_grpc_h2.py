@@ -225,7 +225,8 @@ def test_grpc_timeout_bounds_a_handler_waiting_on_io(serve: Any, raw: Any) -> No
     client = raw(serve(hang).port)
     sid = client.request(b"x", ("grpc-timeout", "200m"))
     events = client.events(lambda e: isinstance(e, StreamEnded) and e.stream_id == sid)
-    headers = dict(next(e for e in events if isinstance(e, ResponseReceived)).headers)
+    answer = next(e for e in events if isinstance(e, ResponseReceived))
+    headers: dict[Any, Any] = dict(answer.headers)
     assert headers["grpc-status"] == "4"  # DEADLINE_EXCEEDED, as a trailers-only answer
     assert hang.cancelled.wait(2)
 

@@ -94,7 +94,7 @@ def _file_behind(deployment: str, container: str, path: str) -> Path:
             files = GENERATED[volume["configMap"]["name"]]
             key = posixpath.basename(path)
             assert key in files, f"{deployment}/{container}: no key {key} in {volume}"
-            return files[key]
+            return Path(files[key])
     raise AssertionError(f"{deployment}/{container}: nothing mounted at {posixpath.dirname(path)}")
 
 

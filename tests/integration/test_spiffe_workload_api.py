@@ -109,7 +109,7 @@ def test_py_spiffe_and_our_ingress_accept_the_same_jwt_svid(fake: Any) -> None:
 def test_rotation_pushed_on_the_bundle_stream_is_picked_up_on_unknown_kid(fake: Any) -> None:
     api, uri = fake
     with grpc.insecure_channel(uri.replace("unix://", "unix:")) as channel:
-        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)  # type: ignore[no-untyped-call]
         stream = stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=[(HEADER, "true")])
         first = json.loads(next(stream).bundles[DOMAIN])
         new_kid = api.rotate()
@@ -134,7 +134,7 @@ def test_rotation_pushed_on_the_bundle_stream_is_picked_up_on_unknown_kid(fake: 
 def test_the_security_header_is_required(fake: Any) -> None:
     _, uri = fake
     with grpc.insecure_channel(uri.replace("unix://", "unix:")) as channel:
-        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)  # type: ignore[no-untyped-call]
         with pytest.raises(grpc.RpcError) as err:
             stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=[ORDERS]), timeout=5)
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 import factory
 import pytest
@@ -22,6 +25,23 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("unit")
+
+
+class _NoProcesses(subprocess.Popen[Any]):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError(
+            "a unit test started a process: mark it @pytest.mark.integration "
+            "(so `-m 'not integration'` stays process-free) or move it to tests/integration"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_integration_tests(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    if request.node.get_closest_marker("integration") is None:
+        monkeypatch.setattr(subprocess, "Popen", _NoProcesses)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -327,7 +327,8 @@ class Harness:
     # decisions
 
     def decide(self, request: RequestView, now: float = NOW) -> Decision:
-        return run(self.authz.decide(request, now))
+        decision: Decision = run(self.authz.decide(request, now))
+        return decision
 
     def evaluate(self, request: RequestView, now: float = NOW) -> Deny | PendingAllow:
         return self.authz.evaluate(request, now)

@@ -31,6 +31,7 @@ from sidecar.authz.core import PendingAllow
 from sidecar.authz.decision import Allow, Deny
 from sidecar.errors import Reason, ReplayStoreUnavailable
 from sidecar.jose.rfc7517_jwk import import_public_jwk, public_jwk_dict
+from sidecar.jose.rfc9068_access_token import verify_access_token
 from sidecar.jose.rfc9449_dpop import ProofSigner
 
 
@@ -262,7 +263,7 @@ def test_replay_entry_expires_after_the_window(h: Harness) -> None:
 @pytest.fixture
 def verify_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    real = core.verify_access_token
+    real = verify_access_token
 
     def counting(token: str, **kw: Any) -> Any:
         calls.append(token)

@@ -14,7 +14,6 @@ from sidecar.authz.config import parse_authz_config
 from sidecar.authz.workers import PoolRegistry, merge_worker_metrics, with_shared_secret
 from sidecar.config_util import parse_admin_listen
 from sidecar.errors import ConfigError
-from sidecar.jose import jwks
 from sidecar.jose.jwks import JwksLocation, JwksSource, KeyStore
 
 
@@ -89,7 +88,7 @@ def test_no_keys_backs_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
         if len(delays) >= 8:
             raise asyncio.CancelledError
 
-    monkeypatch.setattr(jwks.asyncio, "sleep", fake_sleep)
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)  # the module jwks sleeps through
     missing = JwksLocation("https://issuer.example", file=str(tmp_path / "absent.json"))
     source = JwksSource(missing, KeyStore())
     with pytest.raises(asyncio.CancelledError):

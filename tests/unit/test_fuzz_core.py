@@ -313,4 +313,5 @@ def test_harness_token_is_allowed() -> None:
     assert isinstance(result, PendingAllow)
     assert result.allow.identity.subject == FRONTEND
     assert result.allow.identity.issuer == ES_ISSUER
-    assert AUDIENCE in H.authz.token_cache.get(TOKEN, H.keys.generation).audiences
+    cached = H.authz.token_cache.get(TOKEN, H.keys.generation)
+    assert cached is not None and AUDIENCE in cached.audiences

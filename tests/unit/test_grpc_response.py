@@ -36,7 +36,7 @@ def deny(detail: str, jti: str) -> Deny:
 
 def test_encoded_responses_equal_protobufs_own() -> None:
     encode = ResponseEncoder()
-    decisions = [
+    decisions: list[Allow | Deny] = [
         allow("j1"),
         allow("j2"),  # same head (cached), other metadata
         allow("j3", sub="spiffe://other"),  # other head

@@ -53,9 +53,10 @@ def servicer(
 def reason(response: Any) -> str:
     if response.HasField("ok_response"):
         return "allow"
-    return next(
+    value: str = next(
         h.header.value for h in response.denied_response.headers if h.header.key == "x-authz-reason"
     )
+    return value
 
 
 class AsyncStore:

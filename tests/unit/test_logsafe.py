@@ -4,6 +4,7 @@ claims, and every client value that reaches a log line is escaped (logfmt, one l
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 from factory import Harness, make_harness
@@ -134,7 +135,7 @@ def test_proof_claims_with_non_ascii_are_refused(h: Harness, claims: dict[str, s
     ],
     ids=["sub", "jti", "client_id", "iss"],
 )
-def test_token_claims_with_non_ascii_are_refused(h: Harness, claim: dict[str, str]) -> None:
+def test_token_claims_with_non_ascii_are_refused(h: Harness, claim: dict[str, Any]) -> None:
     token = h.issuer.token(jkt=h.client.thumbprint, **claim)
     deny = h.decide(h.dpop_request(token=token))
     assert isinstance(deny, Deny) and deny.reason is Reason.MALFORMED_TOKEN, deny

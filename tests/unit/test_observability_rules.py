@@ -41,11 +41,13 @@ def run_promtool(*args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.integration  # runs promtool
 def test_promtool_check_rules() -> None:
     out = run_promtool("check", "rules", *RULE_FILES)
     assert out.count("SUCCESS") == len(RULE_FILES)
 
 
+@pytest.mark.integration  # runs promtool
 def test_promtool_test_rules() -> None:
     run_promtool("test", "rules", *RULE_TESTS)
 

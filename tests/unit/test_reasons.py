@@ -166,7 +166,9 @@ def store_restarted(h: Harness) -> Decision:
     return h.decide(h.dpop_request())
 
 
-def revoked(*, subjects: frozenset[str] = frozenset(), jtis: frozenset[str] = frozenset()):
+def revoked(
+    *, subjects: frozenset[str] = frozenset(), jtis: frozenset[str] = frozenset()
+) -> Harness:
     # Filled before the Authorizer is built: an empty RevocationList handed to the Authorizer
     # is silently replaced (see test_revocation_list_updated_after_start_is_honoured).
     revocations = RevocationList()

@@ -46,7 +46,7 @@ def heavy_switching() -> Iterator[None]:
     sys.settrace(tracer)
     yield
     sys.settrace(None)
-    threading.settrace(None)  # type: ignore[arg-type]
+    threading.settrace(None)
     sys.setswitchinterval(old)
 
 
@@ -105,14 +105,15 @@ def test_a_proof_used_before_a_restart_is_refused_after_it() -> None:
     # A proof signed once the guard has passed is fine, and only once.
     fresh = after.dpop_request(token=token, now=NOW + 7)
     assert isinstance(after.decide(fresh, NOW + 7), Allow)
-    assert dict(after.decide(fresh, NOW + 7).headers)["x-authz-reason"] == "replayed"
+    again = after.decide(fresh, NOW + 7)
+    assert isinstance(again, Deny) and dict(again.headers)["x-authz-reason"] == "replayed"
 
 
 def test_retry_after_says_when_a_new_proof_passes() -> None:
     h = make_harness(replay=InMemoryReplayStore(epoch=NOW))
     assert h.authz.restart_guard_until() == NOW + 6  # future_leeway 5, whole-second iat
     deny = h.decide(h.dpop_request(now=NOW + 2), NOW + 2)
-    assert dict(deny.headers)["retry-after"] == "4"
+    assert isinstance(deny, Deny) and dict(deny.headers)["retry-after"] == "4"
     allow = h.decide(h.dpop_request(now=NOW + 6), NOW + 6)
     assert isinstance(allow, Allow)
 

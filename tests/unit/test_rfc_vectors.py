@@ -19,7 +19,7 @@ VECTORS = Path(__file__).parent / "vectors"
 
 
 def load(name: str) -> dict[str, Any]:
-    data = json.loads((VECTORS / name).read_text(encoding="utf-8"))
+    data: dict[str, Any] = json.loads((VECTORS / name).read_text(encoding="utf-8"))
     assert data["source"].startswith("RFC "), f"{name}: every vector cites its RFC section"
     return data
 

@@ -105,7 +105,7 @@ def test_threads_and_the_event_loop_share_the_cache_safely() -> None:
         for t in pool:
             t.join()
     finally:
-        threading.settrace(None)  # type: ignore[arg-type]
+        threading.settrace(None)
         sys.setswitchinterval(old)
     assert not errors, errors[:3]
     assert len(cache) <= cache.capacity

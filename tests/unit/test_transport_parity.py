@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,14 +184,15 @@ def client_requests(draw: st.DrawFn, h: Harness, origins: tuple[str, ...]) -> Cl
 
     kinds = ("bound", "unbound", "expired", "other-aud", "garbage", "none")
     kind = "bound" if good else draw(st.sampled_from(kinds))
-    token = {
+    makers: dict[str, Callable[[], str]] = {
         "bound": lambda: h.token(),
         "unbound": lambda: h.token(bound=False),
         "expired": lambda: h.token(now=NOW - 600, ttl=60),
         "other-aud": lambda: h.token(aud="spiffe://demo.local/ns/x/sa/y"),
         "garbage": lambda: "abc.def.ghi",
         "none": lambda: "",
-    }[kind]()
+    }
+    token = makers[kind]()
     headers: list[tuple[str, str]] = []
     if token:
         auth_scheme = draw(st.sampled_from(("DPoP", "Bearer", "dpop")))
