@@ -184,14 +184,18 @@ class Demo:
         ready(t, f"egress on 127.0.0.1:{p.port('frontend-sidecar', 'egress')} → tap "
                  f"127.0.0.1:{tap_port} → Envoy")  # fmt: skip
 
-        t = progress(7, "reports' sidecar (unix attestor over the broker's socket)")
+        t = progress(7, "reports' sidecar (unix attestor; a WIMSE listener through the tap)")
         cfg = _write(
             self.workdir / "reports-sidecar.yaml",
-            topo.caller_sidecar_config(p, "reports-sidecar", topo.unix_attestor(str(self.run_dir))),
-        )
+            topo.caller_sidecar_config(
+                p, "reports-sidecar", topo.unix_attestor(str(self.run_dir)),
+                wimse_upstream=f"http://127.0.0.1:{tap_port}",
+            ),
+        )  # fmt: skip
         reports = self.supervisor.start("reports-sidecar", [*py, "sidecar", "run", "-c", str(cfg)])
         self.supervisor.wait_http(reports, f"{p.url('reports-sidecar', 'admin')}/readyz")
-        ready(t, f"egress on 127.0.0.1:{p.port('reports-sidecar', 'egress')} → Envoy")
+        ready(t, f"egress on 127.0.0.1:{p.port('reports-sidecar', 'egress')} → Envoy; WIMSE "
+                 f"on 127.0.0.1:{p.port('reports-sidecar', 'wimse')} → tap → Envoy")  # fmt: skip
         _say(f"topology up in {time.monotonic() - t0:.1f}s; logs and configs in {self.workdir}\n")
 
     # -- walkthrough -------------------------------------------------------------------------
@@ -243,6 +247,8 @@ class Demo:
             "\nThe topology stays up. Try, from another terminal:\n"
             f"  curl -s  http://127.0.0.1:{egress_f}/orders/42     # as frontend: allowed\n"
             f"  curl -si http://127.0.0.1:{egress_r}/orders/42     # as reports: 403\n"
+            f"  curl -s  http://127.0.0.1:{p.port('reports-sidecar', 'wimse')}/reports/daily"
+            "  # as reports, WIT + WPT: allowed\n"
             f"  curl -si http://127.0.0.1:{p.port('envoy', 'ingress')}/orders/42"
             "     # skipping the sidecar: 401\n"
             f"  curl -s  {p.url('frontend-sidecar', 'admin')}/tokens       # frontend's token "

@@ -11,6 +11,9 @@ topology" checkable by a test instead of a promise.
     legacy reports  ──► reports' sidecar  (egress, unix attestor) ──┘    │
                                                       orders' sidecar ◄──┘ ext_authz (gRPC)
     broker: issuer/STS; verifies the cluster's service-account tokens and unix peer credentials
+
+Reports' sidecar has a second egress listener, to orders' WIMSE route (``/reports``): a WIT
+from the broker and a fresh WPT per request instead of an access token.
 """
 
 from __future__ import annotations
@@ -37,12 +40,18 @@ DEFAULT_PORTS: dict[str, dict[str, int]] = {
     "envoy": {"ingress": 10000, "admin": 9901},
     "orders-sidecar": {"grpc": 9191, "admin": 15020},
     "frontend-sidecar": {"egress": 15001, "admin": 15120},
-    "reports-sidecar": {"egress": 15002, "admin": 15220},
+    # wimse: a second egress listener, to orders' WIMSE route (a WIT + a WPT per request)
+    "reports-sidecar": {"egress": 15002, "wimse": 15003, "admin": 15220},
 }
 
 #: Paths of the walkthrough, and the policy that orders' sidecar enforces on them.
 ORDERS_PREFIX = "/orders"
 CHECKOUT_PREFIX = "/checkout"  # a nonce-protected route (RFC 9449 §8 server nonce)
+#: A route callers reach with a WIMSE WIT + WPT (draft-ietf-wimse-workload-creds, -wpt).
+REPORTS_PREFIX = "/reports"
+#: The WPTs reports' sidecar signs live this long; orders accepts no longer (a WPT has no
+#: iat: after a restart its replay guard refuses WPTs for max_proof_lifetime - this).
+WPT_LIFETIME = 30
 
 
 @dataclass(frozen=True)
@@ -179,14 +188,30 @@ def orders_sidecar_config(p: Placement, *, also_reached_at: tuple[str, ...] = ()
             "http": {"enabled": False},
             "nonce": {"secret": DEMO_NONCE_SECRET},
             "revocation": {"url": f"{issuer(p)}/revocations", "interval": 1},
-            "routes": [{"prefix": CHECKOUT_PREFIX, "auth": "dpop", "nonce": True}],
+            # WIT keys: the broker's SPIFFE bundle (keys with use: wit-svid). Plain http like
+            # every demo URL; a deployment serves the broker over https.
+            "trust_domains": [
+                {"name": TRUST_DOMAIN, "bundle_endpoint": f"{issuer(p)}/bundle",
+                 "insecure_http": True}
+            ],
+            "wimse": {"max_proof_lifetime": WPT_LIFETIME},
+            "routes": [
+                {"prefix": CHECKOUT_PREFIX, "auth": "dpop", "nonce": True},
+                {"prefix": REPORTS_PREFIX, "auth": "wimse"},
+            ],
             "rules": [
                 {
                     "name": "frontend-uses-orders",
                     "principals": [FRONTEND_ID],
                     "methods": ["GET", "POST"],
                     "paths": [ORDERS_PREFIX, CHECKOUT_PREFIX],
-                }
+                },
+                {
+                    "name": "reports-reads-reports",
+                    "principals": [REPORTS_ID],
+                    "methods": ["GET"],
+                    "paths": [REPORTS_PREFIX],
+                },
             ],
         },
         "admin": {"listen": p.listen("orders-sidecar", "admin")},
@@ -194,12 +219,37 @@ def orders_sidecar_config(p: Placement, *, also_reached_at: tuple[str, ...] = ()
 
 
 def caller_sidecar_config(
-    p: Placement, service: str, attestor: dict[str, Any], *, upstream: str | None = None
+    p: Placement,
+    service: str,
+    attestor: dict[str, Any],
+    *,
+    upstream: str | None = None,
+    wimse_upstream: str | None = None,
 ) -> dict[str, Any]:
-    """A caller's sidecar: identity from ``attestor``, one egress listener to orders' Envoy.
+    """A caller's sidecar: identity from ``attestor``, one egress listener to orders' Envoy
+    with an access token, and, when the service has a ``wimse`` port, one with a WIT + WPT.
 
-    ``upstream`` overrides where the egress goes (the demo puts a wire tap in between).
+    ``upstream`` and ``wimse_upstream`` override where they go (the demo puts a wire tap in
+    between).
     """
+    upstreams: list[dict[str, Any]] = [
+        {
+            "name": "orders",
+            "listen": p.listen(service, "egress"),
+            "upstream": upstream or p.url("envoy", "ingress"),
+            "audience": ORDERS_ID,
+        }
+    ]
+    if "wimse" in p.ports[service]:
+        upstreams.append(
+            {
+                "name": "orders-wimse",
+                "listen": p.listen(service, "wimse"),
+                "upstream": wimse_upstream or p.url("envoy", "ingress"),
+                "auth": "wimse",
+                "wimse": {"proof_lifetime": WPT_LIFETIME},
+            }
+        )
     return {
         "identity": {
             "issuer": issuer(p),
@@ -207,16 +257,7 @@ def caller_sidecar_config(
             "audiences": [ORDERS_ID],
             "refresh": {"backoff_initial": 0.2, "backoff_max": 5, "demand_interval": 0.5},
         },
-        "egress": {
-            "upstreams": [
-                {
-                    "name": "orders",
-                    "listen": p.listen(service, "egress"),
-                    "upstream": upstream or p.url("envoy", "ingress"),
-                    "audience": ORDERS_ID,
-                }
-            ]
-        },
+        "egress": {"upstreams": upstreams},
         "admin": {"listen": p.listen(service, "admin")},
     }
 

@@ -188,6 +188,13 @@ class Walkthrough:
         self._run(self._step("an operator revokes frontend at the broker, then restores it",
                              "401 revoked within a second; 200 again after restore"),
                   self.revocation)  # fmt: skip
+        self._run(self._step("reports calls orders' WIMSE route: GET /reports/daily on "
+                             f"127.0.0.1:{self._port('reports-sidecar', 'wimse')}",
+                             "200; orders sees reports' SPIFFE ID from a WIT + WPT"),
+                  self.wimse_allowed)  # fmt: skip
+        self._run(self._step("the observer replays that WIMSE request (same WIT and WPT)",
+                             "401 replayed, WWW-Authenticate: WPT"),
+                  self.wimse_replayed)  # fmt: skip
         return self.report
 
     # -- steps -------------------------------------------------------------------------------
@@ -351,6 +358,46 @@ class Walkthrough:
             "denied_after_s": round(took, 3),
             "restored_after_s": round(back_took, 3),
         }
+
+    def wimse_allowed(self, step: Step) -> None:
+        reply = call(self._port("reports-sidecar", "wimse"), "GET", "/reports/daily")
+        seen = reply.json().get("headers", {})
+        seen = seen if isinstance(seen, dict) else {}
+        wire = {k.lower(): v for k, v in self._captured("/reports/daily").headers.items()}
+        carried = wire.get("authorization", "").split(" ")[0] == "WPT" and bool(
+            wire.get("workload-identity-token")
+        )
+        leaked = sorted({"authorization", "workload-identity-token"} & set(seen))
+        step.ok = (
+            reply.status == 200
+            and reply.seen_identity() == REPORTS_ID
+            and seen.get("x-workload-auth") == "wimse"
+            and carried
+            and not leaked
+        )
+        step.observed = (
+            f"{reply.status}; orders saw x-workload-id={reply.seen_identity() or '(none)'} "
+            f"(auth {seen.get('x-workload-auth', '?')}); on the wire: "
+            + ("Workload-Identity-Token + Authorization: WPT" if carried else "NO WIT/WPT")
+            + (f"; LEAKED {', '.join(leaked)}" if leaked else "")
+        )
+        step.details = {
+            "status": reply.status,
+            "x-workload-id": reply.seen_identity(),
+            "auth": seen.get("x-workload-auth"),
+            "leaked": leaked,
+        }
+
+    def wimse_replayed(self, step: Step) -> None:
+        captured = self._captured("/reports/daily")
+        reply = call(self._port("envoy", "ingress"), captured.method, captured.path,
+                     captured.headers)  # fmt: skip
+        challenge = reply.headers.get("www-authenticate", "")
+        step.ok = reply.status == 401 and reply.reason == "replayed" and challenge[:3] == "WPT"
+        step.observed = f"{reply.status} {reply.reason or '(no reason)'}; WWW-Authenticate: " + (
+            challenge.split(",")[0] if challenge else "(none)"
+        )
+        step.details = {"status": reply.status, "reason": reply.reason}
 
     # -- helpers -----------------------------------------------------------------------------
 

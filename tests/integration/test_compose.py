@@ -154,8 +154,13 @@ def test_only_exposed_listeners_bind_all_interfaces() -> None:
             expected = "0.0.0.0" if (service, role) in topo.EXPOSED else "127.0.0.1"
             assert P.bind_address(service, role) == expected, (service, role)
     for caller in compose.CALLER_UIDS:
-        (upstream,) = checks.load_sidecar_config(_config(f"{caller}.yaml")).egress.upstreams
-        assert upstream.listen == ("127.0.0.1", topo.DEFAULT_PORTS[caller]["egress"]), caller
+        for upstream in checks.load_sidecar_config(_config(f"{caller}.yaml")).egress.upstreams:
+            role = _EGRESS_ROLES[upstream.target.name]
+            assert upstream.listen == ("127.0.0.1", topo.DEFAULT_PORTS[caller][role]), caller
+
+
+#: Egress upstream name → its port role: the access-token listener, and the WIMSE one.
+_EGRESS_ROLES = {"orders": "egress", "orders-wimse": "wimse"}
 
 
 def test_published_ports_are_the_exposed_listeners_on_loopback() -> None:
@@ -358,12 +363,19 @@ def test_configs_parse_and_reference_each_other() -> None:
         cfg = checks.load_sidecar_config(_config(f"{name}.yaml"))
         assert cfg.identity.issuer == issuer, name
         assert topo.ORDERS_ID in cfg.identity.audiences, name
-        (upstream,) = cfg.egress.upstreams
-        assert upstream.target.origin == f"http://{envoy_host}:{ingress[1]}", name
-        # The origin callers sign their proofs for is one orders' sidecar answers to.
-        assert upstream.target.origin in orders.authz.settings.authorities, name
-        assert upstream.target.audience == topo.ORDERS_ID, name
-        assert upstream.listen == ("127.0.0.1", P.port(name, "egress")), name
+        upstreams = {u.target.name: u for u in cfg.egress.upstreams}
+        assert set(upstreams) == {n for n, r in _EGRESS_ROLES.items() if r in P.ports[name]}
+        for upstream in upstreams.values():
+            assert upstream.target.origin == f"http://{envoy_host}:{ingress[1]}", name
+            # The origin callers sign their proofs for is one orders' sidecar answers to.
+            assert upstream.target.origin in orders.authz.settings.authorities, name
+            role = _EGRESS_ROLES[upstream.target.name]
+            assert upstream.listen == ("127.0.0.1", P.port(name, role)), name
+        assert upstreams["orders"].target.audience == topo.ORDERS_ID, name
+        wimse = upstreams.get("orders-wimse")
+        if wimse is not None:  # a WIT + WPT instead of a token, to a route orders allows
+            assert wimse.target.wimse is not None and not wimse.target.audience, name
+            assert policy.allowing_rule(topo.REPORTS_ID, "GET", topo.REPORTS_PREFIX + "/x")
         assert cfg.admin == ("127.0.0.1", P.port(name, "admin")), name
         assert cfg.authz is None, name
 

@@ -41,6 +41,11 @@ EXPECTED_STEPS: list[tuple[str, dict[str, Any]]] = [
     ("demands a DPoP nonce", {"status": 200, "nonce_retries": 1.0}),
     ("token is refreshed", {}),
     ("revokes frontend", {"denied": 401, "reason": "revoked", "restored": 200}),
+    (
+        "WIMSE route",
+        {"status": 200, "x-workload-id": REPORTS_ID, "auth": "wimse", "leaked": []},
+    ),
+    ("replays that WIMSE request", {"status": 401, "reason": "replayed"}),
 ]
 
 
@@ -101,8 +106,8 @@ def test_demo_walkthrough_passes_and_leaves_nothing_behind(tmp_path: Path) -> No
     report = json.loads(report_path.read_text())
     _assert_walkthrough(report)
     # The table the user reads says the same as the report.
-    assert "8 of 8 steps behaved as expected." in proc.stdout
-    assert proc.stdout.count("PASS") == 8 and "FAIL" not in proc.stdout
+    assert "10 of 10 steps behaved as expected." in proc.stdout
+    assert proc.stdout.count("PASS") == 10 and "FAIL" not in proc.stdout
     assert f"frontend = {FRONTEND_ID}" in proc.stdout and f"reports  = {REPORTS_ID}" in proc.stdout
     assert "k8s attestor: service account shop/frontend" in proc.stdout
     assert f"unix attestor: uid {os.getuid()}" in proc.stdout
