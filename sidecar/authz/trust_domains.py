@@ -28,7 +28,7 @@ from sidecar.identity.workload_api import WorkloadApi
 from sidecar.jose.jwks import JwksLocation, JwksSource, KeyStore
 from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
 from sidecar.jose.rfc7517_jwk import PublicJWK
-from sidecar.jose.spiffe_bundle import JWT_USES, WIT_SVID, import_bundle
+from sidecar.jose.spiffe_bundle import JWT_USES, WIT_SVID, import_bundle, refresh_hint
 from sidecar.jose.spiffe_id import SCHEME, trust_domain_of, valid_trust_domain
 from sidecar.jose.spiffe_jwt_svid import JWT_SVID_ALGORITHMS
 
@@ -163,6 +163,7 @@ def make_bundle_source(
         min_refresh_interval=src.min_refresh_interval,
         importer=import_bundle,
         fetch_document=fetch,
+        refresh_hint=refresh_hint,
     )
     return source, api
 

@@ -116,11 +116,15 @@ class JwksSource:
         timeout: float = 5.0,
         importer: Callable[[Any], list[PublicJWK]] = import_jwks,
         fetch_document: Callable[[], Awaitable[Any]] | None = None,
+        refresh_hint: Callable[[Any], float | None] | None = None,
     ) -> None:
         self.location = location
         self.store = store
         self.importer = importer
         self.fetch_document = fetch_document
+        #: Reads the publisher's refresh hint from a fetched document (SPIFFE bundles).
+        self.refresh_hint = refresh_hint
+        self._hint: float | None = None
         self.refresh_interval = refresh_interval
         self.min_refresh_interval = min_refresh_interval
         self.timeout = timeout
@@ -131,6 +135,16 @@ class JwksSource:
         #: Told (trigger, outcome) after each refresh a caller awaited to the end; outcome is
         #: ``changed``, ``unchanged`` or ``failed``.
         self.on_refresh: Callable[[str, str], None] | None = None
+
+    @property
+    def interval(self) -> float:
+        """The periodic refresh interval: ``refresh_interval``, shortened to the last
+        document's refresh hint when that is sooner, but never below ``min_refresh_interval``
+        (or 1 s): a publisher cannot make us poll it in a tight loop."""
+        hint = self._hint
+        if hint is None:
+            return self.refresh_interval
+        return min(self.refresh_interval, max(hint, self.min_refresh_interval, 1.0))
 
     def may_refresh(self) -> bool:
         return time.monotonic() - self._last_attempt >= self.min_refresh_interval
@@ -162,9 +176,12 @@ class JwksSource:
                     self._jwks_uri = uri
                 doc = await _get_json(session, self._jwks_uri)
         try:
-            return self.importer(doc)
+            keys = self.importer(doc)
         except JWKError as exc:
             raise JwksUnavailable(str(exc)) from None
+        if self.refresh_hint is not None:
+            self._hint = self.refresh_hint(doc)
+        return keys
 
     async def refresh(self, trigger: str = "demand") -> bool:
         """Fetch now (single-flight); True if the key set changed. Never raises. ``trigger``
@@ -204,7 +221,7 @@ class JwksSource:
         waiting = 0  # consecutive rounds without any key for this issuer
         while True:
             if self.store.has_issuer(self.location.issuer):
-                waiting, delay = 0, self.refresh_interval
+                waiting, delay = 0, self.interval
             else:
                 # No key yet: retry soon, then back off (1, 2, 4 … 30 s) so an issuer that is
                 # down or a missing file is not polled (and logged) every second forever.

@@ -18,6 +18,8 @@ from sidecar.jose.rfc7517_jwk import JWKError, PublicJWK, import_public_jwk, key
 JWT_SVID = "jwt-svid"
 WIT_SVID = "wit-svid"
 JWT_USES = frozenset({JWT_SVID, WIT_SVID})
+#: A day: a longer hint would leave a rotated-out key trusted for too long anyway.
+MAX_REFRESH_HINT = 86400
 
 
 def import_bundle(doc: Any) -> list[PublicJWK]:
@@ -33,3 +35,13 @@ def import_bundle(doc: Any) -> list[PublicJWK]:
             continue  # RFC 7517 §5: skip keys we cannot use
         out.append(dataclasses.replace(key, use=entry["use"]))
     return out
+
+
+def refresh_hint(doc: Any) -> float | None:
+    """``spiffe_refresh_hint`` (Trust Domain and Bundle §4.1.2): how often, in seconds, the
+    bundle's publisher wants consumers to check for a new one; None if absent or not a
+    positive integer."""
+    value = doc.get("spiffe_refresh_hint") if isinstance(doc, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return float(min(value, MAX_REFRESH_HINT))

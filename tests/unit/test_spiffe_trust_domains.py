@@ -268,3 +268,50 @@ def test_bundle_endpoint_source_fetches_and_refreshes_over_http() -> None:
 
     first, second = run(main())
     assert first == [DOMAIN_KID] and second == ["rotated"]
+
+
+@pytest.mark.parametrize(
+    ("hint", "interval"),
+    [
+        (60, 60.0),  # the publisher's hint, sooner than refresh_interval: taken
+        (3, 10.0),  # never below min_refresh_interval
+        (3600, 300.0),  # never later than refresh_interval
+        (None, 300.0),
+        (True, 300.0),  # not an integer: ignored
+        (-5, 300.0),
+        ("60", 300.0),
+    ],
+)
+def test_spiffe_refresh_hint_schedules_the_periodic_refresh(
+    hint: object, interval: float, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPIFFE Trust Domain and Bundle §4.1.2: the bundle's ``spiffe_refresh_hint`` says how
+    often to check for a new one (the broker publishes its ``keys.jwks_max_age``)."""
+    import asyncio
+    import json
+
+    doc = {k: v for k, v in bundle().items() if k != "spiffe_refresh_hint"}
+    if hint is not None:
+        doc["spiffe_refresh_hint"] = hint
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(doc))
+    cfg = parse_authz_config(
+        config(bundle_file=str(path), refresh_interval=300, min_refresh_interval=10)
+    )
+    source, _ = make_bundle_source(cfg.trust_domains[0], TrustBundles())
+    delays: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        delays.append(delay)
+        if len(delays) >= 3:
+            raise asyncio.CancelledError
+
+    async def main() -> None:
+        assert await source.refresh("startup")
+        monkeypatch.setattr(asyncio, "sleep", fake_sleep)  # the module jwks sleeps through
+        await source.run_periodic()
+
+    with pytest.raises(asyncio.CancelledError):
+        run(main())
+    assert delays == [interval] * 3
+    assert source.interval == interval
