@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.errors import SidecarError
+
 COMMAND = "sidecar envoy-config"
 DESCRIPTION = (
     "Print the Envoy ingress bootstrap (YAML), built from the typed envoy-data-plane classes; "
@@ -230,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- options -> ingress_bootstrap() keyword arguments ----------------------------------------
 
 
-class OptionError(ValueError):
+class OptionError(SidecarError, ValueError):
     """An invalid combination of options; the message names the option(s)."""
 
 

@@ -41,6 +41,7 @@ from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame, SettingsFrame
 
+from sidecar.errors import SidecarError
 from sidecar.listen_address import ListenAddress, bind_unix
 from sidecar.net_limits import ConnLimits, ListenerGuard
 
@@ -62,10 +63,14 @@ MAX_HEADER_LIST = 16 * 1024
 _now = time.monotonic
 
 
-class GrpcError(Exception):
-    def __init__(self, code: int, message: str) -> None:
+class GrpcError(SidecarError):
+    """A handler's refusal with a gRPC ``status`` (an int: grpc-status), sent trailers-only."""
+
+    code = "grpc_error"
+
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.status = status
         self.message = message
 
 
@@ -304,7 +309,7 @@ class GrpcH2Protocol(asyncio.Protocol):
             result = call.handler(bytes(body[5:]))
         except GrpcError as err:
             del self.calls[sid]
-            self._trailers_only(sid, err.code, err.message)
+            self._trailers_only(sid, err.status, err.message)
             return
         except Exception:
             del self.calls[sid]
@@ -340,7 +345,7 @@ class GrpcH2Protocol(asyncio.Protocol):
             )
         elif (exc := task.exception()) is not None:
             if isinstance(exc, GrpcError):
-                code, message = exc.code, exc.message
+                code, message = exc.status, exc.message
             else:
                 log.error("ext_authz gRPC handler failed", exc_info=exc)
                 code, message = INTERNAL, "handler failed"

@@ -28,7 +28,7 @@ from typing import Any
 
 from sidecar.broker.config import ClusterConfig
 from sidecar.broker.registry import is_dns_label, is_dns_subdomain, k8s_selectors
-from sidecar.errors import AuthError, Reason
+from sidecar.errors import AuthError, Reason, SidecarError
 from sidecar.jose.jwks import JwksSource, KeyStore
 from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
 from sidecar.jose.rfc9068_access_token import IssuerPolicy, VerifiedToken, verify_access_token
@@ -37,7 +37,7 @@ UNKNOWN_KID_WAIT = 1.0
 SA_PREFIX = "system:serviceaccount:"
 
 
-class SubjectTokenError(Exception):
+class SubjectTokenError(SidecarError):
     """The subject token is not acceptable. ``reason`` is a stable short code."""
 
     def __init__(self, reason: str, detail: str, *, retryable: bool = False) -> None:

@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.broker.registry import unix_selectors
+from sidecar.errors import SidecarError
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5 (include/uapi/asm-generic)
 _UCRED = struct.Struct("3i")
 _HASH_CHUNK = 1 << 20
 
 
-class AttestationFailure(Exception):
+class AttestationFailure(SidecarError):
     """The caller could not be attested. ``reason`` is a short stable code (a metric label)."""
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -37,7 +37,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 
 from sidecar.identity.clock_offset import ClockOffsets, says_time_was_wrong
-from sidecar.identity.errors import IdentityError
+from sidecar.identity.errors import IdentityCode, IdentityError
 from sidecar.identity.rfc8693_exchange import (
     JWT_TOKEN_TYPE,
     MAX_RESPONSE_BYTES,
@@ -90,14 +90,20 @@ async def _map_errors(what: str) -> AsyncIterator[None]:
     except IdentityError:
         raise
     except TimeoutError:
-        raise IdentityError("timeout", f"{what}: no answer in time") from None
+        raise IdentityError(IdentityCode.TIMEOUT, f"{what}: no answer in time") from None
     except aiohttp.ClientConnectorError as exc:
         reason = exc.os_error.strerror or type(exc.os_error).__name__
-        raise IdentityError("unavailable", f"{what}: cannot connect ({reason})") from None
+        raise IdentityError(
+            IdentityCode.UNAVAILABLE, f"{what}: cannot connect ({reason})"
+        ) from None
     except aiohttp.ClientResponseError as exc:
-        raise IdentityError("bad_response", f"{what}: {exc.message}", retryable=True) from None
+        raise IdentityError(
+            IdentityCode.BAD_RESPONSE, f"{what}: {exc.message}", retryable=True
+        ) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise IdentityError("unavailable", f"{what}: {type(exc).__name__} {exc}") from None
+        raise IdentityError(
+            IdentityCode.UNAVAILABLE, f"{what}: {type(exc).__name__} {exc}"
+        ) from None
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -106,7 +112,7 @@ async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     async for chunk in resp.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise IdentityError("bad_response", f"response larger than {limit} bytes")
+            raise IdentityError(IdentityCode.BAD_RESPONSE, f"response larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -313,10 +319,12 @@ class K8sAttestor:
         except (OSError, ValueError) as exc:
             detail = getattr(exc, "strerror", None) or str(exc)
             raise IdentityError(
-                "subject_token_unavailable", f"cannot read {self.token_file}: {detail}"
+                IdentityCode.SUBJECT_TOKEN_UNAVAILABLE, f"cannot read {self.token_file}: {detail}"
             ) from None
         if not token:
-            raise IdentityError("subject_token_unavailable", f"{self.token_file} is empty")
+            raise IdentityError(
+                IdentityCode.SUBJECT_TOKEN_UNAVAILABLE, f"{self.token_file} is empty"
+            )
         return token
 
     async def token_endpoint(self) -> str:
@@ -335,37 +343,39 @@ class K8sAttestor:
         for url in _discovery_urls(self.issuer):
             async with _map_errors(f"discovery {url}"), self._session.get(url) as resp:
                 if resp.status == 404:
-                    last = IdentityError("discovery_failed", f"{url}: HTTP 404")
+                    last = IdentityError(IdentityCode.DISCOVERY_FAILED, f"{url}: HTTP 404")
                     continue
                 if resp.status != 200:
                     raise IdentityError(
-                        "discovery_failed", f"{url}: HTTP {resp.status}", status=resp.status
+                        IdentityCode.DISCOVERY_FAILED,
+                        f"{url}: HTTP {resp.status}",
+                        status=resp.status,
                     )
                 try:
                     doc = await resp.json(content_type=None)
                 except ValueError:
-                    raise IdentityError("discovery_failed", f"{url}: not JSON") from None
+                    raise IdentityError(IdentityCode.DISCOVERY_FAILED, f"{url}: not JSON") from None
             return self._check_metadata(doc, url)
         assert last is not None
         raise last
 
     def _check_metadata(self, doc: object, url: str) -> str:
         if not isinstance(doc, dict):
-            raise IdentityError("discovery_failed", f"{url}: not a JSON object")
+            raise IdentityError(IdentityCode.DISCOVERY_FAILED, f"{url}: not a JSON object")
         # OIDC Discovery §4.3 / RFC 8414 §3.3: the issuer in the document MUST be identical.
         if doc.get("issuer") != self.issuer:
             raise IdentityError(
-                "discovery_failed",
+                IdentityCode.DISCOVERY_FAILED,
                 f"{url}: issuer {doc.get('issuer')!r} is not the configured {self.issuer!r}",
                 retryable=False,
             )
         endpoint = doc.get("token_endpoint")
         if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
-            raise IdentityError("discovery_failed", f"{url}: no http(s) token_endpoint")
+            raise IdentityError(IdentityCode.DISCOVERY_FAILED, f"{url}: no http(s) token_endpoint")
         algs = doc.get("dpop_signing_alg_values_supported")
         if isinstance(algs, list) and "ES256" not in algs:
             raise IdentityError(
-                "dpop_unsupported", f"issuer does not accept ES256 DPoP proofs ({algs})",
+                IdentityCode.DPOP_UNSUPPORTED, f"issuer does not accept ES256 DPoP proofs ({algs})",
                 retryable=False,
             )  # fmt: skip
         grants = doc.get("grant_types_supported")
@@ -448,7 +458,7 @@ class FileAttestor:
         except (OSError, ValueError) as exc:
             detail = getattr(exc, "strerror", None) or str(exc)
             raise IdentityError(
-                "subject_token_unavailable", f"cannot read {self.path}: {detail}"
+                IdentityCode.SUBJECT_TOKEN_UNAVAILABLE, f"cannot read {self.path}: {detail}"
             ) from None
         return self._state
 
@@ -457,22 +467,28 @@ class FileAttestor:
         now = self._clock()
         claims = state.claims
         if not state.token or claims is None:
-            raise IdentityError("bad_response", f"{self.path} does not hold a JWT", retryable=True)
+            raise IdentityError(
+                IdentityCode.BAD_RESPONSE, f"{self.path} does not hold a JWT", retryable=True
+            )
         exp = numeric_claim(claims, "exp")
         if exp is None:
-            raise IdentityError("bad_response", f"token in {self.path} has no exp", retryable=True)
+            raise IdentityError(
+                IdentityCode.BAD_RESPONSE, f"token in {self.path} has no exp", retryable=True
+            )
         if exp <= now:
-            raise IdentityError("token_expired", f"token in {self.path} expired", retryable=True)
+            raise IdentityError(
+                IdentityCode.TOKEN_EXPIRED, f"token in {self.path} expired", retryable=True
+            )
         auds = audiences_of(claims)
         if auds is not None and audience not in auds:
             raise IdentityError(
-                "invalid_target", f"token in {self.path} is not for audience {audience}",
+                IdentityCode.INVALID_TARGET, f"token in {self.path} is not for audience {audience}",
                 retryable=True,  # the agent may write another token
             )  # fmt: skip
         dpop = has_cnf(claims)
         if dpop and bound_jkt(claims) != self._jkt:
             raise IdentityError(
-                "binding_mismatch",
+                IdentityCode.BINDING_MISMATCH,
                 f"token in {self.path} is bound (cnf) to a key other than this sidecar's",
                 retryable=True,
             )

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sidecar.identity.errors import IdentityError
+from sidecar.identity.errors import IdentityCode, IdentityError
 from sidecar.identity.token import (
     IssuedToken,
     bound_jkt,
@@ -172,7 +172,7 @@ def error_from_response(status: int, headers: Mapping[str, str], body: bytes) ->
     if status >= 500 or status in (408, 429):
         shown = f"{code}: " if isinstance(code, str) and _ERROR_CODE.match(code) else ""
         return IdentityError(
-            "server_error" if status >= 500 else "temporarily_unavailable",
+            IdentityCode.SERVER_ERROR if status >= 500 else IdentityCode.TEMPORARILY_UNAVAILABLE,
             f"issuer answered HTTP {status}: {shown}{description}".rstrip(": "),
             retryable=True,
             status=status,
@@ -180,9 +180,12 @@ def error_from_response(status: int, headers: Mapping[str, str], body: bytes) ->
         )
     if isinstance(code, str) and _ERROR_CODE.match(code):
         detail = description or f"issuer answered HTTP {status}"
-        return IdentityError(code, detail, status=status, retry_after=retry_after)
+        known = IdentityCode.from_issuer(code)
+        if known is IdentityCode.ISSUER_ERROR:
+            detail = f"{code}: {detail}"  # _ERROR_CODE admits only printable ASCII
+        return IdentityError(known, detail, status=status, retry_after=retry_after)
     return IdentityError(
-        "bad_response",
+        IdentityCode.BAD_RESPONSE,
         f"issuer answered HTTP {status} without an OAuth error object",
         retryable=status not in (400, 404, 405),
         status=status,
@@ -212,16 +215,24 @@ def parse_token_response(
     if status != 200:
         raise error_from_response(status, headers, body)
     if len(body) > MAX_RESPONSE_BYTES:
-        raise IdentityError("bad_response", "token response is too large", retryable=True)
+        raise IdentityError(
+            IdentityCode.BAD_RESPONSE, "token response is too large", retryable=True
+        )
     doc = _json_object(body)
     if doc is None:
-        raise IdentityError("bad_response", "token response is not a JSON object", retryable=True)
+        raise IdentityError(
+            IdentityCode.BAD_RESPONSE, "token response is not a JSON object", retryable=True
+        )
     token = doc.get("access_token")
     if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_BYTES:
-        raise IdentityError("bad_response", "token response has no access_token", retryable=True)
+        raise IdentityError(
+            IdentityCode.BAD_RESPONSE, "token response has no access_token", retryable=True
+        )
     if not _TOKEN68.match(token):
         raise IdentityError(
-            "bad_response", "access_token has characters a header cannot carry", retryable=True
+            IdentityCode.BAD_RESPONSE,
+            "access_token has characters a header cannot carry",
+            retryable=True,
         )
     raw_type = doc.get("token_type")
     # RFC 6749 §7.1 / RFC 9449 §5: token_type is case-insensitive.
@@ -234,31 +245,37 @@ def parse_token_response(
     elif token_type == "bearer":
         if require_dpop:
             raise IdentityError(
-                "binding_mismatch",
+                IdentityCode.BINDING_MISMATCH,
                 "issuer returned a Bearer token although a DPoP proof was sent "
                 "(set identity.require_dpop: false to accept unbound tokens)",
             )
         kind = "Bearer"
     else:
         raise IdentityError(
-            "bad_response", f"unsupported token_type {_clean(raw_type)!r}", retryable=True
+            IdentityCode.BAD_RESPONSE,
+            f"unsupported token_type {_clean(raw_type)!r}",
+            retryable=True,
         )
     expires_in = doc.get("expires_in")
     exp = numeric_claim(claims, "exp")
     if exp is not None:
         exp -= clock_offset
     if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | type(None)):
-        raise IdentityError("bad_response", "expires_in is not a number", retryable=True)
+        raise IdentityError(IdentityCode.BAD_RESPONSE, "expires_in is not a number", retryable=True)
     if expires_in is not None and expires_in <= 0:
-        raise IdentityError("bad_response", "expires_in is not positive", retryable=True)
+        raise IdentityError(IdentityCode.BAD_RESPONSE, "expires_in is not positive", retryable=True)
     bounds = [b for b in (exp, None if expires_in is None else requested_at + expires_in) if b]
     if not bounds:
         raise IdentityError(
-            "bad_response", "token has neither expires_in nor an exp claim", retryable=True
+            IdentityCode.BAD_RESPONSE,
+            "token has neither expires_in nor an exp claim",
+            retryable=True,
         )
     jkt = bound_jkt(claims)
     if jkt is not None and jkt != expected_jkt:
-        raise IdentityError("binding_mismatch", "issued token is bound to another key (cnf.jkt)")
+        raise IdentityError(
+            IdentityCode.BINDING_MISMATCH, "issued token is bound to another key (cnf.jkt)"
+        )
     issued = doc.get("issued_token_type")
     return IssuedToken(
         token=token,
@@ -279,11 +296,13 @@ def _wit_kind(
     it, so a WIT confirming another key would make every request fail at the receiver."""
     if doc.get("issued_token_type") != WIT_TOKEN_TYPE or token_type != "n_a":
         raise IdentityError(
-            "bad_response",
+            IdentityCode.BAD_RESPONSE,
             f"the issuer did not answer with a WIT (issued_token_type {WIT_TOKEN_TYPE}, "
             "token_type N_A)",
             retryable=True,
         )
     if confirmed_jwk_thumbprint(claims) != jkt:
-        raise IdentityError("binding_mismatch", "the issued WIT confirms another key (cnf.jwk)")
+        raise IdentityError(
+            IdentityCode.BINDING_MISMATCH, "the issued WIT confirms another key (cnf.jwk)"
+        )
     return "WIT"

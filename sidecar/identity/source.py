@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.identity.attestors import Attestor
-from sidecar.identity.errors import IdentityError, NoValidToken
+from sidecar.identity.errors import IdentityCode, IdentityError, NoValidToken
 from sidecar.identity.metrics import IdentityMetrics
 from sidecar.identity.schedule import AudienceState, RefreshPolicy
 from sidecar.identity.token import IssuedToken
@@ -235,13 +235,13 @@ class TokenSource:
                 )
             except TimeoutError:
                 raise IdentityError(
-                    "timeout", f"no token within {self.policy.fetch_timeout:g}s"
+                    IdentityCode.TIMEOUT, f"no token within {self.policy.fetch_timeout:g}s"
                 ) from None
             except IdentityError:
                 raise
             except Exception as exc:  # a bug in an attestor: keep refreshing, say so loudly
                 log.exception("attestor %s raised unexpectedly", self.attestor.kind)
-                raise IdentityError("internal_error", type(exc).__name__) from exc
+                raise IdentityError(IdentityCode.INTERNAL_ERROR, type(exc).__name__) from exc
         except IdentityError as err:
             now = self._clock()
             state.on_failure(err, now, self._draw())

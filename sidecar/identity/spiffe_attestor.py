@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sidecar.identity.errors import IdentityError
+from sidecar.identity.errors import IdentityCode, IdentityError
 from sidecar.identity.token import IssuedToken, numeric_claim, unverified_claims
 from sidecar.identity.workload_api import WorkloadApi, WorkloadApiUnavailable
 
@@ -35,13 +35,17 @@ class SpiffeAttestor:
             svid = await self._api.jwt_svid(audience)
         except WorkloadApiUnavailable as exc:
             raise IdentityError(
-                exc.code, f"Workload API: {exc}", retryable=exc.code not in _NOT_RETRYABLE
+                IdentityCode.from_grpc_status(exc.code),
+                f"Workload API ({exc.code}): {exc}",
+                retryable=exc.code not in _NOT_RETRYABLE,
             ) from None
         claims = unverified_claims(svid.token)
         now = self._clock()
         exp = numeric_claim(claims, "exp") or svid.expires_at
         if exp <= now:
-            raise IdentityError("token_expired", "the Workload API gave an expired JWT-SVID")
+            raise IdentityError(
+                IdentityCode.TOKEN_EXPIRED, "the Workload API gave an expired JWT-SVID"
+            )
         iat = numeric_claim(claims, "iat")
         return IssuedToken(
             token=svid.token,

@@ -14,13 +14,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.errors import SidecarError
 from sidecar.jose.rfc7517_jwk import public_jwk_dict
 from sidecar.jose.spiffe_bundle import JWT_SVID
 
 SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"
 
 
-class WorkloadApiUnavailable(Exception):
+class WorkloadApiUnavailable(SidecarError):
     """The Workload API could not answer; ``code`` is the gRPC status name when it did."""
 
     def __init__(self, detail: str, code: str = "unavailable") -> None:

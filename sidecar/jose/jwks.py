@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from sidecar.errors import SidecarError
 from sidecar.jose.rfc7517_jwk import JWKError, PublicJWK, import_jwks
 from sidecar.observability.logsafe import logfmt_value
 
@@ -27,8 +28,10 @@ log = logging.getLogger(__name__)
 MAX_DOCUMENT_BYTES = 256 * 1024
 
 
-class JwksUnavailable(Exception):
+class JwksUnavailable(SidecarError):
     """A key set could not be fetched or parsed."""
+
+    code = "jwks_unavailable"
 
 
 class KeySink(Protocol):

@@ -12,11 +12,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.errors import SidecarError
 from sidecar.jose.b64 import b64url_decode, b64url_encode
 
 
-class JWSFormatError(ValueError):
+class JWSFormatError(SidecarError, ValueError):
     """The text is not a well-formed compact JWS."""
+
+    code = "jws_malformed"
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

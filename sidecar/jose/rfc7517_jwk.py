@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from sidecar.errors import SidecarError
 from sidecar.jose.b64 import b64url_encode
 from sidecar.jose.rfc7518_algorithms import (
     ASYMMETRIC_ALGORITHMS,
@@ -31,8 +32,10 @@ PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 MAX_KEYS_PER_SET = 64
 
 
-class JWKError(ValueError):
+class JWKError(SidecarError, ValueError):
     """A JWK or JWK Set could not be used."""
+
+    code = "jwk_invalid"
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from sidecar.authz.decision import Allow, Deny, RequestView
 from sidecar.authz.service import AuthzService
 from sidecar.envoy_config import ingress_bootstrap
 from sidecar.errors import Reason
-from sidecar.identity.errors import IdentityError
+from sidecar.identity.errors import IdentityCode, IdentityError
 from sidecar.identity.spiffe_attestor import SpiffeAttestor
 from sidecar.identity.workload_api import SOCKET_ENV
 from tests.integration.fake_workload_api import HEADER, FakeWorkloadApi
@@ -143,11 +143,13 @@ def test_the_security_header_is_required(fake: Any) -> None:
 @pytest.mark.parametrize(
     ("status", "code"),
     [
-        (grpc.StatusCode.PERMISSION_DENIED, "permission_denied"),
-        (grpc.StatusCode.UNIMPLEMENTED, "unimplemented"),
+        (grpc.StatusCode.PERMISSION_DENIED, IdentityCode.ACCESS_DENIED),
+        (grpc.StatusCode.UNIMPLEMENTED, IdentityCode.WORKLOAD_API_REFUSED),
     ],
 )
-def test_refusals_become_identity_errors(fake: Any, status: grpc.StatusCode, code: str) -> None:
+def test_refusals_become_identity_errors(
+    fake: Any, status: grpc.StatusCode, code: IdentityCode
+) -> None:
     api, uri = fake
     api.fail["FetchJWTSVID"] = status
 
@@ -160,7 +162,8 @@ def test_refusals_become_identity_errors(fake: Any, status: grpc.StatusCode, cod
 
     with pytest.raises(IdentityError) as err:
         asyncio.run(main())
-    assert err.value.code == code and not err.value.retryable
+    assert err.value.code is code and not err.value.retryable
+    assert status.name.lower() in err.value.detail  # the gRPC status stays in the detail
 
 
 def test_spiffe_endpoint_socket_is_honoured(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:

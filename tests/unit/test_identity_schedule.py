@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from sidecar.identity.errors import IdentityError
+from sidecar.identity.errors import IdentityCode, IdentityError
 from sidecar.identity.schedule import MIN_DELAY, AudienceState, RefreshPolicy
 from sidecar.identity.token import IssuedToken
 
@@ -19,8 +19,8 @@ def token(ttl: float = 300.0, now: float = NOW) -> IssuedToken:
     return IssuedToken("t.o.k", "DPoP", expires_at=now + ttl, issued_at=now, audience=AUD)
 
 
-UNAVAILABLE = IdentityError("unavailable", "connection refused")
-DENIED = IdentityError("access_denied", "no registration entry")
+UNAVAILABLE = IdentityError(IdentityCode.UNAVAILABLE, "connection refused")
+DENIED = IdentityError(IdentityCode.ACCESS_DENIED, "no registration entry")
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_backoff_is_exponential_with_full_jitter_and_capped(failures: int, ceili
 
 
 def test_backoff_honours_retry_after() -> None:
-    err = IdentityError("temporarily_unavailable", "busy", retry_after=7.0)
+    err = IdentityError(IdentityCode.TEMPORARILY_UNAVAILABLE, "busy", retry_after=7.0)
     assert RefreshPolicy().backoff_delay(1, err, 0.1) == 7.0
 
 

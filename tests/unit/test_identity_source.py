@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sidecar.identity.errors import IdentityError, NoValidToken
+from sidecar.identity.errors import IdentityCode, IdentityError, NoValidToken
 from sidecar.identity.metrics import IdentityMetrics
 from sidecar.identity.schedule import RefreshPolicy
 from sidecar.identity.source import TokenSource
@@ -161,7 +161,7 @@ def test_an_expired_token_is_never_handed_out() -> None:
         async with source:
             await settle()
             assert source.current(A) is not None
-            attestor.error = IdentityError("unavailable", "connection refused")
+            attestor.error = IdentityError(IdentityCode.UNAVAILABLE, "connection refused")
             clock.now += 15  # margin: min(5, 0.25 * 20) = 5 s, so unusable from +15
             assert source.current(A) is None
             with pytest.raises(NoValidToken) as info:
@@ -179,7 +179,7 @@ def test_issuer_outage_costs_a_bounded_number_of_fetches() -> None:
         source, attestor, clock, registry = make([A], ttl=20)
         async with source:
             await settle()
-            attestor.error = IdentityError("unavailable", "connection refused")
+            attestor.error = IdentityError(IdentityCode.UNAVAILABLE, "connection refused")
             clock.now += 16
             calls_before = len(attestor.calls)
             for _ in range(5):  # 5 simulated seconds of heavy traffic
@@ -218,7 +218,9 @@ def test_a_hanging_issuer_does_not_hold_requests_longer_than_request_wait() -> N
 def test_non_retryable_error_is_reported_and_not_hammered() -> None:
     async def body() -> None:
         source, attestor, clock, _ = make([])
-        attestor.error = IdentityError("invalid_target", "audience unknown to the issuer")
+        attestor.error = IdentityError(
+            IdentityCode.INVALID_TARGET, "audience unknown to the issuer"
+        )
         async with source:
             with pytest.raises(NoValidToken) as info:
                 await source.get(A)
