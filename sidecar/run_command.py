@@ -36,6 +36,8 @@ from sidecar.config_util import (
     parse_admin_listen,
 )
 from sidecar.errors import ConfigError
+from sidecar.listen_address import ListenAddress
+from sidecar.listener_check import authz_listeners, check_listeners, egress_listeners
 
 TOP_LEVEL = ("identity", "egress", "authz", "admin")
 DEFAULT_ADMIN = DEFAULT_ADMIN_LISTEN
@@ -84,6 +86,13 @@ async def serve(data: dict[str, Any]) -> None:
     if identity_cfg is None and authz_cfg is None:
         raise ConfigError("egress", "an egress (with identity) or an authz section to run")
     admin_host, admin_port = parse_admin_listen(data)
+    check_listeners(
+        [
+            *(egress_listeners(egress_cfg) if egress_cfg is not None else []),
+            *(authz_listeners(authz_cfg) if authz_cfg is not None else []),
+            ("admin.listen", ListenAddress(admin_host, admin_port)),
+        ]
+    )
 
     registry = CollectorRegistry()
     fds = FdWatch(registry)

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.config_util import load_yaml_file, parse_admin_listen
 from sidecar.errors import ConfigError
 from sidecar.listen_address import ListenAddress
+from sidecar.listener_check import authz_listeners, check_listeners
 
 if TYPE_CHECKING:
     from sidecar.authz.config import AuthzConfig
@@ -156,6 +157,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(key, f"one of the top-level sections {list(TOP_LEVEL)}")
     cfg = parse_authz_config(data.get("authz"))
     admin = ListenAddress(*parse_admin_listen(data))
+    check_listeners([*authz_listeners(cfg), ("admin.listen", admin)])
     if cfg.workers > 1:
         run(lambda: supervise(data, cfg, admin, args.config, args.log_level))
     else:

@@ -40,6 +40,7 @@ from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc7515_jws import normalize_typ
 from sidecar.jose.rfc9068_access_token import IssuerPolicy
 from sidecar.listen_address import ListenAddress, check_worker_addresses, parse_listen_address
+from sidecar.listener_check import authz_listeners, check_collisions
 from sidecar.net_limits import GRPC_LIMITS, HTTP_LIMITS, ConnLimits, parse_conn_limits
 from sidecar.revocation_wire import MAX_WAIT
 
@@ -304,7 +305,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         raise ConfigError(f"{path}.revocation.wait", f"at most {MAX_WAIT} seconds", wait)
     workers = _process_workers(root, path)
     _check_worker_listeners(grpc_listen, http_listen, workers, path)
-    return AuthzConfig(
+    cfg = AuthzConfig(
         settings=settings,
         policy=policy_obj,
         sources=tuple(sources),
@@ -332,3 +333,6 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         revocation_wait=wait,
         trust_domains=trust_domains,
     )
+    # Two settings on one address fail only at bind time otherwise: say which two now.
+    check_collisions(authz_listeners(cfg, path))
+    return cfg

@@ -26,6 +26,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from sidecar.errors import ConfigError
+
 _SECOND: list[Any] = [None, ""]
 
 
@@ -42,7 +44,12 @@ class AuditLog:
         self.path = path
         self._owned: TextIO | None = None
         if path is not None:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            except OSError as exc:
+                raise ConfigError(
+                    "audit.path", f"a file this user can append to ({exc.strerror})", path
+                ) from None
             self._owned = os.fdopen(fd, "a", encoding="utf-8")
         self._pending: list[str] = []
         self._scheduled = False

@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from sidecar.config_util import load_yaml_file
+from sidecar.listener_check import broker_listeners, check_listeners
 
 
 async def serve(data: dict[str, Any]) -> None:
@@ -26,6 +27,7 @@ async def serve(data: dict[str, Any]) -> None:
     from sidecar.runtime import announce, start_admin_site, wait_for_stop_signal
 
     cfg = parse_broker_config(data)
+    check_listeners(broker_listeners(cfg))
     registry = CollectorRegistry()
     fds = FdWatch(registry)
     service = BrokerService(cfg, registry)

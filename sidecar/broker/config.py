@@ -35,6 +35,7 @@ from sidecar.config_util import (
 from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc9449_dpop import DPoPPolicy
+from sidecar.listener_check import broker_listeners, check_collisions
 from sidecar.net_limits import ATTESTATION_LIMITS, HTTP_LIMITS, ConnLimits, parse_conn_limits
 from sidecar.revocation_wire import MAX_WAIT
 
@@ -296,7 +297,7 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
     if admin_socket == socket_path:
         raise ConfigError("admin.socket", "a path other than attestation.socket", admin_socket)
 
-    return BrokerConfig(
+    cfg = BrokerConfig(
         issuer=issuer,
         listen=listen,
         # Retired keys stay published as long as anything they signed: WITs included.
@@ -326,3 +327,6 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
             get_str_list(tokens, "high_privilege_audiences", "tokens", [])
         ),
     )
+    # Two settings on one address fail only at bind time otherwise: say which two now.
+    check_collisions(broker_listeners(cfg))
+    return cfg

@@ -53,6 +53,7 @@ from sidecar.config_util import (
 from sidecar.egress.wimse import WimseUpstream, parse_upstream_auth
 from sidecar.errors import ConfigError
 from sidecar.identity.rfc8693_exchange import WIT_AUDIENCE
+from sidecar.listener_check import check_collisions, egress_listeners
 from sidecar.net_limits import EGRESS_LIMITS, ConnLimits, parse_conn_limits
 
 AUTHORIZATION_MODES = ("replace", "keep", "reject")
@@ -264,7 +265,7 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
     timeouts = section(root.get("timeouts"), f"{path}.timeouts")
     known_keys(timeouts, f"{path}.timeouts", {"connect", "total", "read"})
     tpath = f"{path}.timeouts"
-    return EgressConfig(
+    cfg = EgressConfig(
         upstreams=tuple(upstreams),
         forward_proxy=forward,
         on_existing_authorization=default_auth,
@@ -282,3 +283,6 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
             root.get("connections"), f"{path}.connections", EGRESS_LIMITS
         ),
     )
+    # Two settings on one address fail only at bind time otherwise: say which two now.
+    check_collisions(egress_listeners(cfg, path))
+    return cfg

@@ -9,9 +9,16 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from sidecar.errors import ConfigError
+
+#: What ``--log-level`` and ``SIDECAR_LOG_LEVEL`` accept.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
 
 def setup_logging(level: str | None = None) -> None:
     level = (level or os.environ.get("SIDECAR_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError("SIDECAR_LOG_LEVEL", f"one of {list(LOG_LEVELS)}", level)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
