@@ -274,7 +274,9 @@ class Broker:
             )
         return Issued(token_response(minted.token, minted.expires_in), minted)
 
-    def _issue_wit(self, entry: Entry, proof: VerifiedProof, now: float) -> Issued:
+    def _issue_wit(
+        self, entry: Entry, proof: VerifiedProof, now: float, not_after: float | None = None
+    ) -> Issued:
         """A WIT in the SPIFFE WIT-SVID profile for the key that signed the token request's
         DPoP proof (the sidecar's in-memory key): ``sub`` the entry's SPIFFE ID, no ``aud``."""
         key = self.ring.active
@@ -284,6 +286,12 @@ class Broker:
                 "a WIT-SVID needs an RS, ES or PS key for the proof and the issuer (no EdDSA)",
                 reason="wit_key_alg",
             )
+        # Like an access token, a k8s-attested WIT never outlives its subject token.
+        lifetime = self.cfg.wit_ttl if not_after is None else min(self.cfg.wit_ttl, not_after - now)
+        if lifetime < 1:
+            raise OAuthError(
+                "invalid_request", "the subject token expires too soon", reason="expired"
+            )
         wit = issue_wit(
             key.private_key,
             alg=key.alg,
@@ -291,7 +299,7 @@ class Broker:
             subject=entry.spiffe_id,
             workload_jwk=public_jwk_dict(proof.key.key, alg=proof.alg),
             now=now,
-            lifetime=self.cfg.wit_ttl,
+            lifetime=lifetime,
             issuer=self.cfg.issuer,
         )
         claims = parse_compact(wit, max_bytes=len(wit)).payload
@@ -349,7 +357,7 @@ class Broker:
     @staticmethod
     def _parse_exchange(http: TokenHttpRequest) -> _Wanted:
         request = parse_exchange(parse_request(http))
-        return _Wanted(request.audiences, subject_token=request.subject_token)
+        return _Wanted(request.audiences, wit=request.wit, subject_token=request.subject_token)
 
     async def _k8s_caller(self, wanted: _Wanted, now: float) -> _Caller:
         assert wanted.subject_token is not None
@@ -453,7 +461,7 @@ class Broker:
                 self._allowed(entry, wanted.audiences)
             self._not_revoked(entry.spiffe_id, attestor.refusal)
             if wanted.wit:
-                issued = self._issue_wit(entry, proof, now)
+                issued = self._issue_wit(entry, proof, now, caller.not_after)
             else:
                 issued = self._issue(entry, wanted.audiences, proof, now, caller.not_after)
         except OAuthError as exc:

@@ -194,6 +194,8 @@ def targets(form: Form) -> list[str]:
 class ExchangeRequest:
     subject_token: str
     audiences: list[str]
+    #: A WIT is asked for (``requested_token_type``): it has no audience.
+    wit: bool = False
 
 
 def parse_exchange(form: Form) -> ExchangeRequest:
@@ -214,11 +216,18 @@ def parse_exchange(form: Form) -> ExchangeRequest:
     if form.one("actor_token", required=False) is not None:
         raise OAuthError("invalid_request", "delegation (actor_token) is not supported")
     requested = form.one("requested_token_type", required=False)
-    if requested not in (None, ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE):
-        raise OAuthError("invalid_request", f"requested_token_type must be {ACCESS_TOKEN_TYPE}")
+    if requested not in (None, ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, WIT_TOKEN_TYPE):
+        raise OAuthError(
+            "invalid_request",
+            f"requested_token_type must be {ACCESS_TOKEN_TYPE} or {WIT_TOKEN_TYPE}",
+        )
     if form.one("scope", required=False) is not None:
         # Issuing without the scope asked for would be silently granting something else.
         raise OAuthError("invalid_scope", "this issuer grants audiences, not scopes")
+    if requested == WIT_TOKEN_TYPE:
+        if form.all("audience") or form.all("resource"):
+            raise OAuthError("invalid_request", "a WIT has no audience: send none with it")
+        return ExchangeRequest(subject_token=subject_token, audiences=[], wit=True)
     return ExchangeRequest(subject_token=subject_token, audiences=targets(form))
 
 

@@ -5,6 +5,7 @@ verified with an independent JOSE library (jwcrypto)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -23,6 +24,9 @@ from jwcrypto import jwk, jwt
 
 from sidecar.authz.trust_domains import TrustBundles
 from sidecar.broker.oauth import WIT_TOKEN_TYPE
+from sidecar.identity.attestors import K8sAttestor
+from sidecar.identity.key import generate_signer
+from sidecar.identity.rfc8693_exchange import WIT_AUDIENCE
 from sidecar.jose.b64 import b64url_decode
 from sidecar.jose.rfc9449_dpop import ProofSigner
 from sidecar.jose.spiffe_bundle import import_bundle
@@ -351,6 +355,38 @@ def test_issued_token_never_outlives_the_subject_token(
     answer = broker.exchange(cluster.sa_token(ttl=40), [ORDERS])
     assert answer.status == 200, answer.body
     assert 35 <= answer.body["expires_in"] <= 40
+
+
+def test_the_k8s_attestor_gets_a_wit_bound_to_its_key(
+    broker: BrokerProcess, cluster: ClusterIssuer, tmp_path: Path
+) -> None:
+    """The identity client's WIT slot through RFC 8693: requested_token_type wit, no
+    audience; the WIT confirms the client's key and never outlives the subject token."""
+    token_file = tmp_path / "sa-token"
+    token_file.write_text(cluster.sa_token(ttl=600))
+    signer = generate_signer()
+
+    async def fetch() -> Any:
+        attestor = K8sAttestor(
+            issuer=broker.issuer, token_file=str(token_file), signer=signer,
+            token_endpoint=broker.token_url,
+        )  # fmt: skip
+        try:
+            return await attestor.fetch(WIT_AUDIENCE)
+        finally:
+            await attestor.close()
+
+    issued = asyncio.run(fetch())
+    assert issued.token_type == "WIT" and issued.issued_token_type == WIT_TOKEN_TYPE
+    assert issued.expires_at - time.time() <= 600  # the SA token's 600 s, not wit_ttl's 4 h
+    _, _, body = http_request(f"{broker.issuer}/bundle")
+    bundles = TrustBundles()
+    bundles.replace("test.local", import_bundle(json.loads(body)))
+    wit = verify_wit(issued.token, keys=bundles, now=time.time(), policy=WitPolicy(svid=True))
+    assert wit.subject == f"{TRUST}/ns/shop/sa/frontend"
+    assert wit.key.thumbprint == signer.thumbprint
+    record = broker.wait_audit(lambda r: r.get("jkt") == signer.thumbprint)
+    assert record["attestor"] == "k8s" and record["result"] == "ok"
 
 
 @pytest.mark.parametrize(

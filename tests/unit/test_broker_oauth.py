@@ -15,6 +15,7 @@ from sidecar.broker.http_app import token_request
 from sidecar.broker.oauth import (
     JWT_TOKEN_TYPE,
     TOKEN_EXCHANGE_GRANT,
+    WIT_TOKEN_TYPE,
     OAuthError,
     TokenHttpRequest,
     parse_exchange,
@@ -58,6 +59,16 @@ def test_a_valid_exchange_request() -> None:
     )
     assert req.subject_token == "a.b.c"
     assert req.audiences == ["a", "b"]
+
+
+def test_an_exchange_for_a_wit_has_no_audience() -> None:
+    wit = ("requested_token_type", WIT_TOKEN_TYPE)
+    req = parse_exchange(parse_form(FORM, urlencode(base(wit)).encode()))
+    assert req.wit and req.audiences == []
+    # An audience with it would be silently dropped: refused instead.
+    assert error_of(base(wit, ("audience", "a"))) == "invalid_request"
+    assert error_of(base(wit, ("resource", "https://x"))) == "invalid_request"
+    assert not parse_exchange(parse_form(FORM, urlencode(base(("audience", "a"))).encode())).wit
 
 
 @pytest.mark.parametrize(
