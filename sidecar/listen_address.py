@@ -125,6 +125,32 @@ def bind_unix(path: str, backlog: int = 1024) -> socket.socket:
     return sock
 
 
+def bind_tcp(host: str, port: int, key: str) -> socket.socket:
+    """A bound, non-blocking TCP socket at ``host:port`` (the first address the name resolves
+    to), so the caller knows the port before serving (port 0: an ephemeral one). The server
+    listens on it later. A failure is a ConfigError naming ``key``."""
+    where = f"{host}:{port}"
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (OSError, IndexError) as exc:
+        raise ConfigError(key, f"a host:port that resolves ({exc})", where) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As asyncio's create_server: rebinding right after a restart works, and an IPv6
+        # wildcard does not also take the IPv4 port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(key, f"an address free to bind ({exc.strerror})", where) from None
+    sock.setblocking(False)
+    return sock
+
+
 def unlink_socket(address: ListenAddress | None) -> None:
     if address is not None and address.path is not None:
         with contextlib.suppress(OSError):

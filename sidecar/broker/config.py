@@ -39,7 +39,8 @@ from sidecar.listener_check import broker_listeners, check_collisions
 from sidecar.net_limits import ATTESTATION_LIMITS, HTTP_LIMITS, ConnLimits, parse_conn_limits
 from sidecar.revocation_wire import MAX_WAIT
 
-DEFAULT_ISSUER = "http://127.0.0.1:8443"
+#: A listen host that names no address clients could use in the issuer URL.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "*"})
 DEFAULT_LISTEN = "127.0.0.1:8443"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:15021"
 DEFAULT_RUN_DIR = "/tmp/sidecar-broker"
@@ -93,6 +94,7 @@ class ClusterConfig:
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
+    #: The configured issuer, or one derived from ``listen`` (see ``issuer_from_listen``).
     issuer: str
     listen: tuple[str, int]
     keys: KeysConfig
@@ -118,6 +120,8 @@ class BrokerConfig:
     #: Audiences whose grants are counted by name (M5); the metric's label values are bounded
     #: by this list.
     high_privilege_audiences: frozenset[str] = frozenset()
+    #: ``issuer`` was not set: it is ``listen``'s scheme, host and (bound) port.
+    issuer_from_listen: bool = False
 
     @property
     def base_path(self) -> str:
@@ -131,6 +135,11 @@ class BrokerConfig:
     @property
     def max_token_ttl(self) -> float:
         return self.registry.max_ttl(self.token_ttl)
+
+
+def issuer_for_listen(host: str, port: int, scheme: str = "http") -> str:
+    """The issuer URL a broker listening on ``host:port`` is reached at."""
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _cluster(raw: Any, key: str) -> ClusterConfig:
@@ -199,11 +208,19 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
     unknown = sorted(set(root) - TOP_KEYS)
     if unknown:
         raise ConfigError(unknown[0], f"one of the known top-level keys {sorted(TOP_KEYS)}")
-    raw_issuer = root.get("issuer", DEFAULT_ISSUER)
+    listen = parse_listen(root.get("listen", DEFAULT_LISTEN), "listen")
+    raw_issuer = root.get("issuer")
+    if raw_issuer is None:
+        if listen[0] in WILDCARD_HOSTS:
+            raise ConfigError(
+                "issuer",
+                f"the URL clients reach the broker at (listen {listen[0]} names no host)",
+            )
+        # A port of 0 is replaced by the bound one at start.
+        raw_issuer = issuer_for_listen(*listen)
     if not isinstance(raw_issuer, str):
         raise ConfigError("issuer", "a URL string", raw_issuer)
     issuer = check_url(raw_issuer, "issuer", bare=True)
-    listen = parse_listen(root.get("listen", DEFAULT_LISTEN), "listen")
 
     tokens = section(root.get("tokens"), "tokens")
     known_keys(
@@ -326,6 +343,7 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
         high_privilege_audiences=frozenset(
             get_str_list(tokens, "high_privilege_audiences", "tokens", [])
         ),
+        issuer_from_listen=root.get("issuer") is None,
     )
     # Two settings on one address fail only at bind time otherwise: say which two now.
     check_collisions(broker_listeners(cfg))

@@ -11,6 +11,8 @@ import os
 import socket
 import stat
 import time
+from dataclasses import replace
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -18,13 +20,14 @@ from prometheus_client import CollectorRegistry
 from sidecar.broker.attestation_k8s import ClusterVerifier
 from sidecar.broker.attestation_unix import PeerTracker, UnixAttestor, peer_uid
 from sidecar.broker.audit import AuditLog
-from sidecar.broker.config import BrokerConfig
+from sidecar.broker.config import BrokerConfig, issuer_for_listen
 from sidecar.broker.core import Broker, Clock
 from sidecar.broker.http_app import make_admin_socket_app, make_public_app, make_unix_app
 from sidecar.broker.keys import KeyEvent, KeyRing, generate_private_key, make_signing_key
 from sidecar.broker.metrics import BrokerMetrics
 from sidecar.broker.revocation import RevocationStore
 from sidecar.errors import ConfigError
+from sidecar.listen_address import bind_tcp
 from sidecar.net_limits import ADMIN_LIMITS, ConnLimits, GuardedSite, ListenerGuard, server_options
 
 log = logging.getLogger(__name__)
@@ -97,12 +100,33 @@ class BrokerService:
         self.registry = registry
         self.broker: Broker | None = None
         self.http_port: int | None = None
+        self._http_sock: socket.socket | None = None
+        self._serving = False
         self._runners: list[web.AppRunner] = []
         self._paths: list[str] = []
         self._tasks: list[asyncio.Task[None]] = []
 
+    @staticmethod
+    def _issuer_for(cfg: BrokerConfig, port: int) -> BrokerConfig:
+        """The issuer derived from the bound port when none is set; a warning when the set
+        one names another port (right only behind a proxy or port mapping)."""
+        if cfg.issuer_from_listen:
+            return replace(cfg, issuer=issuer_for_listen(cfg.listen[0], port, cfg.scheme))
+        url = urlsplit(cfg.issuer)
+        named = url.port or (443 if url.scheme == "https" else 80)
+        if named != port:
+            log.warning(
+                "issuer %s names port %d but the broker listens on port %d: clients must "
+                "reach it through that port (a proxy or port mapping), or leave issuer unset "
+                "to derive it from listen",
+                cfg.issuer,
+                named,
+                port,
+            )
+        return cfg
+
     def readiness(self) -> tuple[bool, str]:
-        if self.broker is None or self.http_port is None:
+        if self.broker is None or not self._serving:
             return False, "starting"
         missing = self.clusters.missing_keys()
         kid = self.broker.ring.active.kid
@@ -124,6 +148,9 @@ class BrokerService:
             self._paths.append(cfg.attestation_socket)
         admin_sock = prepare_unix_socket(cfg.admin_socket, "admin.socket", 0o600)
         self._paths.append(cfg.admin_socket)
+        http_sock = self._http_sock = bind_tcp(*cfg.listen, "listen")
+        self.http_port = http_sock.getsockname()[1]
+        cfg = self.cfg = self._issuer_for(cfg, self.http_port)
         now = self.clock()
         alg = cfg.keys.schedule.alg
         private = cfg.keys.initial_key
@@ -156,11 +183,11 @@ class BrokerService:
             lambda: self.revocations.waiting,
         )
 
-        sites: list[tuple[web.Application, ListenerGuard, socket.socket | None]] = [
+        sites: list[tuple[web.Application, ListenerGuard, socket.socket]] = [
             (
                 make_public_app(broker),
                 ListenerGuard("broker_http", cfg.http_connections, self.registry),
-                None,
+                http_sock,
             )
         ]
         if attestation_sock is not None:
@@ -180,9 +207,8 @@ class BrokerService:
         for app, guard, sock in sites:
             runner = self._runner(app, guard.limits)
             await runner.setup()
-            await GuardedSite(runner, guard, cfg.listen if sock is None else sock).start()
-            if sock is None:
-                self.http_port = next(int(a[1]) for a in runner.addresses if isinstance(a, tuple))
+            await GuardedSite(runner, guard, sock).start()
+        self._serving = True
         self._tasks.append(asyncio.create_task(self._rotate(ring)))
         self._tasks.append(asyncio.create_task(self._prune_revocations()))
         # Everything allocated so far lives as long as the process: keep it out of the
@@ -219,6 +245,8 @@ class BrokerService:
         for path in self._paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        if self._http_sock is not None:
+            self._http_sock.close()  # when start failed before serving on it
         self.audit.close()
 
     def _key_events(self, events: list[KeyEvent], now: float) -> None:
