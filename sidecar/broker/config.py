@@ -60,6 +60,7 @@ TOP_KEYS = {
     "revocation",
     "audit",
     "admin",
+    "state_dir",
 }
 
 
@@ -122,6 +123,8 @@ class BrokerConfig:
     high_privilege_audiences: frozenset[str] = frozenset()
     #: ``issuer`` was not set: it is ``listen``'s scheme, host and (bound) port.
     issuer_from_listen: bool = False
+    #: Where generated signing keys (without keys.key_file) are kept across restarts.
+    state_dir: str | None = None
 
     @property
     def base_path(self) -> str:
@@ -344,7 +347,15 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
             get_str_list(tokens, "high_privilege_audiences", "tokens", [])
         ),
         issuer_from_listen=root.get("issuer") is None,
+        state_dir=_state_dir(root),
     )
     # Two settings on one address fail only at bind time otherwise: say which two now.
     check_collisions(broker_listeners(cfg))
     return cfg
+
+
+def _state_dir(root: Mapping[str, Any]) -> str | None:
+    value = root.get("state_dir")
+    if value is not None and (not isinstance(value, str) or not os.path.isabs(value)):
+        raise ConfigError("state_dir", "an absolute directory path", value)
+    return value

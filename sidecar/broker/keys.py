@@ -136,6 +136,38 @@ class KeyRing:
         self.version = 0
         self._jwks: bytes | None = None
 
+    @classmethod
+    def restored(
+        cls,
+        schedule: Schedule,
+        active: SigningKey,
+        nxt: SigningKey | None,
+        retired: list[SigningKey],
+    ) -> KeyRing:
+        """A ring as it was saved (see key_state.py); its times are kept."""
+        assert active.activates_at is not None
+        ring = cls(schedule, active, active.activates_at)
+        ring.next = nxt
+        ring.retired = list(retired)
+        ring._changed()
+        return ring
+
+    def retire_active(self, replacement: SigningKey, now: float) -> list[KeyEvent]:
+        """Sign with ``replacement`` from now on: the active key is retired (still published
+        for the tokens it signed) and a next key that never signed is dropped."""
+        old, dropped = self.active, self.next
+        old.retired_at = now
+        old.remove_at = now + self.schedule.retain_for
+        replacement.activates_at = now
+        self.retired.append(old)
+        self.active, self.next = replacement, None
+        self._changed()
+        events = [KeyEvent("key_activated", replacement.kid, replacement.alg)]
+        events.append(KeyEvent("key_retired", old.kid, old.alg))
+        if dropped is not None:
+            events.append(KeyEvent("key_removed", dropped.kid, dropped.alg))
+        return events
+
     # -- schedule ---------------------------------------------------------------------------
 
     def next_key_due(self, now: float) -> bool:

@@ -34,11 +34,11 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sidecar.broker.state_file import write_atomic
 from sidecar.errors import ConfigError
 
 MAX_VALUE = 2048
@@ -141,25 +141,8 @@ class RevocationStore:
 
     def save_sync(self, data: bytes) -> None:
         """Atomic replace (call in a thread: it fsyncs)."""
-        if self.state_file is None:
-            return
-        directory = os.path.dirname(os.path.abspath(self.state_file))
-        fd, tmp = tempfile.mkstemp(prefix=".revocations.", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.state_file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if self.state_file is not None:
+            write_atomic(self.state_file, data)
 
     # -- changes ----------------------------------------------------------------------------
 

@@ -23,9 +23,11 @@ from sidecar.broker.audit import AuditLog
 from sidecar.broker.config import BrokerConfig, issuer_for_listen
 from sidecar.broker.core import Broker, Clock
 from sidecar.broker.http_app import make_admin_socket_app, make_public_app, make_unix_app
+from sidecar.broker.key_state import load_ring, save_ring
 from sidecar.broker.keys import KeyEvent, KeyRing, generate_private_key, make_signing_key
 from sidecar.broker.metrics import BrokerMetrics
 from sidecar.broker.revocation import RevocationStore
+from sidecar.broker.state_file import own_directory
 from sidecar.errors import ConfigError
 from sidecar.listen_address import bind_tcp
 from sidecar.net_limits import ADMIN_LIMITS, ConnLimits, GuardedSite, ListenerGuard, server_options
@@ -43,18 +45,7 @@ def prepare_unix_socket(path: str, key: str, mode: int) -> socket.socket:
     user and writable by nobody else: otherwise another user could swap the socket for their
     own and impersonate the broker. A stale socket (nobody answering) is removed; a live one
     means another broker runs there."""
-    directory = os.path.dirname(path)
-    try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        st = os.lstat(directory)
-    except OSError as exc:
-        raise ConfigError(
-            key, f"a path whose directory can be created ({exc.strerror})", path
-        ) from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise ConfigError(
-            key, "a path in a directory owned by the broker's user and writable by no other", path
-        )
+    own_directory(os.path.dirname(path), key, 0o755, shown=path)
     with contextlib.suppress(FileNotFoundError):
         existing = os.lstat(path)
         if not stat.S_ISSOCK(existing.st_mode):
@@ -151,13 +142,7 @@ class BrokerService:
         http_sock = self._http_sock = bind_tcp(*cfg.listen, "listen")
         self.http_port = http_sock.getsockname()[1]
         cfg = self.cfg = self._issuer_for(cfg, self.http_port)
-        now = self.clock()
-        alg = cfg.keys.schedule.alg
-        private = cfg.keys.initial_key
-        if private is None:
-            private = await asyncio.to_thread(generate_private_key, alg)
-        ring = KeyRing(cfg.keys.schedule, make_signing_key(private, alg, now), now)
-        self._key_events([KeyEvent("key_activated", ring.active.kid, alg)], now)
+        ring = await self._key_ring()
         await self.clusters.start()
         broker = Broker(
             cfg,
@@ -218,7 +203,7 @@ class BrokerService:
             "broker issuer=%s kid=%s alg=%s entries=%d clusters=%d",
             cfg.issuer,
             ring.active.kid,
-            alg,
+            ring.active.alg,
             len(cfg.registry.entries),
             len(cfg.clusters),
         )
@@ -249,6 +234,49 @@ class BrokerService:
             self._http_sock.close()  # when start failed before serving on it
         self.audit.close()
 
+    async def _key_ring(self) -> KeyRing:
+        """The configured key, else the keys kept in ``state_dir``, else a new key (kept there
+        when ``state_dir`` is set). A kept ring resumes its schedule; a changed
+        ``keys.algorithm`` retires its active key for a new one."""
+        cfg = self.cfg
+        schedule = cfg.keys.schedule
+        keep = cfg.state_dir if cfg.keys.initial_key is None else None
+        ring = None
+        if keep is not None:
+            own_directory(keep, "state_dir", 0o700)
+            ring = await asyncio.to_thread(load_ring, keep, schedule)
+        now = self.clock()
+        if ring is None:
+            private = cfg.keys.initial_key
+            if private is None:
+                private = await asyncio.to_thread(generate_private_key, schedule.alg)
+            ring = KeyRing(schedule, make_signing_key(private, schedule.alg, now), now)
+            self._key_events([KeyEvent("key_activated", ring.active.kid, schedule.alg)], now)
+        else:
+            log.info("signing keys restored from %s kid=%s", keep, ring.active.kid)
+            if ring.active.alg != schedule.alg:
+                private = await asyncio.to_thread(generate_private_key, schedule.alg)
+                key = make_signing_key(private, schedule.alg, now)
+                self._key_events(ring.retire_active(key, now), now)
+            self._key_events(ring.advance(now), now)
+        if keep is not None:
+            try:
+                await asyncio.to_thread(save_ring, keep, ring)
+            except OSError as exc:
+                problem = f"a writable directory ({exc.strerror})"
+                raise ConfigError("state_dir", problem, keep) from None
+        return ring
+
+    async def _keep_ring(self, ring: KeyRing) -> None:
+        """Save the ring after a change; a failure is logged (the keys in memory still serve,
+        a restart would lose them)."""
+        if self.cfg.state_dir is None or self.cfg.keys.initial_key is not None:
+            return
+        try:
+            await asyncio.to_thread(save_ring, self.cfg.state_dir, ring)
+        except OSError as exc:
+            log.error("cannot save signing keys to %s: %s", self.cfg.state_dir, exc.strerror)
+
     def _key_events(self, events: list[KeyEvent], now: float) -> None:
         for ev in events:
             self.metrics.key_events.labels(ev.event.removeprefix("key_")).inc()
@@ -273,8 +301,12 @@ class BrokerService:
                 now = self.clock()
                 key = make_signing_key(private, ring.schedule.alg, now)
                 self._key_events([ring.publish_next(key, now)], now)
+                await self._keep_ring(ring)
             now = self.clock()
-            self._key_events(ring.advance(now), now)
+            events = ring.advance(now)
+            self._key_events(events, now)
+            if events:
+                await self._keep_ring(ring)
             await asyncio.sleep(min(max(ring.next_wakeup(self.clock()), 0.05), 60.0))
 
     async def _prune_revocations(self) -> None:

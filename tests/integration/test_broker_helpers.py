@@ -244,6 +244,13 @@ class BrokerProcess:
     def stop(self) -> None:
         self.process.stop()
 
+    def restart(self) -> BrokerProcess:
+        """Stop the broker and start a new process on the same configuration and ports."""
+        self.stop()
+        old = self.process
+        self.process = ManagedProcess(old.args, name=old.name, log_dir=self.tmp, cwd=REPO_ROOT)
+        return self.start()
+
     @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
