@@ -11,6 +11,7 @@ import http.client
 import json
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -101,26 +102,50 @@ def admin_request(
         return resp.status, raw.decode(errors="replace").strip()
 
 
-def _revoke(args: argparse.Namespace) -> int:
+def _admin(
+    args: argparse.Namespace, command: str, method: str, url: str, body: dict[str, Any] | None
+) -> int:
+    """One admin-socket request of ``sidecar broker COMMAND``: print the JSON answer."""
     from sidecar.broker.config import parse_broker_config
 
     cfg = parse_broker_config(load_yaml_file(args.config))
-    kind, value = ("sub", args.sub) if args.sub is not None else ("jti", args.jti)
-    body = {kind: value, "action": "restore" if args.restore else "revoke"}
     try:
-        status, doc = admin_request(cfg.admin_socket, "POST", "/admin/revoke", body)
+        status, doc = admin_request(cfg.admin_socket, method, url, body)
     except OSError as exc:
         print(
-            f"sidecar broker revoke: cannot reach the broker at {cfg.admin_socket}: "
+            f"sidecar broker {command}: cannot reach the broker at {cfg.admin_socket}: "
             f"{exc.strerror or exc}",
             file=sys.stderr,
         )
         return 1
     if status != 200:
-        print(f"sidecar broker revoke: HTTP {status}: {doc}", file=sys.stderr)
+        print(f"sidecar broker {command}: HTTP {status}: {doc}", file=sys.stderr)
         return 1
     print(json.dumps(doc, sort_keys=True))
     return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    kind, value = ("sub", args.sub) if args.sub is not None else ("jti", args.jti)
+    body = {kind: value, "action": "restore" if args.restore else "revoke"}
+    return _admin(args, "revoke", "POST", "/admin/revoke", body)
+
+
+def _entries(args: argparse.Namespace) -> int:
+    name = f"entries {args.entries_command}"
+    if args.entries_command == "list":
+        return _admin(args, name, "GET", "/admin/entries", None)
+    if args.entries_command == "remove":
+        body: dict[str, Any] = {"action": "remove", "spiffe_id": args.spiffe_id}
+        return _admin(args, name, "POST", "/admin/entries", body)
+    entry: dict[str, Any] = {
+        "spiffe_id": args.spiffe_id,
+        "selectors": args.selector,
+        "audiences": args.audience,
+    }
+    if args.ttl is not None:
+        entry["ttl"] = args.ttl
+    return _admin(args, name, "POST", "/admin/entries", {"action": "add", "entry": entry})
 
 
 def register(sub: Any) -> None:
@@ -130,7 +155,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("-c", "--config", default=None, help="broker YAML (see examples/broker.yaml)")
     p.set_defaults(func=_run)
-    actions = p.add_subparsers(dest="broker_command", required=False, metavar="{revoke}")
+    actions = p.add_subparsers(
+        dest="broker_command", required=False, metavar="{revoke,entries}"
+    )
     r = actions.add_parser(
         "revoke", help="revoke (or --restore) a subject or a token id on the running broker"
     )
@@ -140,11 +167,38 @@ def register(sub: Any) -> None:
     which.add_argument("--sub", help="a subject (SPIFFE ID): all its tokens are refused")
     which.add_argument("--jti", help="one token id")
     r.add_argument("--restore", action="store_true", help="undo an earlier revocation")
-    r.set_defaults(func=_revoke_checked)
+    r.set_defaults(func=_needs_config(_revoke, "revoke"))
+
+    e = actions.add_parser(
+        "entries",
+        help="list, add or remove registration entries of the running broker (added ones are "
+        "kept in its state_dir)",
+    )
+    kinds = e.add_subparsers(dest="entries_command", required=True, metavar="{list,add,remove}")
+    listing = kinds.add_parser("list", help="every entry in force, from the file or added")
+    add = kinds.add_parser("add", help="add an entry (needs state_dir on the broker)")
+    add.add_argument("--spiffe-id", required=True, help="the SPIFFE ID the entry grants")
+    add.add_argument(
+        "--selector", action="append", required=True, help="unix:uid:N, k8s:ns:NS, ... (repeat)"
+    )
+    add.add_argument(
+        "--audience", action="append", required=True, help="an audience glob (repeat)"
+    )
+    add.add_argument("--ttl", type=float, default=None, help="token lifetime, seconds")
+    remove = kinds.add_parser("remove", help="remove the added entries of a SPIFFE ID")
+    remove.add_argument("--spiffe-id", required=True, help="the SPIFFE ID to remove")
+    for q in (listing, add, remove):
+        q.add_argument("-c", "--config", default=argparse.SUPPRESS, help="the broker's YAML")
+        q.set_defaults(func=_needs_config(_entries, "entries"))
 
 
-def _revoke_checked(args: argparse.Namespace) -> int:
-    if getattr(args, "config", None) is None:
-        print("sidecar broker revoke: -c/--config is required", file=sys.stderr)
-        return 2
-    return _revoke(args)
+def _needs_config(
+    action: Callable[[argparse.Namespace], int], name: str
+) -> Callable[[argparse.Namespace], int]:
+    def checked(args: argparse.Namespace) -> int:
+        if getattr(args, "config", None) is None:
+            print(f"sidecar broker {name}: -c/--config is required", file=sys.stderr)
+            return 2
+        return action(args)
+
+    return checked

@@ -8,13 +8,13 @@ variables override keys as for the other commands (``SIDECAR__KEYS__ROTATE_EVERY
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from sidecar.broker.keys import MAX_PUBLISHED_KEYS, SIGNING_ALGORITHMS, Schedule, load_private_key
-from sidecar.broker.registry import Registry, parse_entries
+from sidecar.broker.registry import Entry, Registry, parse_entries
 from sidecar.config_util import (
     JWKS_LOCATION_KEYS,
     check_url,
@@ -206,6 +206,24 @@ def _keys(raw: Any, max_ttl: float) -> KeysConfig:
     )
 
 
+def check_entry_clusters(
+    entries: Iterable[Entry], clusters: Collection[str], key: str = "entries"
+) -> None:
+    """k8s entries need a configured cluster, and a k8s:cluster: selector must name one."""
+    for entry in entries:
+        for sel in entry.selectors:
+            if sel.startswith("k8s:cluster:") and sel[len("k8s:cluster:") :] not in clusters:
+                raise ConfigError(
+                    f"{key}[{entry.index}].selectors",
+                    "k8s:cluster: naming the issuer of one of the configured clusters",
+                    sel,
+                )
+        if entry.attestor == "k8s" and not clusters:
+            raise ConfigError(
+                f"{key}[{entry.index}].selectors", "a configured cluster (clusters[]) for k8s:"
+            )
+
+
 def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
     root = section(data, "config file")
     unknown = sorted(set(root) - TOP_KEYS)
@@ -252,18 +270,7 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
         seen.add(cluster.issuer)
 
     registry = parse_entries(root.get("entries"))
-    for entry in registry.entries:
-        for sel in entry.selectors:
-            if sel.startswith("k8s:cluster:") and sel[len("k8s:cluster:") :] not in seen:
-                raise ConfigError(
-                    f"entries[{entry.index}].selectors",
-                    "k8s:cluster: naming the issuer of one of the configured clusters",
-                    sel,
-                )
-        if entry.attestor == "k8s" and not clusters:
-            raise ConfigError(
-                f"entries[{entry.index}].selectors", "a configured cluster (clusters[]) for k8s:"
-            )
+    check_entry_clusters(registry.entries, seen)
 
     dpop = section(root.get("dpop"), "dpop")
     known_keys(

@@ -35,6 +35,7 @@ from sidecar.broker.attestation_unix import (
 )
 from sidecar.broker.audit import AuditLog
 from sidecar.broker.config import BrokerConfig
+from sidecar.broker.entries import EntryStore
 from sidecar.broker.issuance import MintedToken, mint
 from sidecar.broker.keys import KeyRing
 from sidecar.broker.metrics import BrokerMetrics
@@ -49,9 +50,9 @@ from sidecar.broker.oauth import (
     token_response,
     wit_response,
 )
-from sidecar.broker.registry import Entry
+from sidecar.broker.registry import Entry, Registry
 from sidecar.broker.revocation import RevocationStore, validate_value
-from sidecar.errors import AuthError, ReplayStoreUnavailable
+from sidecar.errors import AuthError, ConfigError, ReplayStoreUnavailable
 from sidecar.jose.rfc7515_jws import parse_compact
 from sidecar.jose.rfc7517_jwk import public_jwk_dict
 from sidecar.jose.rfc9449_dpop import ProofKeyCache, VerifiedProof, verify_proof
@@ -124,12 +125,13 @@ class Broker:
         revocations: RevocationStore,
         audit: AuditLog,
         metrics: BrokerMetrics,
+        entries: EntryStore | None = None,
         clock: Clock = time.time,
         timer: Clock = time.perf_counter,
     ) -> None:
         self.cfg = cfg
         self.ring = ring
-        self.registry = cfg.registry
+        self.entries = entries or EntryStore(cfg.registry, [c.issuer for c in cfg.clusters], None)
         self.clusters = clusters
         self.unix = unix
         self.revocations = revocations
@@ -169,6 +171,22 @@ class Broker:
             },
             separators=(",", ":"),
         ).encode()
+
+    @property
+    def registry(self) -> Registry:
+        return self.entries.registry
+
+    def use_config(self, cfg: BrokerConfig, registry: Registry) -> None:
+        """Take a reloaded configuration whose restart-only settings the service found
+        unchanged; ``registry`` is its entries plus those added at run time. No await: a
+        request sees the old settings or the new ones."""
+        self.cfg = cfg
+        self.entries.use_configured(cfg.registry, registry)
+        self.unix.needs_sha256 = registry.needs_sha256
+        # Retired keys and revoked jtis stay as long as the longest token may now live.
+        self.ring.schedule = cfg.keys.schedule
+        self.revocations.jti_retention = cfg.keys.schedule.retain_for
+        self.metrics.watch_grants(cfg.high_privilege_audiences)
 
     # -- published documents ----------------------------------------------------------------
 
@@ -481,6 +499,43 @@ class Broker:
             raise OAuthError(
                 "access_denied", f"attestation failed: {exc.detail}", status=403, reason=exc.reason
             ) from None
+
+    # -- registration entries (admin socket) --------------------------------------------------
+
+    async def change_entries(self, doc: Any, *, actor_uid: int) -> dict[str, Any]:
+        """``{"action": "add", "entry": {...}}`` or ``{"action": "remove", "spiffe_id": S}``:
+        entries added at run time, kept in ``state_dir``; the file's own entries change by
+        editing it and reloading."""
+        action = doc.get("action") if isinstance(doc, dict) else None
+        try:
+            if action == "add" and isinstance(doc, dict) and isinstance(doc.get("entry"), dict):
+                entry = await self.entries.add(doc["entry"])
+                detail: dict[str, Any] = {"spiffe_id": entry.spiffe_id, "entry": entry.index}
+            elif action == "remove" and isinstance(doc, dict):
+                spiffe_id = doc.get("spiffe_id")
+                if not isinstance(spiffe_id, str) or validate_value(spiffe_id) is not None:
+                    raise OAuthError("invalid_request", "spiffe_id must be a SPIFFE ID")
+                removed = await self.entries.remove(spiffe_id)
+                if not removed:
+                    raise OAuthError(
+                        "invalid_request",
+                        f"no entry added at run time has spiffe_id {spiffe_id} (entries of the "
+                        "configuration file change by editing it and reloading)",
+                    )
+                detail = {"spiffe_id": spiffe_id, "removed": removed}
+            else:
+                raise OAuthError(
+                    "invalid_request",
+                    'send {"action": "add", "entry": {...}} or '
+                    '{"action": "remove", "spiffe_id": "..."}',
+                )
+        except ConfigError as exc:
+            raise OAuthError("invalid_request", str(exc)) from None
+        self.unix.needs_sha256 = self.registry.needs_sha256
+        self.audit.emit(
+            "entries", self.clock(), result="ok", action=action, actor_uid=actor_uid, **detail
+        )
+        return {"action": action, **detail, "entries": len(self.registry.entries)}
 
     # -- revocation (admin socket) ----------------------------------------------------------
 

@@ -15,7 +15,9 @@ from aiohttp's UnixConnector). The caller is whoever holds the connection (SO_PE
 
 Admin socket (``admin.socket``, mode 0600, callers with our uid or root only):
 ``POST /admin/revoke`` with JSON ``{"sub": S}`` or ``{"jti": J}`` and optionally
-``"action": "restore"``; ``GET /admin/revocations``.
+``"action": "restore"``; ``GET /admin/revocations``; ``GET /admin/entries`` (every entry in
+force, with its source: ``config`` or ``runtime``) and ``POST /admin/entries`` with
+``{"action": "add", "entry": {...}}`` or ``{"action": "remove", "spiffe_id": S}``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -161,6 +164,22 @@ def make_unix_app(broker: Broker, tracker: PeerTracker) -> web.Application:
     return app
 
 
+async def _admin_change(change: Awaitable[dict[str, Any]], what: str) -> web.Response:
+    """The answer to an admin change: its result, its refusal, or 500 when its state file
+    cannot be written."""
+    try:
+        result = await change
+    except OAuthError as exc:
+        return _oauth_error(exc)
+    except OSError as exc:
+        log.error("cannot save %s: %s", what, exc)
+        return _json(
+            b'{"error":"server_error","error_description":"cannot write the state file"}',
+            status=500,
+        )
+    return _json(json.dumps(result).encode())
+
+
 def make_admin_socket_app(broker: Broker) -> web.Application:
     own_uid = os.geteuid()
 
@@ -193,26 +212,31 @@ def make_admin_socket_app(broker: Broker) -> web.Application:
             return _json(
                 b'{"error":"invalid_request","error_description":"bad action"}', status=400
             )
-        try:
-            result = await broker.change_revocation(
-                kind, doc[kind], restore=action == "restore", actor_uid=uid
-            )
-        except OAuthError as exc:
-            return _oauth_error(exc)
-        except OSError as exc:
-            log.error("cannot save revocations: %s", exc)
-            return _json(
-                b'{"error":"server_error","error_description":"cannot write the state file"}',
-                status=500,
-            )
-        return _json(json.dumps(result).encode())
+        change = broker.change_revocation(
+            kind, doc[kind], restore=action == "restore", actor_uid=uid
+        )
+        return await _admin_change(change, "revocations")
 
     async def listing(request: web.Request) -> web.Response:
         caller_uid(request)
         published = broker.revocations.published()
         return _json(published.body, headers=(("ETag", published.etag),))
 
+    async def entries(request: web.Request) -> web.Response:
+        caller_uid(request)
+        return _json(json.dumps({"entries": broker.entries.listing()}).encode())
+
+    async def change_entries(request: web.Request) -> web.Response:
+        uid = caller_uid(request)
+        try:
+            doc = json.loads(await request.read())
+        except ValueError:
+            doc = None
+        return await _admin_change(broker.change_entries(doc, actor_uid=uid), "entries")
+
     app = web.Application(client_max_size=64 * 1024)
     app.router.add_post("/admin/revoke", revoke)
     app.router.add_get("/admin/revocations", listing)
+    app.router.add_get("/admin/entries", entries)
+    app.router.add_post("/admin/entries", change_entries)
     return app

@@ -20,8 +20,9 @@ from prometheus_client import CollectorRegistry
 from sidecar.broker.attestation_k8s import ClusterVerifier
 from sidecar.broker.attestation_unix import PeerTracker, UnixAttestor, peer_uid
 from sidecar.broker.audit import AuditLog
-from sidecar.broker.config import BrokerConfig, issuer_for_listen
+from sidecar.broker.config import BrokerConfig, KeysConfig, issuer_for_listen
 from sidecar.broker.core import Broker, Clock
+from sidecar.broker.entries import EntryStore
 from sidecar.broker.http_app import make_admin_socket_app, make_public_app, make_unix_app
 from sidecar.broker.key_state import load_ring, save_ring
 from sidecar.broker.keys import KeyEvent, KeyRing, generate_private_key, make_signing_key
@@ -33,6 +34,34 @@ from sidecar.listen_address import bind_tcp
 from sidecar.net_limits import ADMIN_LIMITS, ConnLimits, GuardedSite, ListenerGuard, server_options
 
 log = logging.getLogger(__name__)
+
+#: BrokerConfig fields a reload may not change (they shape listeners, sockets, verifiers,
+#: caches or files opened at start), with the configuration key an error names.
+RESTART_ONLY = {
+    "listen": "listen",
+    "http_connections": "connections",
+    "dpop": "dpop",
+    "replay_capacity": "dpop.replay_capacity",
+    "attestation_socket": "attestation.socket",
+    "attestation_connections": "attestation.connections",
+    "clusters": "clusters",
+    "subject_leeway": "tokens.subject_leeway",
+    "max_subject_token_bytes": "tokens.max_subject_token_bytes",
+    "revocation_state_file": "revocation.state_file",
+    "revocation_max_wait": "revocation.max_wait",
+    "revocation_max_waiting": "revocation.max_waiting",
+    "audit_path": "audit.path",
+    "admin_listen": "admin.listen",
+    "admin_socket": "admin.socket",
+    "state_dir": "state_dir",
+    "issuer_from_listen": "issuer",
+}
+
+
+def _fixed_keys(keys: KeysConfig) -> tuple[object, ...]:
+    s = keys.schedule
+    return (s.alg, s.rotate_every, s.prepublish, keys.key_file, keys.jwks_max_age)
+
 
 #: Seconds between attempts to generate the next signing key after one failed.
 ROTATION_RETRY = 30.0
@@ -87,6 +116,7 @@ class BrokerService:
             cfg.clusters, leeway=cfg.subject_leeway, max_bytes=cfg.max_subject_token_bytes
         )
         self.unix = UnixAttestor(needs_sha256=cfg.registry.needs_sha256)
+        self.entries = EntryStore(cfg.registry, [c.issuer for c in cfg.clusters], cfg.state_dir)
         self.tracker = PeerTracker()
         self.registry = registry
         self.broker: Broker | None = None
@@ -128,6 +158,9 @@ class BrokerService:
     async def start(self) -> None:
         cfg = self.cfg
         self.revocations.load()
+        if cfg.state_dir is not None:
+            own_directory(cfg.state_dir, "state_dir", 0o700)
+        self.entries.load()
         # Sockets first: a configuration problem (directory, a broker already running) stops
         # the start before anything slow (key generation, the clusters' keys) or anything
         # listening.
@@ -152,6 +185,7 @@ class BrokerService:
             revocations=self.revocations,
             audit=self.audit,
             metrics=self.metrics,
+            entries=self.entries,
             clock=self.clock,
         )
         self.broker = broker
@@ -208,6 +242,37 @@ class BrokerService:
             len(cfg.clusters),
         )
 
+    async def reload(self, new_config: BrokerConfig) -> None:
+        """Swap in a re-read configuration: the registration entries (plus those added at run
+        time), ``tokens.ttl``, ``tokens.wit_ttl``, ``tokens.high_privilege_audiences`` and
+        ``keys.retire_grace``. Any other change needs a restart: it is refused with a
+        ConfigError naming the key, and the old configuration stays in force."""
+        broker = self.broker
+        if broker is None:
+            raise ConfigError("config file", "a reload after the broker has started")
+        old = self.cfg
+        for name, key in RESTART_ONLY.items():
+            if getattr(old, name) != getattr(new_config, name):
+                raise ConfigError(key, "its value at start (restart the broker to change it)")
+        if _fixed_keys(old.keys) != _fixed_keys(new_config.keys):
+            raise ConfigError("keys", "its value at start, apart from keys.retire_grace")
+        if old.issuer_from_listen:  # keep the issuer derived from the bound port
+            new_config = replace(new_config, issuer=old.issuer)
+        elif old.issuer != new_config.issuer:
+            raise ConfigError("issuer", "its value at start (restart the broker to change it)")
+        registry = self.entries.build(new_config.registry.entries, self.entries.added)
+        # The key file is unchanged (checked above): keep the key loaded at start.
+        new_config = replace(
+            new_config, keys=replace(new_config.keys, initial_key=old.keys.initial_key)
+        )
+        broker.use_config(new_config, registry)
+        self.cfg = new_config
+        log.info(
+            "broker configuration reloaded: entries=%d token_ttl=%g",
+            len(registry.entries),
+            new_config.token_ttl,
+        )
+
     def _runner(self, app: web.Application, limits: ConnLimits) -> web.AppRunner:
         runner = web.AppRunner(
             app,
@@ -243,7 +308,6 @@ class BrokerService:
         keep = cfg.state_dir if cfg.keys.initial_key is None else None
         ring = None
         if keep is not None:
-            own_directory(keep, "state_dir", 0o700)
             ring = await asyncio.to_thread(load_ring, keep, schedule)
         now = self.clock()
         if ring is None:

@@ -352,6 +352,10 @@ class BrokerProcess:
 
     def revoke(self, *args: str) -> tuple[int, str, str]:
         """``sidecar broker revoke -c cfg ARGS`` as a separate process: (rc, stdout, stderr)."""
+        return self.cli(["revoke"], *args)
+
+    def cli(self, command: Sequence[str], *args: str) -> tuple[int, str, str]:
+        """``sidecar broker COMMAND -c cfg ARGS`` as a separate process: (rc, stdout, stderr)."""
         import subprocess
 
         out = subprocess.run(
@@ -360,7 +364,7 @@ class BrokerProcess:
                 "-m",
                 "sidecar",
                 "broker",
-                "revoke",
+                *command,
                 "-c",
                 str(self.config_path),
                 *args,

@@ -1,9 +1,11 @@
-"""A broker restart keeps its signing keys when ``state_dir`` is set: the same ``kid`` signs,
-and a token issued before the restart still verifies against the JWKS published after it."""
+"""What a broker keeps in ``state_dir`` across restarts: its signing keys (the same ``kid``
+signs, and a token issued before the restart still verifies against the JWKS published after
+it) and the registration entries added at run time with ``sidecar broker entries``."""
 
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -53,5 +55,44 @@ def test_restart_without_a_state_dir_gets_new_keys(tmp_path: Path) -> None:
         before = _kids(broker)
         broker.restart()
         assert set(_kids(broker)).isdisjoint(before)
+    finally:
+        broker.stop()
+
+
+def test_entries_cli_adds_lists_and_removes_over_the_admin_socket(tmp_path: Path) -> None:
+    """``sidecar broker entries``: an entry added at run time admits the workload at once,
+    is listed as ``runtime``, survives a restart (state_dir), and its removal refuses it."""
+    broker = BrokerProcess(tmp_path, entries=[], extra={"state_dir": str(tmp_path / "state")})
+    broker.start()
+    spiffe_id = "spiffe://demo.local/unix/added"
+    try:
+        assert broker.unix_token([ORDERS], new_signer()).status == 403
+        rc, out, err = broker.cli(
+            ["entries", "add"],
+            "--spiffe-id",
+            spiffe_id,
+            "--selector",
+            f"unix:uid:{os.getuid()}",
+            "--audience",
+            "**",
+        )
+        assert rc == 0, err
+        assert json.loads(out)["spiffe_id"] == spiffe_id
+        answer = broker.unix_token([ORDERS], new_signer())
+        assert answer.status == 200, answer.body
+        assert verify_independently(broker, answer.token)["sub"] == spiffe_id
+        rc, out, err = broker.cli(["entries", "list"])
+        assert rc == 0, err
+        listed = json.loads(out)["entries"]
+        assert [(e["spiffe_id"], e["source"]) for e in listed] == [(spiffe_id, "runtime")]
+
+        broker.restart()
+        assert broker.unix_token([ORDERS], new_signer()).status == 200, "kept in state_dir"
+
+        rc, out, err = broker.cli(["entries", "remove"], "--spiffe-id", spiffe_id)
+        assert rc == 0, err
+        assert broker.unix_token([ORDERS], new_signer()).status == 403
+        rc, _, err = broker.cli(["entries", "remove"], "--spiffe-id", spiffe_id)
+        assert rc == 1 and "no entry added at run time" in err
     finally:
         broker.stop()
