@@ -5,7 +5,6 @@ nothing is left running."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -13,11 +12,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+
+from sidecar import process_group
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -41,34 +41,6 @@ def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _load_prctl() -> Any:
-    # Resolved here, in the parent: dlopen between fork and exec is unsafe once threads run.
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover - not Linux: teardown still runs
-        return None
-
-
-_PRCTL = _load_prctl()
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    def hook() -> None:
-        """In the child before exec: SIGTERM when the demo dies, even by SIGKILL (Linux).
-
-        Without it a killed demo (no chance to run its teardown) would orphan six servers
-        holding the default ports."""
-        if _PRCTL is not None:
-            _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the demo died before prctl took effect
-            os._exit(1)
-
-    return hook
 
 
 class Stopped(Exception):
@@ -145,15 +117,10 @@ class Supervisor:
         child = Child(name, [str(a) for a in args], self.workdir / f"{name}.log")
         merged = {**self.env, **(env or {}), "PYTHONUNBUFFERED": "1"}
         # Deferred signals: a Ctrl-C lands after the child is recorded, so teardown stops it.
-        with _signals_deferred(), open(child.log_path, "wb") as log:  # a fresh log per run
-            child.popen = subprocess.Popen(
-                child.args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=merged,
-                start_new_session=True,  # its own group: stop() reaches its children too
-                preexec_fn=_die_with_parent(os.getpid()),
+        with _signals_deferred():
+            # A fresh log per run; the child dies with the demo even if the demo is SIGKILLed.
+            child.popen = process_group.spawn(
+                child.args, child.log_path, env=merged, die_with_parent=True
             )
             self.children.append(child)
         return child
@@ -180,14 +147,7 @@ class Supervisor:
     def stop_all(self, timeout: float = 5.0) -> None:
         """SIGTERM to every group at once, one shared deadline, then SIGKILL what is left."""
         running = [c.popen for c in reversed(self.children) if c.popen is not None]
-        for popen in running:
-            _signal_group(popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for popen in running:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-        for popen in running:
-            _kill_group(popen)
+        process_group.stop(running, timeout)
 
     def dead(self) -> str:
         """Children that exited, with their exit code and log ("" when all run)."""
@@ -198,31 +158,9 @@ class Supervisor:
         )
 
     def survivors(self) -> list[str]:
-        out = []
-        for child in self.children:
-            if child.popen is None:
-                continue
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.popen.pid, 0)
-                out.append(child.name)
-        return out
+        return [
+            c.name
+            for c in self.children
+            if c.popen is not None and process_group.group_exists(c.popen.pid)
+        ]
 
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-def _kill_group(popen: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the group until it is gone (the leader may be reaped before its group ends)."""
-    if popen.poll() is None:
-        _signal_group(popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=2.0)
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.05)

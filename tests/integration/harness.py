@@ -8,11 +8,9 @@ whether anything of it is still alive (used by the fixtures' final assertion).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +26,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sidecar import process_group
 from sidecar.envoy_command import envoy_binary
 from sidecar.envoy_config import dump_yaml
 from sidecar.jose.rfc7517_jwk import jwks_json, public_jwk_dict
@@ -185,17 +184,9 @@ class ManagedProcess:
     def start(self) -> ManagedProcess:
         if self._popen is not None:
             raise RuntimeError(f"{self.name} already started")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self._popen = subprocess.Popen(
-                self.args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.cwd,
-                start_new_session=True,
-            )
+        self._popen = process_group.spawn(
+            self.args, self.log_path, env=self.env, cwd=self.cwd, append=True
+        )
         self._pgid = self._popen.pid  # new session: the leader's pid is the group id
         _LIVE.add(self)
         _STARTED.append(self)
@@ -207,25 +198,12 @@ class ManagedProcess:
         if popen is None:
             return None
         try:
-            self._signal_group(signal.SIGTERM)
-            try:
-                popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
-                popen.wait(timeout=timeout)
-            # The leader is gone; a child it left behind in the group is killed too.
-            if self.survivors():
-                self._signal_group(signal.SIGKILL)
-                _wait_until(lambda: not self.survivors(), timeout)
+            process_group.stop([popen], timeout)
+            # No member left, zombies aside (pgrep -g): the session check relies on it.
+            _wait_until(lambda: not self.survivors(), timeout)
         finally:
             _LIVE.discard(self)
         return popen.returncode
-
-    def _signal_group(self, sig: signal.Signals) -> None:
-        if self._pgid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._pgid, sig)
 
     def __enter__(self) -> ManagedProcess:
         if self._popen is None:
