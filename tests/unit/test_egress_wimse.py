@@ -290,3 +290,20 @@ def _payload(value: str) -> bytes:
     from sidecar.jose.b64 import b64url_decode
 
     return b64url_decode(value.split(" ")[-1].split(".")[1])
+
+
+def test_sidecar_run_refuses_wimse_upstreams_with_an_attestor_without_wits() -> None:
+    """Checked before anything starts (on a regression the sidecar would start and the
+    wait below would time out instead)."""
+    import asyncio
+
+    from sidecar.run_command import serve
+
+    data = {
+        "identity": {"attestor": {"type": "spiffe", "socket": "unix:///nonexistent/agent.sock"}},
+        "egress": upstream(listen="127.0.0.1:0"),
+        "admin": {"listen": "127.0.0.1:0"},
+    }
+    with pytest.raises(ConfigError) as err:
+        asyncio.run(asyncio.wait_for(serve(data), 5))
+    assert err.value.key == "egress.upstreams[0].auth"
