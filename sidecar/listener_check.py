@@ -52,7 +52,11 @@ def _same_socket(a: ListenAddress, b: ListenAddress) -> bool:
         return a.path == b.path
     if a.port == 0 or a.port != b.port:
         return False  # port 0: the kernel picks a distinct port for each
-    return a.host == b.host or _wildcard(a.host) or _wildcard(b.host)
+    if a.host == b.host:
+        return True
+    # IPv6 sockets are bound v6-only (as asyncio does): 0.0.0.0 and :: do not overlap.
+    same_family = (":" in a.host) == (":" in b.host)
+    return same_family and (_wildcard(a.host) or _wildcard(b.host))
 
 
 def check_collisions(listeners: Sequence[Listener]) -> None:

@@ -21,7 +21,7 @@ def tcp(host: str, port: int) -> ListenAddress:
     [
         (tcp("127.0.0.1", 9000), tcp("127.0.0.1", 9000)),
         (tcp("0.0.0.0", 9000), tcp("127.0.0.1", 9000)),
-        (tcp("127.0.0.1", 9000), tcp("::", 9000)),
+        (tcp("::1", 9000), tcp("::", 9000)),
         (ListenAddress(path="/run/a.sock"), ListenAddress(path="/run/a.sock")),
     ],
     ids=["same", "wildcard-first", "wildcard-second", "unix"],
@@ -39,10 +39,18 @@ def test_collisions_name_both_keys(first: ListenAddress, second: ListenAddress) 
         (tcp("127.0.0.1", 9000), tcp("127.0.0.1", 9001)),
         (tcp("127.0.0.1", 9000), tcp("127.0.0.2", 9000)),
         (tcp("127.0.0.1", 0), tcp("127.0.0.1", 0)),
+        (tcp("0.0.0.0", 9000), tcp("::", 9000)),
         (ListenAddress(path="/run/a.sock"), ListenAddress(path="/run/b.sock")),
         (ListenAddress(path="/run/a.sock"), tcp("127.0.0.1", 9000)),
     ],
-    ids=["other-port", "other-host", "ephemeral", "other-path", "unix-and-tcp"],
+    ids=[
+        "other-port",
+        "other-host",
+        "ephemeral",
+        "v4-and-v6-wildcards",
+        "other-path",
+        "unix-and-tcp",
+    ],
 )
 def test_distinct_addresses_pass(first: ListenAddress, second: ListenAddress) -> None:
     check_collisions([("a.listen", first), ("b.listen", second)])
