@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwcrypto import jwk, jwt
 
@@ -32,7 +33,7 @@ from sidecar.jose.rfc9449_dpop import ProofSigner
 from sidecar.jose.spiffe_bundle import import_bundle
 from sidecar.jose.wimse_wit import WitPolicy, verify_wit
 from sidecar.jose.wimse_wpt import WptPolicy, WptSigner, verify_wpt
-from tests.integration.harness import REPO_ROOT, http_request
+from tests.integration.harness import REPO_ROOT, free_port, http_request
 from tests.integration.live_metrics import check_live_metrics, sample
 from tests.integration.test_broker_helpers import (
     EXCHANGE,
@@ -541,9 +542,19 @@ def test_client_authentication_attempt_is_invalid_client(
     assert answer.headers["www-authenticate"].startswith("Basic ")
 
 
-def test_second_broker_on_the_same_socket_refuses_to_start(broker: BrokerProcess) -> None:
+def test_second_broker_on_the_same_socket_refuses_to_start(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
+    # Same attestation socket, other TCP ports: the socket is what must be refused (the
+    # ports would be refused first, before anything is bound).
+    cfg = yaml.safe_load(broker.config_path.read_text())
+    cfg["listen"] = f"127.0.0.1:{free_port()}"
+    if "admin" in cfg:
+        cfg["admin"]["listen"] = f"127.0.0.1:{free_port()}"
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump(cfg))
     out = subprocess.run(
-        [sys.executable, "-m", "sidecar", "broker", "-c", str(broker.config_path)],
+        [sys.executable, "-m", "sidecar", "broker", "-c", str(second)],
         capture_output=True,
         text=True,
         timeout=30,
