@@ -14,6 +14,7 @@ from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, with_aliases
 from sidecar.jose.rfc9449_dpop import DEFAULT_PROOF_ALGORITHMS, DPoPPolicy
+from sidecar.tls_settings import TLSClient, TLSServer, client_context, server_context
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -131,12 +132,13 @@ def exactly_one(path: str, chosen: Mapping[str, object]) -> None:
 
 
 #: The keys :func:`get_jwks_location` reads.
-JWKS_LOCATION_KEYS = frozenset({"issuer", "jwks_file", "jwks_uri", "discovery"})
+JWKS_LOCATION_KEYS = frozenset({"issuer", "jwks_file", "jwks_uri", "discovery", "tls"})
 
 
 def get_jwks_location(item: Mapping[str, Any], path: str) -> JwksLocation:
     """Where an issuer's keys come from: exactly one of ``jwks_file``, ``jwks_uri`` or
-    ``discovery: true`` (the default when neither of the others is set)."""
+    ``discovery: true`` (the default when neither of the others is set), and the ``tls``
+    block of those fetches."""
     issuer = get_str(item, "issuer", path)
     jwks_file = get_opt_str(item, "jwks_file", path)
     jwks_uri = get_opt_url(item, "jwks_uri", path)
@@ -144,7 +146,82 @@ def get_jwks_location(item: Mapping[str, Any], path: str) -> JwksLocation:
     exactly_one(path, {"jwks_file": jwks_file, "jwks_uri": jwks_uri, "discovery: true": discovery})
     if discovery:
         check_url(issuer, f"{path}.issuer")
-    return JwksLocation(issuer=issuer, file=jwks_file, uri=jwks_uri, discovery=discovery)
+    return JwksLocation(
+        issuer=issuer,
+        file=jwks_file,
+        uri=jwks_uri,
+        discovery=discovery,
+        tls=parse_fetch_tls(item, path, jwks_file is None),
+    )
+
+
+# -- TLS blocks (sidecar.tls_settings builds the contexts) ------------------------------------
+
+TLS_CLIENT_KEYS = {"ca_file", "cert_file", "key_file", "server_name"}
+TLS_SERVER_KEYS = {"cert_file", "key_file", "client_ca_file"}
+
+
+def _tls_pair(block: Mapping[str, Any], path: str) -> tuple[str | None, str | None]:
+    cert_file = get_opt_str(block, "cert_file", path)
+    key_file = get_opt_str(block, "key_file", path)
+    if (cert_file is None) != (key_file is None):
+        missing = "key_file" if key_file is None else "cert_file"
+        raise ConfigError(
+            f"{path}.{missing}",
+            "a path: cert_file and key_file are set together (the certificate and its key)",
+        )
+    return cert_file, key_file
+
+
+def parse_tls_client(data: Any, path: str) -> TLSClient | None:
+    """The ``tls`` block at ``path`` (None when absent: system trust, no client certificate)."""
+    if data is None:
+        return None
+    block = section(data, path)
+    known_keys(block, path, TLS_CLIENT_KEYS)
+    ca_file = get_opt_str(block, "ca_file", path)
+    cert_file, key_file = _tls_pair(block, path)
+    server_name = get_opt_str(block, "server_name", path)
+    if server_name is not None and ("/" in server_name or ":" in server_name):
+        raise ConfigError(f"{path}.server_name", "a host name (no scheme, port or path)",
+                          server_name)  # fmt: skip
+    return TLSClient(
+        context=client_context(ca_file, cert_file, key_file, path=path),
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        server_name=server_name,
+    )
+
+
+def parse_tls_server(data: Any, path: str) -> TLSServer | None:
+    """A listener's ``tls`` block (None when absent: plain HTTP)."""
+    if data is None:
+        return None
+    block = section(data, path)
+    known_keys(block, path, TLS_SERVER_KEYS)
+    cert_file, key_file = _tls_pair(block, path)
+    if cert_file is None or key_file is None:
+        raise ConfigError(
+            f"{path}.cert_file", "a path: a TLS listener needs cert_file and key_file"
+        )
+    client_ca_file = get_opt_str(block, "client_ca_file", path)
+    return TLSServer(
+        cert_file,
+        key_file,
+        client_ca_file,
+        server_context(cert_file, key_file, client_ca_file, path=path),
+    )
+
+
+def parse_fetch_tls(item: Mapping[str, Any], path: str, fetched: bool) -> TLSClient | None:
+    """``item.tls`` of a source that may fetch over https; ``fetched`` says whether it does
+    (a block on a file or socket source would be silently unused: refuse it instead)."""
+    if item.get("tls") is not None and not fetched:
+        raise ConfigError(
+            f"{path}.tls", "no tls block here: it applies only to a URL fetched over http(s)"
+        )
+    return parse_tls_client(item.get("tls"), f"{path}.tls")
 
 
 def get_dpop_policy(

@@ -37,6 +37,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import time
 import weakref
 from collections import Counter as Tally
@@ -444,8 +445,9 @@ class GuardedSite(web.BaseSite):
         where: tuple[str, int] | socket.socket,
         *,
         backlog: int = 1024,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(runner, backlog=backlog)
+        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self._guard = guard
         self._where = where
 
@@ -463,12 +465,24 @@ class GuardedSite(web.BaseSite):
         server.request_handler = self._guard.wrap_handler(server.request_handler)
         factory = self._guard.protocol_factory(server)
         where = self._where
+        tls: dict[str, Any] = {}
+        if self._ssl_context is not None:
+            # The guard sees a connection only after the handshake: bound the handshake by
+            # the head deadline so an idle TCP connection cannot sit in it for a minute.
+            tls = {
+                "ssl": self._ssl_context,
+                "ssl_handshake_timeout": self._guard.limits.header_timeout,
+            }
         if not isinstance(where, socket.socket):
-            self._server = await loop.create_server(factory, *where, backlog=self._backlog)
+            self._server = await loop.create_server(factory, *where, backlog=self._backlog, **tls)
         elif where.family == socket.AF_UNIX:
-            self._server = await loop.create_unix_server(factory, sock=where, backlog=self._backlog)
+            self._server = await loop.create_unix_server(
+                factory, sock=where, backlog=self._backlog, **tls
+            )
         else:
-            self._server = await loop.create_server(factory, sock=where, backlog=self._backlog)
+            self._server = await loop.create_server(
+                factory, sock=where, backlog=self._backlog, **tls
+            )
         self._guard.start()
 
     async def stop(self) -> None:

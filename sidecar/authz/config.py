@@ -33,6 +33,7 @@ from sidecar.config_util import (
     get_str,
     get_str_list,
     known_keys,
+    parse_fetch_tls,
     section,
 )
 from sidecar.errors import ConfigError
@@ -43,6 +44,7 @@ from sidecar.listen_address import ListenAddress, check_worker_addresses, parse_
 from sidecar.listener_check import authz_listeners, check_collisions
 from sidecar.net_limits import GRPC_LIMITS, HTTP_LIMITS, ConnLimits, parse_conn_limits
 from sidecar.revocation_wire import MAX_WAIT
+from sidecar.tls_settings import TLSClient
 
 #: ext_authz gRPC engines (see sidecar.authz.grpc_server): our HTTP/2 server on the event loop
 #: (default, measured fastest), grpcio's threaded server, grpcio's asyncio server.
@@ -82,6 +84,7 @@ class AuthzConfig:
     revocation_url: str | None
     revocation_interval: float
     revocation_wait: int
+    revocation_tls: TLSClient | None = None
     workers: int = 1
     http_connections: ConnLimits = HTTP_LIMITS
     grpc_connections: ConnLimits = GRPC_LIMITS
@@ -299,7 +302,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         else None
     )
     revocation = section(root.get("revocation"), f"{path}.revocation")
-    known_keys(revocation, f"{path}.revocation", {"url", "interval", "wait"})
+    known_keys(revocation, f"{path}.revocation", {"url", "interval", "wait", "tls"})
     wait = get_int(revocation, "wait", f"{path}.revocation", 10)
     if wait > MAX_WAIT:
         raise ConfigError(f"{path}.revocation.wait", f"at most {MAX_WAIT} seconds", wait)
@@ -331,6 +334,7 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
             grpc.get("connections"), f"{path}.grpc.connections", GRPC_LIMITS
         ),
         revocation_wait=wait,
+        revocation_tls=parse_fetch_tls(revocation, f"{path}.revocation", "url" in revocation),
         trust_domains=trust_domains,
     )
     # Two settings on one address fail only at bind time otherwise: say which two now.

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from sidecar.revocation_wire import CHANGED_HEADER, wait_preference
+from sidecar.tls_settings import TLSClient, request_options
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,10 @@ class RevocationPoller:
         wait: int,
         clock: Callable[[], float] = time.time,
         on_propagated: Callable[[float], None] | None = None,
+        tls: TLSClient | None = None,
     ) -> None:
         self.url = url
+        self._request_options = request_options(tls)
         self.target = target
         self.interval = interval
         self.wait = wait
@@ -133,7 +136,7 @@ class RevocationPoller:
         if self.target.version:
             headers["If-None-Match"] = self.target.version
         self.requests += 1
-        async with session.get(self.url, headers=headers) as resp:
+        async with session.get(self.url, headers=headers, **self._request_options) as resp:
             if resp.status == 200:
                 doc = json.loads(await resp.content.read(MAX_REVOCATION_BYTES))
                 self._apply(doc, resp.headers.get("ETag"), resp.headers.get(CHANGED_HEADER))

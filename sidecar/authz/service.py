@@ -135,6 +135,7 @@ class AuthzService:
                 wait=cfg.revocation_wait,
                 clock=clock,
                 on_propagated=self.metrics.revocation_propagation.observe,
+                tls=cfg.revocation_tls,
             )
             self.metrics.cache_gauge(
                 "sidecar_authz_revocation_silence_seconds",

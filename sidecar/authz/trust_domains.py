@@ -21,6 +21,7 @@ from sidecar.config_util import (
     get_num,
     get_opt_str,
     known_keys,
+    parse_fetch_tls,
     section,
 )
 from sidecar.errors import ConfigError
@@ -88,7 +89,7 @@ class TrustDomainSource:
 
 TRUST_DOMAIN_KEYS = {
     "name", "bundle_file", "bundle_endpoint", "workload_api", "socket", "algorithms",
-    "refresh_interval", "min_refresh_interval", "insecure_http",
+    "refresh_interval", "min_refresh_interval", "insecure_http", "tls",
 }  # fmt: skip
 
 
@@ -123,7 +124,12 @@ def _trust_domain(raw: Any, key: str) -> TrustDomainSource:
     return TrustDomainSource(
         name=name,
         algorithms=get_algorithms(item, "algorithms", key, sorted(JWT_SVID_ALGORITHMS)),
-        location=JwksLocation(issuer=name, file=bundle_file, uri=endpoint),
+        location=JwksLocation(
+            issuer=name,
+            file=bundle_file,
+            uri=endpoint,
+            tls=parse_fetch_tls(item, key, endpoint is not None),
+        ),
         workload_api=workload_api,
         socket=socket,
         refresh_interval=get_num(item, "refresh_interval", key, 300.0, minimum=1.0),

@@ -30,6 +30,7 @@ from sidecar.config_util import (
     get_str_list,
     known_keys,
     parse_listen,
+    parse_tls_server,
     section,
 )
 from sidecar.errors import ConfigError
@@ -38,6 +39,7 @@ from sidecar.jose.rfc9449_dpop import DPoPPolicy
 from sidecar.listener_check import broker_listeners, check_collisions
 from sidecar.net_limits import ATTESTATION_LIMITS, HTTP_LIMITS, ConnLimits, parse_conn_limits
 from sidecar.revocation_wire import MAX_WAIT
+from sidecar.tls_settings import TLSServer
 
 #: A listen host that names no address clients could use in the issuer URL.
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "*"})
@@ -50,6 +52,7 @@ DEFAULT_CLUSTER_ALGS = ["RS256", "ES256"]
 TOP_KEYS = {
     "issuer",
     "listen",
+    "tls",
     "connections",
     "keys",
     "tokens",
@@ -125,6 +128,8 @@ class BrokerConfig:
     issuer_from_listen: bool = False
     #: Where generated signing keys (without keys.key_file) are kept across restarts.
     state_dir: str | None = None
+    #: ``listen`` serves https with this (None: plain http).
+    tls: TLSServer | None = None
 
     @property
     def base_path(self) -> str:
@@ -229,6 +234,7 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
     unknown = sorted(set(root) - TOP_KEYS)
     if unknown:
         raise ConfigError(unknown[0], f"one of the known top-level keys {sorted(TOP_KEYS)}")
+    tls = parse_tls_server(root.get("tls"), "tls")
     listen = parse_listen(root.get("listen", DEFAULT_LISTEN), "listen")
     raw_issuer = root.get("issuer")
     if raw_issuer is None:
@@ -238,10 +244,14 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
                 f"the URL clients reach the broker at (listen {listen[0]} names no host)",
             )
         # A port of 0 is replaced by the bound one at start.
-        raw_issuer = issuer_for_listen(*listen)
+        raw_issuer = issuer_for_listen(*listen, "http" if tls is None else "https")
     if not isinstance(raw_issuer, str):
         raise ConfigError("issuer", "a URL string", raw_issuer)
     issuer = check_url(raw_issuer, "issuer", bare=True)
+    if tls is not None and not issuer.startswith("https://"):
+        # Every endpoint URL we publish (discovery's jwks_uri, token_endpoint) is the issuer's.
+        raise ConfigError("issuer", "an https:// URL: the listener serves TLS (tls is set)",
+                          issuer)  # fmt: skip
 
     tokens = section(root.get("tokens"), "tokens")
     known_keys(
@@ -355,6 +365,7 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
         ),
         issuer_from_listen=root.get("issuer") is None,
         state_dir=_state_dir(root),
+        tls=tls,
     )
     # Two settings on one address fail only at bind time otherwise: say which two now.
     check_collisions(broker_listeners(cfg))

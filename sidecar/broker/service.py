@@ -55,6 +55,7 @@ RESTART_ONLY = {
     "admin_socket": "admin.socket",
     "state_dir": "state_dir",
     "issuer_from_listen": "issuer",
+    "tls": "tls",  # the listener's context is made at start
 }
 
 
@@ -226,7 +227,9 @@ class BrokerService:
         for app, guard, sock in sites:
             runner = self._runner(app, guard.limits)
             await runner.setup()
-            await GuardedSite(runner, guard, sock).start()
+            # Only the public listener serves TLS (the unix sockets are local and plain).
+            tls = cfg.tls.context if sock is http_sock and cfg.tls is not None else None
+            await GuardedSite(runner, guard, sock, ssl_context=tls).start()
         self._serving = True
         self._tasks.append(asyncio.create_task(self._rotate(ring)))
         self._tasks.append(asyncio.create_task(self._prune_revocations()))

@@ -48,6 +48,7 @@ from sidecar.config_util import (
     get_str,
     known_keys,
     parse_listen,
+    parse_tls_client,
     section,
 )
 from sidecar.egress.wimse import WimseUpstream, parse_upstream_auth
@@ -55,6 +56,7 @@ from sidecar.errors import ConfigError
 from sidecar.identity.rfc8693_exchange import WIT_AUDIENCE
 from sidecar.listener_check import check_collisions, egress_listeners
 from sidecar.net_limits import EGRESS_LIMITS, ConnLimits, parse_conn_limits
+from sidecar.tls_settings import TLSClient
 
 AUTHORIZATION_MODES = ("replace", "keep", "reject")
 X_FORWARDED_MODES = ("keep", "strip", "append")
@@ -73,6 +75,8 @@ class Target:
     on_existing_authorization: str
     #: ``auth: wimse``: send a WIT and a WPT instead of an access token (``audience`` is "").
     wimse: WimseUpstream | None = None
+    #: Trust for an https upstream (None: the system's CAs, no client certificate).
+    tls: TLSClient | None = None
 
     @property
     def token_key(self) -> str:
@@ -163,6 +167,12 @@ def parse_origin(value: str, key: str) -> tuple[str, str]:
     return f"{url.scheme}://{authority}", url.raw_path.rstrip("/")
 
 
+def _tls(item: Mapping[str, Any], key: str, origin: str) -> TLSClient | None:
+    if item.get("tls") is not None and origin.startswith("http://"):
+        raise ConfigError(f"{key}.tls", "no tls block for an http:// upstream (use https://)")
+    return parse_tls_client(item.get("tls"), f"{key}.tls")
+
+
 def _target(
     item: Mapping[str, Any], key: str, name: str, default_auth: str, *, upstream: bool = True
 ) -> Target:
@@ -181,6 +191,8 @@ def _target(
             item, "on_existing_authorization", key, AUTHORIZATION_MODES, default_auth
         ),
         wimse=wimse,
+        # Without an upstream: for requests whose own URL is https:// (absolute-form).
+        tls=_tls(item, key, origin),
     )
 
 
@@ -223,7 +235,7 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
             item,
             key,
             {"name", "listen", "upstream", "audience", "on_existing_authorization", "auth",
-             "wimse"},
+             "wimse", "tls"},
         )  # fmt: skip
         listen_raw = get_str(item, "listen", key)
         listen = parse_listen(listen_raw, f"{key}.listen")
@@ -248,7 +260,7 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
                 item,
                 key,
                 {"match", "audience", "upstream", "name", "on_existing_authorization", "auth",
-                 "wimse"},
+                 "wimse", "tls"},
             )  # fmt: skip
             host, port = _host_port(get_str(item, "match", key), f"{key}.match")
             if (host, port) in dests:

@@ -45,6 +45,7 @@ from sidecar.jose.rfc9449_dpop import ProofSigner
 from sidecar.jose.wimse_wpt import WptSigner
 from sidecar.net_limits import GuardedSite, ListenerGuard, server_options
 from sidecar.observability.logs import RateLimitedLog
+from sidecar.tls_settings import default_client_context, tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class EgressProxy:
         # reason per interval, with a count.
         self._warn = RateLimitedLog(log, log_interval)
         self._session: aiohttp.ClientSession | None = None
+        self._default_ssl = default_client_context()
         self._runners: list[web.BaseRunner] = []
         self.ports: dict[str, int] = {}
         self.forward_port: int | None = None
@@ -361,6 +363,8 @@ class EgressProxy:
         session = self._session
         assert session is not None
         method = request.method
+        tls = target.tls
+        default_ssl = self._default_ssl
         upstream_time = -1.0
         sent_at = 0.0
         resp: aiohttp.ClientResponse | None = None
@@ -386,7 +390,13 @@ class EgressProxy:
                         )
                 sent_at = time.perf_counter()
                 resp = await session.request(
-                    method, url, headers=headers, data=body, allow_redirects=False
+                    method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    ssl=default_ssl if tls is None else tls.context,
+                    server_hostname=None if tls is None else tls.server_name,
                 )
                 upstream_time = time.perf_counter() - sent_at
                 offered = self.nonces.offer(origin, resp.headers.get("DPoP-Nonce"))
@@ -412,6 +422,13 @@ class EgressProxy:
                 label,
                 started,
                 _LocalAnswer(504, "upstream_timeout", f"{origin} did not answer in time"),
+            )
+        except aiohttp.ClientSSLError as exc:  # before its base, ClientConnectorError
+            return self._answer(
+                request,
+                label,
+                started,
+                _LocalAnswer(502, "upstream_tls_error", f"{origin}: {tls_failure(exc)}"),
             )
         except aiohttp.ClientConnectorError as exc:
             reason = exc.os_error.strerror or type(exc.os_error).__name__

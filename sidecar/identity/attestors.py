@@ -60,6 +60,7 @@ from sidecar.identity.token import (
 )
 from sidecar.jose.rfc9449_dpop import ProofSigner
 from sidecar.jose.wimse_wit import WIT_TOKEN_TYPE
+from sidecar.tls_settings import TLSClient, request_options, tls_failure
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ async def _map_errors(what: str) -> AsyncIterator[None]:
         raise
     except TimeoutError:
         raise IdentityError(IdentityCode.TIMEOUT, f"{what}: no answer in time") from None
+    except aiohttp.ClientSSLError as exc:  # before its base, ClientConnectorError
+        raise IdentityError(IdentityCode.UNAVAILABLE, f"{what}: {tls_failure(exc)}") from None
     except aiohttp.ClientConnectorError as exc:
         reason = exc.os_error.strerror or type(exc.os_error).__name__
         raise IdentityError(
@@ -133,8 +136,10 @@ class DPoPTokenClient:
         what: str,
         offsets: ClockOffsets | None = None,
         peer: str | None = None,
+        tls: TLSClient | None = None,
     ) -> None:
         self._session = session
+        self._tls = request_options(tls)
         self._signer = signer
         self._clock = clock
         self._require_dpop = require_dpop
@@ -162,7 +167,7 @@ class DPoPTokenClient:
             }
             async with (
                 _map_errors(f"{self._what} {req.url}"),
-                self._session.post(req.url, data=body, headers=headers) as resp,
+                self._session.post(req.url, data=body, headers=headers, **self._tls) as resp,
             ):
                 status, resp_headers = resp.status, resp.headers
                 payload = await _read_limited(resp, MAX_RESPONSE_BYTES)
@@ -285,6 +290,7 @@ class K8sAttestor:
         client_id: str | None = None,
         require_dpop: bool = True,
         offsets: ClockOffsets | None = None,
+        tls: TLSClient | None = None,
     ) -> None:
         self.issuer = issuer
         self.token_file = token_file
@@ -297,6 +303,7 @@ class K8sAttestor:
         self._scope = scope
         self._client_id = client_id
         self._session = _session(timeout)
+        self._tls = request_options(tls)
         self._client = DPoPTokenClient(
             self._session,
             signer,
@@ -304,6 +311,7 @@ class K8sAttestor:
             require_dpop=require_dpop,
             what="token endpoint",
             offsets=offsets,
+            tls=tls,
         )
 
     async def _read_subject_token(self) -> str:
@@ -341,7 +349,10 @@ class K8sAttestor:
     async def _discover(self) -> str:
         last: IdentityError | None = None
         for url in _discovery_urls(self.issuer):
-            async with _map_errors(f"discovery {url}"), self._session.get(url) as resp:
+            async with (
+                _map_errors(f"discovery {url}"),
+                self._session.get(url, **self._tls) as resp,
+            ):
                 if resp.status == 404:
                     last = IdentityError(IdentityCode.DISCOVERY_FAILED, f"{url}: HTTP 404")
                     continue

@@ -27,6 +27,7 @@ from sidecar.config_util import (
     get_str,
     get_str_list,
     known_keys,
+    parse_tls_client,
     section,
 )
 from sidecar.errors import ConfigError
@@ -36,6 +37,7 @@ from sidecar.identity.rfc8693_exchange import JWT_TOKEN_TYPE
 from sidecar.identity.schedule import RefreshPolicy
 from sidecar.identity.spiffe_attestor import SpiffeAttestor
 from sidecar.jose.rfc9449_dpop import ProofSigner
+from sidecar.tls_settings import TLSClient
 
 ATTESTOR_KEYS = {
     "unix": {"type", "socket", "timeout"},
@@ -72,6 +74,8 @@ class IdentityConfig:
     policy: RefreshPolicy
     require_dpop: bool
     public_jwk_file: str | None
+    #: Trust for https calls to the issuer (discovery, token endpoint).
+    tls: TLSClient | None = None
 
     def build_attestor(
         self,
@@ -101,6 +105,7 @@ class IdentityConfig:
                 client_id=a.client_id,
                 require_dpop=self.require_dpop,
                 offsets=offsets,
+                tls=self.tls,
             )
         if a.kind == "spiffe":
             return SpiffeAttestor(a.socket, timeout=a.timeout, clock=clock)
@@ -179,6 +184,14 @@ def _policy(raw: Any, path: str) -> RefreshPolicy:
     return policy
 
 
+def _tls(root: Mapping[str, Any], path: str, kind: str) -> TLSClient | None:
+    if root.get("tls") is not None and kind != "k8s":
+        raise ConfigError(
+            f"{path}.tls", f"no tls block with attestor type {kind}: only k8s calls the issuer"
+        )
+    return parse_tls_client(root.get("tls"), f"{path}.tls")
+
+
 def parse_identity_config(
     data: Any, *, extra_audiences: list[str] | None = None, path: str = "identity"
 ) -> IdentityConfig:
@@ -186,7 +199,7 @@ def parse_identity_config(
     root: Mapping[str, Any] = section(data, path)
     known_keys(
         root, path, {"issuer", "attestor", "audiences", "refresh", "require_dpop",
-                     "public_jwk_file"}
+                     "public_jwk_file", "tls"}
     )  # fmt: skip
     issuer = get_opt_url(root, "issuer", path)
     attestor = _attestor(root.get("attestor"), f"{path}.attestor")
@@ -201,4 +214,5 @@ def parse_identity_config(
         policy=_policy(root.get("refresh"), f"{path}.refresh"),
         require_dpop=get_bool(root, "require_dpop", path, True),
         public_jwk_file=get_opt_str(root, "public_jwk_file", path),
+        tls=_tls(root, path, attestor.kind),
     )

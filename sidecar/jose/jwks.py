@@ -22,6 +22,7 @@ import aiohttp
 from sidecar.errors import SidecarError
 from sidecar.jose.rfc7517_jwk import JWKError, PublicJWK, import_jwks
 from sidecar.observability.logsafe import logfmt_value
+from sidecar.tls_settings import TLSClient, request_options
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,12 @@ class JwksLocation:
     file: str | None = None
     uri: str | None = None
     discovery: bool = False
+    #: Trust for https fetches (None: the system's CAs, no client certificate).
+    tls: TLSClient | None = None
 
 
-async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
-    async with session.get(url, allow_redirects=False) as resp:
+async def _get_json(session: aiohttp.ClientSession, url: str, tls: TLSClient | None) -> Any:
+    async with session.get(url, allow_redirects=False, **request_options(tls)) as resp:
         if resp.status != 200:
             raise JwksUnavailable(f"GET {url}: HTTP {resp.status}")
         body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
@@ -169,7 +172,7 @@ class JwksSource:
             async with aiohttp.ClientSession(timeout=timeout) as session:
                 if self._jwks_uri is None:
                     url = loc.issuer.rstrip("/") + "/.well-known/openid-configuration"
-                    meta = await _get_json(session, url)
+                    meta = await _get_json(session, url, loc.tls)
                     # OIDC Discovery §4.3: the issuer in the document MUST equal ours.
                     if not isinstance(meta, dict) or meta.get("issuer") != loc.issuer:
                         raise JwksUnavailable(f"{url}: issuer does not match {loc.issuer}")
@@ -177,7 +180,7 @@ class JwksSource:
                     if not isinstance(uri, str) or not uri.startswith(("http://", "https://")):
                         raise JwksUnavailable(f"{url}: no usable jwks_uri")
                     self._jwks_uri = uri
-                doc = await _get_json(session, self._jwks_uri)
+                doc = await _get_json(session, self._jwks_uri, loc.tls)
         try:
             keys = self.importer(doc)
         except JWKError as exc:

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -51,11 +52,11 @@ def rsa_key() -> rsa.RSAPrivateKey:
 class ClusterIssuer:
     """A Kubernetes-like service-account token issuer on a real local HTTP server."""
 
-    def __init__(self, kid: str = "sa-key-1") -> None:
+    def __init__(self, kid: str = "sa-key-1", tls: ssl.SSLContext | None = None) -> None:
         self.key = rsa_key()
         self.kid = kid
         self.port = free_port()
-        self.issuer = f"http://127.0.0.1:{self.port}"
+        self.issuer = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.requests: list[str] = []
         issuer = self
 
@@ -89,6 +90,8 @@ class ClusterIssuer:
                 return
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -201,11 +204,13 @@ class BrokerProcess:
         entries: list[dict[str, Any]],
         clusters: list[dict[str, Any]] | None = None,
         extra: dict[str, Any] | None = None,
+        tls: dict[str, str] | None = None,
     ) -> None:
+        """``tls``: the broker's ``tls`` block (it then serves https)."""
         self.tmp = tmp
         self.port = free_port()
         self.admin_port = free_port()
-        self.issuer = f"http://127.0.0.1:{self.port}"
+        self.issuer = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         run = tmp / f"{name}-run"
         self.socket = str(run / "attestation.sock")
         self.admin_socket = str(run / "admin.sock")
@@ -221,6 +226,8 @@ class BrokerProcess:
             "clusters": clusters or [],
             "entries": entries,
         }
+        if tls is not None:
+            cfg["tls"] = tls
         for key, value in (extra or {}).items():
             cfg[key] = value
         self.config_path = tmp / f"{name}.yaml"

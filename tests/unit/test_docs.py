@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from tls_pki import make_pki
 
 import sidecar.authz.config
 import sidecar.authz.policy
@@ -163,6 +164,7 @@ PARSER_MODULES = (
     sidecar.egress.wimse,
     sidecar.identity.config,
     sidecar.net_limits,
+    config_util,
 )
 
 
@@ -191,9 +193,11 @@ def parse_authz_command(data: dict[str, Any]) -> AuthzConfig:
 
 
 def _sidecar_full(attestor: dict[str, Any]) -> dict[str, Any]:
-    """Every section of a ``sidecar run`` file, every list with an item."""
+    """Every section of a ``sidecar run`` file, every list with an item. The ``tls`` blocks
+    are empty (system trust): their keys are recorded without certificate files."""
+    identity_tls = {"tls": {}} if attestor["type"] == "k8s" else {}
     return {
-        "identity": {"issuer": ISSUER, "attestor": attestor, "refresh": {}},
+        "identity": {"issuer": ISSUER, "attestor": attestor, "refresh": {}, **identity_tls},
         "egress": {
             "upstreams": [
                 {
@@ -207,11 +211,17 @@ def _sidecar_full(attestor: dict[str, Any]) -> dict[str, Any]:
                     "auth": "wimse",
                     "wimse": {},
                 },
+                {
+                    "listen": "127.0.0.1:15003",
+                    "upstream": "https://orders.example",
+                    "audience": ORDERS,
+                    "tls": {},
+                },
             ],
             "forward_proxy": {
                 "listen": "127.0.0.1:15080",
                 "destinations": [
-                    {"match": "orders.shop:80", "audience": ORDERS},
+                    {"match": "orders.shop:80", "audience": ORDERS, "tls": {}},
                     {"match": "pay.shop:80", "auth": "wimse"},
                 ],
             },
@@ -219,15 +229,18 @@ def _sidecar_full(attestor: dict[str, Any]) -> dict[str, Any]:
         },
         "authz": {
             "audience": ORDERS,
-            "issuers": [{"issuer": ISSUER}],
-            "trust_domains": [{"name": "example.org", "bundle_file": "/nonexistent/b.json"}],
+            "issuers": [{"issuer": ISSUER, "tls": {}}],
+            "trust_domains": [
+                {"name": "example.org", "bundle_file": "/nonexistent/b.json"},
+                {"name": "example.com", "bundle_endpoint": "https://b.example/", "tls": {}},
+            ],
             "grpc": {},
             "http": {},
             "dpop": {},
             "nonce": {"secret": "0123456789abcdef"},
             "replay": {},
             "limits": {},
-            "revocation": {},
+            "revocation": {"url": f"{ISSUER}/revocations", "tls": {}},
             "authorities": ["https://orders.example"],
             "wimse": {},
             "routes": [{"prefix": "/orders"}, {"prefix": "/w", "auth": "wimse"}],
@@ -248,7 +261,10 @@ BROKER_FULL = {
     "tokens": {},
     "dpop": {},
     "attestation": {},
-    "clusters": [CLUSTER],
+    "clusters": [
+        CLUSTER,
+        {"issuer": "https://k8s2.example", "audiences": ["sidecar-broker"], "tls": {}},
+    ],
     "entries": [UNIX_ENTRY, {**UNIX_ENTRY, "selectors": ["k8s:ns:shop"]}],
     "revocation": {},
     "audit": {},
@@ -289,6 +305,13 @@ def _mapping_paths(node: Any, path: str = "") -> Iterator[str]:
             yield from _mapping_paths(item, f"{path}[]")
 
 
+#: A TLS client block inside a section (``authz.issuers[].tls``): documented as one row, its
+#: keys once in the README's "TLS client blocks" table (the broker's own top-level ``tls``, a
+#: server block, is listed key by key).
+NESTED_TLS = re.compile(r"(.+\.tls)\.(\w+)")
+TLS_HEADING = "#### TLS client blocks"
+
+
 def _accepted(seen: dict[str, set[str]], top: set[str]) -> set[str]:
     keys = set(top)
     for path, allowed in seen.items():
@@ -296,13 +319,27 @@ def _accepted(seen: dict[str, set[str]], top: set[str]) -> set[str]:
     return keys
 
 
+def _fold_tls(keys: set[str]) -> tuple[set[str], set[str]]:
+    """(keys with each nested TLS block as one key, the keys seen inside those blocks)."""
+    folded, inner = set(), set()
+    for key in keys:
+        match = NESTED_TLS.fullmatch(key)
+        if match is None:
+            folded.add(key)
+        else:
+            folded.add(match.group(1))
+            inner.add(match.group(2))
+    return folded, inner
+
+
 def sidecar_keys(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     seen = _record(monkeypatch, parse_run, SIDECAR_FULL)
     return _accepted(seen, set(run_command.TOP_LEVEL)) | ADMIN_KEYS
 
 
-def broker_keys(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    seen = _record(monkeypatch, parse_broker_config, [BROKER_FULL])
+def broker_keys(monkeypatch: pytest.MonkeyPatch, tls: dict[str, str]) -> set[str]:
+    """``tls``: the broker's server block (it needs real certificate files)."""
+    seen = _record(monkeypatch, parse_broker_config, [{**BROKER_FULL, "tls": tls}])
     return _accepted(seen, set(TOP_KEYS))
 
 
@@ -357,12 +394,33 @@ def test_broker_example_shows_every_section() -> None:
 
 def test_sidecar_reference_lists_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
     documented = rows_by_key(section_text(readme(), SIDECAR_HEADING), "key")
-    _check_reference(sidecar_keys(monkeypatch), set(documented), "sidecar run/authz reference")
+    keys, _ = _fold_tls(sidecar_keys(monkeypatch))
+    _check_reference(keys, set(documented), "sidecar run/authz reference")
 
 
-def test_broker_reference_lists_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broker_reference_lists_every_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     documented = rows_by_key(section_text(readme(), BROKER_HEADING), "key")
-    _check_reference(broker_keys(monkeypatch), set(documented), "broker reference")
+    pki = make_pki(tmp_path)
+    tls = {
+        "cert_file": str(pki.server_cert),
+        "key_file": str(pki.server_key),
+        "client_ca_file": str(pki.ca_file),
+    }
+    keys, _ = _fold_tls(broker_keys(monkeypatch, tls))
+    _check_reference(keys, set(documented), "broker reference")
+
+
+def test_tls_client_block_documented(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every nested ``tls`` block accepts the keys of the README's TLS client block table,
+    and the section names every place that takes one."""
+    text = section_text(readme(), TLS_HEADING)
+    blocks, inner = _fold_tls(sidecar_keys(monkeypatch))
+    assert inner, "no nested tls block was recorded: update SIDECAR_FULL"
+    documented = set(rows_by_key(text, "tls key"))
+    assert documented == inner, f"README.md {TLS_HEADING}: lists {documented}, parsers {inner}"
+    places = sorted(k for k in blocks if k.endswith(".tls"))
+    unnamed = [k for k in [*places, "clusters[].tls"] if f"`{k}`" not in text]
+    assert not unnamed, f"README.md {TLS_HEADING} does not name {unnamed}"
 
 
 def _shown(value: Any) -> str:

@@ -1,0 +1,179 @@
+"""The broker serving https (``tls`` with a client CA: mutual TLS) as a real process, end to
+end with a CA made in the test: the identity client exchanges a service-account token over
+https (the broker itself fetching the cluster's keys from an https issuer with ``clusters[].tls``),
+and the authorizer verifies the token with keys it discovered over https. Without the CA, or
+without a client certificate, the identity client gets no token and says why."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.authz.config import parse_authz_config
+from sidecar.authz.decision import Allow, RequestView
+from sidecar.authz.replay import InMemoryReplayStore
+from sidecar.authz.service import AuthzService
+from sidecar.identity.config import parse_identity_config
+from sidecar.identity.errors import IdentityError
+from sidecar.identity.key import generate_signer
+from sidecar.identity.schedule import RefreshPolicy
+from sidecar.identity.source import TokenSource
+from tests.integration.test_broker_helpers import (
+    TRUST,
+    BrokerProcess,
+    ClusterIssuer,
+    cluster_config,
+    k8s_entries,
+)
+from tests.unit.tls_pki import LocalPKI, make_pki
+
+pytestmark = pytest.mark.integration
+
+ORDERS = f"{TRUST}/ns/shop/sa/orders"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> LocalPKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def cluster(pki: LocalPKI) -> Iterator[ClusterIssuer]:
+    issuer = ClusterIssuer(tls=pki.server_context())
+    try:
+        yield issuer
+    finally:
+        issuer.stop()
+
+
+@pytest.fixture(scope="module")
+def broker(
+    tmp_path_factory: pytest.TempPathFactory, pki: LocalPKI, cluster: ClusterIssuer
+) -> Iterator[BrokerProcess]:
+    proc = BrokerProcess(
+        tmp_path_factory.mktemp("broker-tls"),
+        entries=k8s_entries(cluster.issuer),
+        clusters=[{**cluster_config(cluster), "tls": {"ca_file": str(pki.ca_file)}}],
+        tls={
+            "cert_file": str(pki.server_cert),
+            "key_file": str(pki.server_key),
+            "client_ca_file": str(pki.ca_file),
+        },
+    ).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def mtls(pki: LocalPKI) -> dict[str, str]:
+    return {
+        "ca_file": str(pki.ca_file),
+        "cert_file": str(pki.client_cert),
+        "key_file": str(pki.client_key),
+    }
+
+
+def identity(
+    broker: BrokerProcess, cluster: ClusterIssuer, tmp: Path, tls: dict[str, str] | None
+) -> Any:
+    token_file = tmp / "sa-token"
+    token_file.write_text(cluster.sa_token())
+    return parse_identity_config(
+        {
+            "issuer": broker.issuer,
+            "attestor": {"type": "k8s", "token_file": str(token_file), "timeout": 3},
+            **({} if tls is None else {"tls": tls}),
+        }
+    )
+
+
+def test_token_issued_over_https_verifies_with_keys_discovered_over_https(
+    broker: BrokerProcess, cluster: ClusterIssuer, pki: LocalPKI, tmp_path: Path
+) -> None:
+    assert broker.issuer.startswith("https://")
+    signer = generate_signer()
+    cfg = identity(broker, cluster, tmp_path, mtls(pki))
+
+    async def body() -> None:
+        attestor = cfg.build_attestor(signer)
+        try:
+            token = await attestor.fetch(ORDERS)
+        finally:
+            await attestor.close()
+        assert token.is_dpop and token.claims is not None
+        assert token.claims["iss"] == broker.issuer
+        authz = parse_authz_config(
+            {
+                "audience": ORDERS,
+                "issuers": [{"issuer": broker.issuer, "discovery": True, "tls": mtls(pki)}],
+                "grpc": {"enabled": False},
+                "http": {"enabled": False},
+                "rules": [{"name": "all", "principals": ["**"], "paths": ["/"]}],
+            }
+        )
+        svc = AuthzService(
+            authz, CollectorRegistry(), replay=InMemoryReplayStore(100, epoch=time.time() - 60)
+        )
+        try:
+            await svc.start()
+            url = "http://orders.local/orders/1"
+            proof = signer.proof(method="GET", url=url, now=time.time(), access_token=token.token)
+            view = RequestView(
+                "GET", "http", "orders.local", "/orders/1",
+                {"authorization": f"DPoP {token.token}", "dpop": proof},
+            )  # fmt: skip
+            decision = await svc.authorizer.decide(view)
+            assert isinstance(decision, Allow), decision
+        finally:
+            await svc.stop()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+@pytest.mark.parametrize("trust", ["system", "ca_without_client_cert"])
+def test_identity_client_that_cannot_trust_or_be_trusted_gets_no_token(
+    broker: BrokerProcess,
+    cluster: ClusterIssuer,
+    pki: LocalPKI,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    trust: str,
+) -> None:
+    tls = None if trust == "system" else {"ca_file": str(pki.ca_file)}
+    cfg = identity(broker, cluster, tmp_path, tls)
+
+    async def body() -> None:
+        attestor = cfg.build_attestor(generate_signer())
+        with pytest.raises(IdentityError) as info:
+            await attestor.fetch(ORDERS)
+        assert info.value.code == "unavailable"
+        if trust == "system":
+            assert "certificate is not trusted" in info.value.detail, info.value.detail
+        # The token source: never ready, and the failure is logged with the reason.
+        source = TokenSource(attestor, RefreshPolicy(), [ORDERS])
+        await source.start()
+        try:
+            for _ in range(100):
+                if "token fetch failed" in caplog.text:
+                    break
+                await asyncio.sleep(0.05)
+            assert not source.readiness()[0]
+            assert source.current(ORDERS) is None
+        finally:
+            await source.close()
+            await attestor.close()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(asyncio.wait_for(body(), 30))
+    line = next(r.getMessage() for r in caplog.records if "token fetch failed" in r.getMessage())
+    assert "code=unavailable" in line, line
+    if trust == "system":
+        assert "not trusted" in line, line
