@@ -32,7 +32,7 @@ from tests.integration.test_broker_helpers import (
     cluster_config,
     k8s_entries,
 )
-from tests.unit.tls_pki import LocalPKI, make_pki
+from tests.tls_pki import LocalPKI
 
 pytestmark = pytest.mark.integration
 
@@ -40,8 +40,8 @@ ORDERS = f"{TRUST}/ns/shop/sa/orders"
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> LocalPKI:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+def pki(local_pki: LocalPKI) -> LocalPKI:
+    return local_pki
 
 
 @pytest.fixture(scope="module")

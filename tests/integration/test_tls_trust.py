@@ -1,5 +1,5 @@
 """TLS trust of every outbound fetch against real local https servers whose certificates come
-from a CA made in the test (tests/unit/tls_pki.py): the authorizer's OIDC discovery and JWKS, a
+from a CA made in the test (tests/tls_pki.py): the authorizer's OIDC discovery and JWKS, a
 trust domain's bundle endpoint and the revocation list; the egress proxy's https upstreams.
 With the test CA configured the fetches succeed; without it they fail closed. A server that
 requires a client certificate gets ours when ``cert_file``/``key_file`` are set.
@@ -34,7 +34,7 @@ from sidecar.identity.source import TokenSource
 from tests.integration.issuer import AUDIENCE, DevIssuer
 from tests.integration.test_egress_attestors import ORDERS, MiniIssuer
 from tests.integration.test_jwks_refresh import _view
-from tests.unit.tls_pki import LocalPKI, make_pki
+from tests.tls_pki import LocalPKI
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +42,8 @@ TRUST_DOMAIN = "example.org"
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> LocalPKI:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+def pki(local_pki: LocalPKI) -> LocalPKI:
+    return local_pki
 
 
 def run(body: Callable[[], Awaitable[None]]) -> None:

@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from tls_pki import make_pki
 
 import sidecar.authz.config
 import sidecar.authz.policy
@@ -57,6 +56,7 @@ from sidecar.identity.schedule import RefreshPolicy
 from sidecar.jose.jwks import KeyStore
 from sidecar.net_limits import ConnLimits, connection_metrics
 from sidecar.observability.metrics import AuthzMetrics
+from tests.tls_pki import LocalPKI
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -195,7 +195,7 @@ def parse_authz_command(data: dict[str, Any]) -> AuthzConfig:
 def _sidecar_full(attestor: dict[str, Any]) -> dict[str, Any]:
     """Every section of a ``sidecar run`` file, every list with an item. The ``tls`` blocks
     are empty (system trust): their keys are recorded without certificate files."""
-    identity_tls = {"tls": {}} if attestor["type"] == "k8s" else {}
+    identity_tls: dict[str, Any] = {"tls": {}} if attestor["type"] == "k8s" else {}
     return {
         "identity": {"issuer": ISSUER, "attestor": attestor, "refresh": {}, **identity_tls},
         "egress": {
@@ -398,9 +398,11 @@ def test_sidecar_reference_lists_every_key(monkeypatch: pytest.MonkeyPatch) -> N
     _check_reference(keys, set(documented), "sidecar run/authz reference")
 
 
-def test_broker_reference_lists_every_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_broker_reference_lists_every_key(
+    monkeypatch: pytest.MonkeyPatch, local_pki: LocalPKI
+) -> None:
     documented = rows_by_key(section_text(readme(), BROKER_HEADING), "key")
-    pki = make_pki(tmp_path)
+    pki = local_pki
     tls = {
         "cert_file": str(pki.server_cert),
         "key_file": str(pki.server_key),
