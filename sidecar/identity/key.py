@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from sidecar.errors import ConfigError
 from sidecar.jose.b64 import b64url_encode
 from sidecar.jose.rfc9449_dpop import ProofSigner, access_token_hash, proof_htu
 from sidecar.jose.wimse_wpt import WptSigner
@@ -112,5 +113,10 @@ def write_public_jwk(signer: ProofSigner, path: str | Path) -> None:
     """Atomically write ``{"jwk": <public JWK>, "jkt": <thumbprint>}`` (public data only)."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"jwk": signer.public_jwk, "jkt": signer.thumbprint}) + "\n")
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps({"jwk": signer.public_jwk, "jkt": signer.thumbprint}) + "\n")
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise ConfigError(
+            "identity.public_jwk_file", f"a path this user can write ({exc.strerror})", str(path)
+        ) from None

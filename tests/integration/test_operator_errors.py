@@ -170,6 +170,12 @@ def _run_authz_on_egress(tmp: Path, busy: int) -> tuple[list[str], dict[str, Any
     return ["run"], data
 
 
+def _run_public_jwk_unwritable(tmp: Path, busy: int) -> tuple[list[str], dict[str, Any] | None]:
+    data = _run(tmp, [f"127.0.0.1:{free_port()}"], f"127.0.0.1:{free_port()}")
+    data["identity"]["public_jwk_file"] = str(tmp / "missing" / "dpop.jwk.json")
+    return ["run"], data
+
+
 def _broker_listen_in_use(tmp: Path, busy: int) -> tuple[list[str], dict[str, Any] | None]:
     return ["broker"], _broker(tmp, f"127.0.0.1:{busy}", f"127.0.0.1:{free_port()}")
 
@@ -239,6 +245,11 @@ CASES: list[tuple[str, Case, list[str]]] = [
         "run-authz-on-egress",
         _run_authz_on_egress,
         ["authz.grpc.listen", "egress.upstreams[0]", CONFIG],
+    ),
+    (
+        "run-public-jwk-unwritable",
+        _run_public_jwk_unwritable,
+        ["identity.public_jwk_file", "write", CONFIG],
     ),
     ("broker-listen-in-use", _broker_listen_in_use, ["listen", "in use", CONFIG]),
     ("broker-admin-on-listen", _broker_admin_on_listen, ["admin.listen", "(listen is", CONFIG]),
