@@ -24,6 +24,7 @@ from sidecar.authz.config import parse_authz_config
 from sidecar.authz.decision import Allow, Deny
 from sidecar.authz.replay import InMemoryReplayStore
 from sidecar.authz.service import AuthzService
+from sidecar.config_util import parse_tls_server
 from sidecar.egress.config import parse_egress_config
 from sidecar.egress.proxy import EgressProxy
 from sidecar.identity.attestors import K8sAttestor
@@ -31,6 +32,8 @@ from sidecar.identity.key import generate_signer
 from sidecar.identity.metrics import IdentityMetrics
 from sidecar.identity.schedule import RefreshPolicy
 from sidecar.identity.source import TokenSource
+from sidecar.net_limits import ConnLimits, GuardedSite, ListenerGuard, server_options
+from sidecar.tls_settings import client_context
 from tests.integration.issuer import AUDIENCE, DevIssuer
 from tests.integration.test_egress_attestors import ORDERS, MiniIssuer
 from tests.integration.test_jwks_refresh import _view
@@ -289,5 +292,48 @@ def test_egress_https_upstreams_trust_ca_present_client_cert_and_check_the_name(
                 assert len(server.hits) == 2, server.hits
         finally:
             await server.close()
+
+    run(body)
+
+
+def test_a_tls_listener_closes_a_connection_that_never_completes_its_handshake(
+    pki: LocalPKI,
+) -> None:
+    """The guard counts a connection only after the handshake: until then the head deadline
+    (``header_timeout``) bounds it, not the event loop's default of a minute."""
+
+    async def body() -> None:
+        async def hello(_: web.Request) -> web.Response:
+            return web.Response(text="hello")
+
+        app = web.Application()
+        app.router.add_get("/", hello)
+        limits = ConnLimits(header_timeout=0.5)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, **server_options(limits))
+        await runner.setup()
+        guard = ListenerGuard("tls_test", limits, CollectorRegistry())
+        tls = parse_tls_server(
+            {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)}, "tls"
+        )
+        assert tls is not None
+        site = GuardedSite(runner, guard, ("127.0.0.1", 0), ssl_context=tls.context)
+        await site.start()
+        port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+        try:
+            # A real client gets through.
+            client_ctx = client_context(str(pki.ca_file))
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"https://127.0.0.1:{port}/", ssl=client_ctx) as resp,
+            ):
+                assert resp.status == 200 and await resp.text() == "hello"
+            # A TCP connection that sends nothing is closed at the deadline.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert time.monotonic() - started < 3
+            writer.close()
+        finally:
+            await runner.cleanup()
 
     run(body)
