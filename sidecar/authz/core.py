@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sidecar.authz.decision import Allow, Decision, Deny, Header, Identity, RequestView
+from sidecar.authz.decision_cache import Cached, DecisionCache
 from sidecar.authz.nonce import NonceService
 from sidecar.authz.policy import Policy, Route, Rule, canonical_path
 from sidecar.authz.replay import ReplayStore
@@ -84,6 +85,8 @@ class PendingAllow:
     scheme: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
     proof_iat: float = 0.0
+    #: The access token's ``exp`` for a bearer allow (how long the decision cache may keep it).
+    token_exp: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,9 @@ class Authorizer:
         self.clock = clock
         self.on_unknown_key = on_unknown_key
         self.token_cache = VerifiedTokenCache(settings.token_cache_size, leeway=settings.leeway)
+        #: Cached-bearer allows per exact request (sidecar.authz.decision_cache), bounded
+        #: like the verified tokens.
+        self.decisions: DecisionCache[PendingAllow] = DecisionCache(settings.token_cache_size)
         self.proof_keys = ProofKeyCache(settings.proof_key_cache_size)
         self.target = RequestTarget(settings.authorities)
         # A store that answers without I/O (in-memory, LMDB) is called inline, no yield.
@@ -240,6 +246,46 @@ class Authorizer:
 
     def evaluate(self, view: RequestView, now: float) -> Deny | PendingAllow:
         """Everything that needs no I/O. Raises only on bugs."""
+        auth_header = view.headers.get("authorization", "")
+        cache_key: tuple[str, str, str, tuple[str, ...]] | None = None
+        generation = self.keys.generation + self.bundles.generation
+        if auth_header[:7].lower() == "bearer ":
+            # The caller's own x-workload-* headers decide what the allow strips: in the key.
+            spoofed = tuple(h for h in view.headers if h.startswith(IDENTITY_PREFIX))
+            cache_key = (auth_header, view.method, view.path, spoofed)
+            hit = self.decisions.get(
+                cache_key,
+                policy=self.policy,
+                settings=self.settings,
+                generation=generation,
+                now=now,
+            )
+            if hit is not None and not self.revocations.is_revoked(hit.subject, hit.jti):
+                return hit.value
+        result = self._evaluate(view, now, auth_header)
+        if (
+            cache_key is not None
+            and isinstance(result, PendingAllow)
+            and result.scheme == "bearer"
+            and not result.replay_key
+            and not result.route.nonce
+        ):
+            identity = result.allow.identity
+            self.decisions.put(
+                cache_key,
+                Cached(
+                    result,
+                    policy=self.policy,
+                    settings=self.settings,
+                    generation=generation,
+                    until=result.token_exp + self.settings.leeway,
+                    subject=identity.subject,
+                    jti=identity.token_jti,
+                ),
+            )
+        return result
+
+    def _evaluate(self, view: RequestView, now: float, auth_header: str) -> Deny | PendingAllow:
         path = canonical_path(view.path)
         if path is None:
             route = self.policy.default_route
@@ -250,7 +296,6 @@ class Authorizer:
         if route.auth == "wimse":
             return self._evaluate_wimse(view, route, path, now)
         # Known before parsing so that a rejected Bearer header gets a Bearer challenge.
-        auth_header = view.headers.get("authorization", "")
         scheme = "bearer" if auth_header[:7].lower() == "bearer " else "dpop"
         meta: dict[str, Any] = {}
         try:
@@ -266,7 +311,7 @@ class Authorizer:
         allow = self._allow(view, route, verified, proof, rule.name, now, meta)
         if proof is None:
             # Bearer: nothing to record. A PendingAllow with no key keeps one code path.
-            return PendingAllow("", 0.0, allow, route, scheme, meta)
+            return PendingAllow("", 0.0, allow, route, scheme, meta, token_exp=verified.expires_at)
         dpop = self.settings.dpop
         return PendingAllow(
             dpop.replay_key(proof), dpop.replay_ttl, allow, route, scheme, meta, proof.iat

@@ -139,6 +139,10 @@ class ResponseEncoder:
         self.size = size
         self._heads: dict[tuple[Any, ...], bytes] = {}
         self._entries: dict[tuple[str, str], bytes] = {}  # sub, iss, kid, rule repeat
+        # Whole responses by decision object: the core's decision cache answers repeated
+        # bearer checks with the same Allow object. The object is held with its bytes, so its
+        # id cannot be reused by another decision while the entry exists.
+        self._by_object: dict[int, tuple[Decision, bytes]] = {}
 
     def _metadata(self, meta: Mapping[str, Any]) -> bytes:
         """``CheckResponse.dynamic_metadata`` (field 4), a Struct of the string values,
@@ -160,6 +164,9 @@ class ResponseEncoder:
         return b"\x22" + _varint(len(body)) + body
 
     def __call__(self, decision: Decision) -> bytes:
+        known = self._by_object.get(id(decision))
+        if known is not None and known[0] is decision:
+            return known[1]
         key: tuple[Any, ...]
         if isinstance(decision, Allow):
             key = (decision.headers_to_set, decision.headers_to_remove, decision.response_headers)
@@ -170,7 +177,13 @@ class ResponseEncoder:
             if len(self._heads) >= self.size:
                 self._heads.clear()  # bounded; refilled by the next checks
             head = self._heads[key] = _render_head(decision).SerializeToString()
-        return head + self._metadata(decision.metadata)
+        answer = head + self._metadata(decision.metadata)
+        if isinstance(decision, Allow) and "proof_jti" not in decision.metadata:
+            # An allow without a proof may come back as the same object (decision cache).
+            if len(self._by_object) >= self.size:
+                self._by_object.clear()
+            self._by_object[id(decision)] = (decision, answer)
+        return answer
 
 
 class LoopCheckHandler:
