@@ -119,6 +119,7 @@ class _Done:
         self.step = decision
         self.start = time.perf_counter()
         self.flow = None
+        self.view = None
 
 
 if __name__ == "__main__":

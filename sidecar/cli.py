@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from sidecar.errors import ConfigError
-from sidecar.observability.logs import LOG_LEVELS, setup_logging
+from sidecar.observability.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 
 # One line per subcommand module; each defines ``register(subparsers)``.
 COMMANDS = (
@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.upper,
         choices=LOG_LEVELS,
         help="%(choices)s (default INFO, or SIDECAR_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=None,
+        choices=LOG_FORMATS,
+        help="text (key=value) or json (one object per line); default SIDECAR_LOG_FORMAT or text",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = getattr(args, "config", None)
     try:
-        setup_logging(args.log_level)
+        setup_logging(args.log_level, args.log_format)
     except ConfigError as exc:
         print(f"sidecar: configuration error: {exc}", file=sys.stderr)
         return 2

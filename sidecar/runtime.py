@@ -20,6 +20,7 @@ from sidecar.net_limits import (
     ListenerGuard,
     server_options,
 )
+from sidecar.observability.logs import plain_event
 
 
 def install_uvloop() -> None:
@@ -83,8 +84,9 @@ async def start_listener_site(
 
 def announce(name: str, **ports: Any) -> None:
     """The single line tests and the demo wait for: every listener, with its real port."""
-    fields = " ".join(f"{k}={v}" for k, v in ports.items() if v is not None)
-    print(f"{name} ready {fields}", file=sys.stderr, flush=True)
+    fields = {k: v for k, v in ports.items() if v is not None}
+    # Printed, not logged: it must show whatever --log-level says; in the --log-format.
+    print(plain_event(f"{name} ready", fields), file=sys.stderr, flush=True)
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

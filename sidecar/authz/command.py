@@ -90,9 +90,15 @@ async def serve_worker(settings: WorkerSettings) -> None:
 
 def worker_argv(config_path: str, log_level: str | None) -> list[str]:
     """The command line of one worker (``--worker`` is appended by the pool): the parent's own
-    log level included, so ``--log-level WARNING`` quiets the workers too."""
+    log level and format included, so ``--log-level WARNING`` quiets the workers too and
+    ``--log-format json`` makes their decision lines JSON."""
+    from sidecar.observability.logs import active_format
+
     level = ["--log-level", log_level] if log_level else []
-    return [sys.executable, "-m", "sidecar", *level, "authz", "-c", config_path]
+    return [
+        sys.executable, "-m", "sidecar", *level, "--log-format", active_format(),
+        "authz", "-c", config_path,
+    ]  # fmt: skip
 
 
 async def supervise(

@@ -12,6 +12,9 @@ that could hold one, and ``detail`` strings are built by this package. Client va
 appear (``sub``, ``jti``, an audience in a detail) are JSON-escaped with ``ensure_ascii``: a
 record is always exactly one line.
 
+Where: ``audit.path`` (a file, opened for append), else standard output — its own stream, apart
+from the text or JSON process log on standard error, so a log shipper can route it by stream.
+
 Lines are written in batches: one ``write`` per event-loop iteration, so a burst of issuances
 costs one system call, and ordering is preserved.
 """
@@ -23,20 +26,10 @@ import contextlib
 import json
 import os
 import sys
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from sidecar.errors import ConfigError
-
-_SECOND: list[Any] = [None, ""]
-
-
-def rfc3339(ts: float) -> str:
-    """``2026-01-02T03:04:05.678Z``; the part up to the second is formatted once a second."""
-    second = int(ts)
-    if _SECOND[0] != second:
-        _SECOND[:] = [second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
-    return f"{_SECOND[1]}.{int((ts - second) * 1000):03d}Z"
+from sidecar.observability.logs import rfc3339
 
 
 class AuditLog:
@@ -56,7 +49,7 @@ class AuditLog:
 
     @property
     def _stream(self) -> TextIO:
-        return self._owned if self._owned is not None else sys.stderr
+        return self._owned if self._owned is not None else sys.stdout
 
     def emit(self, event: str, now: float, **fields: Any) -> None:
         record: dict[str, Any] = {"ts": rfc3339(now), "event": event}

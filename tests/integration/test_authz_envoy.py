@@ -9,6 +9,7 @@ import re
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ class Stack:
     issuer: DevIssuer
     authz: ManagedProcess
     authz_admin: int
+    envoy: ManagedProcess
+    log_format: str
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.envoy_port}{path}"
@@ -116,8 +119,10 @@ def stack(
     app_port, envoy_port, envoy_admin = free_port(), free_port(), free_port()
     cfg = _authz_config(tmp, issuer, grpc_port, http_port)
     app = start_echo_app(app_port, tmp, name=f"orders-{mode}")
+    # Both log formats, each on both transports' stacks: the decision log test reads either.
+    log_format = "json" if request.param in ("grpc", "grpc-aio") else "text"
     authz = ManagedProcess(
-        [sys.executable, "-m", "sidecar", "authz", "-c", str(cfg)],
+        [sys.executable, "-m", "sidecar", "--log-format", log_format, "authz", "-c", str(cfg)],
         name=f"authz-{mode}",
         log_dir=tmp,
         env={
@@ -128,7 +133,8 @@ def stack(
     envoy = None
     try:
         wait_for_http(f"http://127.0.0.1:{admin_port}/readyz", 20, process=authz)
-        assert f"engine={engine or 'loop'}" in authz.log_path.read_text()
+        ready, shown = authz.log_path.read_text(), engine or "loop"
+        assert f"engine={shown}" in ready or f'"engine":"{shown}"' in ready
         envoy = start_envoy(
             ingress_bootstrap(
                 listen_port=envoy_port,
@@ -140,7 +146,7 @@ def stack(
             tmp,
             envoy_admin,
         )
-        yield Stack(mode, envoy_port, envoy_admin, issuer, authz, admin_port)
+        yield Stack(mode, envoy_port, envoy_admin, issuer, authz, admin_port, envoy, log_format)
     finally:
         for proc in (envoy, authz, app):
             if proc is not None:
@@ -429,3 +435,54 @@ def test_proof_for_the_path_as_sent_matches_what_envoy_forwards(stack: Stack, se
         "GET", sent, dpop_headers(stack, sent, proof_url=stack.url("/orders/13"))
     )
     assert_denied(result, 401, "htu_mismatch", "invalid_dpop_proof")
+
+
+def _decision_lines(stack: Stack, needle: str) -> list[dict[str, str]]:
+    """The authorizer's decision lines mentioning ``needle``, as field dicts (either format)."""
+    out = []
+    for line in stack.authz.log_text().splitlines():
+        if needle not in line:
+            continue
+        if stack.log_format == "json":
+            record = json.loads(line)
+            if record.get("msg") == "decision":
+                out.append({k: str(v) for k, v in record.items()})
+            continue
+        head = re.match(r"\S+ (\w+) (\S+) decision ", line)
+        if head:
+            fields = dict(re.findall(r'([a-z_]+)=("(?:[^"\\]|\\.)*"|\S+)', line[head.end() :]))
+            out.append({"logger": head.group(2), **{k: v.strip('"') for k, v in fields.items()}})
+    return out
+
+
+def test_a_deny_is_one_decision_line_with_envoys_request_id(stack: Stack) -> None:
+    """Issue 11.7: the decision line names the request, and its ``request_id`` is the
+    ``x-request-id`` Envoy put in its own access log for that request."""
+    path = f"/orders/{uuid.uuid4().hex}"
+    result = stack.request("GET", f"{path}?api_key=s3cret", [("Authorization", "DPoP abc")])
+    assert_denied(result, 401, "malformed_token", "invalid_token")
+    envoy_lines: list[str] = []
+    lines: list[dict[str, str]] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (envoy_lines and lines):
+        envoy_lines = [x for x in stack.envoy.log_text().splitlines() if path in x]
+        lines = _decision_lines(stack, path)
+        time.sleep(0.05)
+    assert len(envoy_lines) == 1, envoy_lines
+    match = re.search(r'req_id="([^"]+)"', envoy_lines[0])
+    assert match, envoy_lines
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert line["request_id"] == match.group(1)
+    expected = {
+        "logger": f"sidecar.authz.{stack.mode}",
+        "result": "deny",
+        "reason": "malformed_token",
+        "status": "401",
+        "transport": stack.mode,
+        "method": "GET",
+        "host": f"127.0.0.1:{stack.envoy_port}",
+        "path": path,
+    }
+    assert {k: line.get(k) for k in expected} == expected
+    assert "s3cret" not in stack.authz.log_text(), "the query string reached the log"

@@ -3,14 +3,13 @@ claims, and every client value that reaches a log line is escaped (logfmt, one l
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import pytest
 from factory import Harness, make_harness
 
 from sidecar.authz.decision import Allow, Deny, Identity
-from sidecar.authz.guard import log_decision
+from sidecar.authz.guard import decision_fields
 from sidecar.errors import Reason
 from sidecar.observability.logsafe import MAX_VALUE, logfmt, logfmt_value
 
@@ -48,28 +47,21 @@ def test_logfmt_pairs() -> None:
     assert logfmt([("sub", "s"), ("detail", "two words")]) == 'sub=s detail="two words"'
 
 
-def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "sidecar.authz.guard"]
-
-
-def test_deny_log_line_escapes_every_client_value(caplog: pytest.LogCaptureFixture) -> None:
+def test_deny_log_fields_escape_every_client_value() -> None:
     meta = {"sub": "s\nub", "token_jti": FORGED, "proof_jti": "p\r", "kid": "k\x00"}
     deny = Deny(401, Reason.PROOF_INVALID, "detail\nINFO forged", (), "{}", meta)
-    with caplog.at_level(logging.INFO, "sidecar.authz.guard"):
-        log_decision(deny)
-    (line,) = _messages(caplog)
+    line = logfmt(decision_fields(deny, None, "grpc"))
     assert "\n" not in line and "\r" not in line and "\x00" not in line
     assert 'token_jti="j1\\x0aINFO sidecar.authz.grpc_server deny reason=forged"' in line
     assert 'detail="detail\\x0aINFO forged"' in line
-    assert line.startswith("deny reason=proof_invalid sub=")
+    assert line.startswith("result=deny reason=proof_invalid status=401 transport=grpc sub=")
 
 
-def test_allow_log_line_escapes_too(caplog: pytest.LogCaptureFixture) -> None:
+def test_allow_log_fields_escape_too() -> None:
     identity = Identity("s", "i", "dpop", None, None, None, "r")
     allow = Allow(identity, (), (), (), {"sub": "a b\nc", "kid": "k"})
-    with caplog.at_level(logging.DEBUG, "sidecar.authz.guard"):
-        log_decision(allow)
-    assert _messages(caplog) == ['allow sub="a b\\x0ac" kid=k']
+    line = logfmt(decision_fields(allow, None, "http"))
+    assert line == 'result=allow transport=http sub="a b\\x0ac" kid=k'
 
 
 @pytest.fixture
