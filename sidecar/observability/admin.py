@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from sidecar.observability.metrics import process_metrics
+
 Readiness = tuple[bool, str]
 
 
@@ -18,7 +20,9 @@ def make_admin_app(
     before_scrape: Callable[[], Awaitable[None]] | None = None,
 ) -> web.Application:
     """``readiness`` may be a coroutine function (the worker parent asks its workers);
-    ``before_scrape`` runs before each ``/metrics`` (it gathers the workers' metrics)."""
+    ``before_scrape`` runs before each ``/metrics`` (it gathers the workers' metrics). Every
+    ``/metrics`` also carries the process collectors and the build info."""
+    process_metrics(registry)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -3,10 +3,19 @@ One registry per process (tests build their own)."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import weakref
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.authz.decision import Decision
@@ -28,6 +37,35 @@ class BoundLabels(Generic[M]):
         if child is None:
             child = self._children[values] = self._metric.labels(*values)
         return child
+
+
+def build_version() -> str:
+    """This package's version as installed (``pyproject.toml``), or ``unknown``."""
+    try:
+        return importlib.metadata.version("workload-identity-sidecar")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a bare tree
+        return "unknown"
+
+
+_PROCESS_METRICS: weakref.WeakSet[CollectorRegistry] = weakref.WeakSet()
+
+
+def process_metrics(registry: CollectorRegistry) -> None:
+    """The process's own series on its ``/metrics``: prometheus_client's ``process_*`` (CPU,
+    memory, open and max fds, start time) and ``python_info``, and
+    ``sidecar_build_info{version}``. Once per registry."""
+    if registry in _PROCESS_METRICS:
+        return
+    _PROCESS_METRICS.add(registry)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    info = Gauge(
+        "sidecar_build_info",
+        "Always 1; the version of the sidecar package this process runs",
+        ["version"],
+        registry=registry,
+    )
+    info.labels(build_version()).set(1)
 
 
 def function_gauge(
