@@ -25,11 +25,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from sidecar.config_reload import ConfigReloader, attach, needs_restart, watch_option
 from sidecar.config_util import (
     DEFAULT_ADMIN_LISTEN,
     load_yaml_file,
@@ -38,6 +39,10 @@ from sidecar.config_util import (
 from sidecar.errors import ConfigError
 from sidecar.listen_address import ListenAddress
 from sidecar.listener_check import authz_listeners, check_listeners, egress_listeners
+
+if TYPE_CHECKING:
+    from sidecar.authz.service import AuthzService
+    from sidecar.runtime import Lifecycle
 
 TOP_LEVEL = ("identity", "egress", "authz", "admin")
 DEFAULT_ADMIN = DEFAULT_ADMIN_LISTEN
@@ -50,7 +55,11 @@ def _check_top_level(data: dict[str, Any]) -> None:
             raise ConfigError(key, f"one of the top-level sections {list(TOP_LEVEL)}")
 
 
-async def serve(data: dict[str, Any]) -> None:
+async def serve(
+    data: dict[str, Any], *, config_path: str | None = None, watch: float | None = None
+) -> None:
+    """Every part ``data`` configures, until SIGTERM or SIGINT; SIGHUP (or, with ``watch``, a
+    change of the file) reloads ``config_path``: its ``authz`` section swaps in place."""
     from sidecar.egress.config import parse_egress_config
     from sidecar.egress.proxy import EgressProxy
     from sidecar.identity.clock_offset import ClockOffsets
@@ -60,7 +69,8 @@ async def serve(data: dict[str, Any]) -> None:
     from sidecar.identity.source import TokenSource
     from sidecar.net_limits import FdWatch
     from sidecar.observability.admin import make_admin_app
-    from sidecar.runtime import announce, start_admin_site, wait_for_stop_signal
+    from sidecar.runtime import announce, as_async
+    from sidecar.runtime import serve as serve_lifecycle
 
     _check_top_level(data)
     egress_cfg = parse_egress_config(data.get("egress")) if data.get("egress") else None
@@ -94,16 +104,15 @@ async def serve(data: dict[str, Any]) -> None:
         ]
     )
 
-    registry = CollectorRegistry()
-    fds = FdWatch(registry)
-    signer = generate_signer()  # in memory only; never written anywhere
-    offsets = ClockOffsets()  # peers' clocks, learned by identity and egress alike
-    tokens: TokenSource | None = None
-    proxy: EgressProxy | None = None
-    service: Any = None
-    runner: web.AppRunner | None = None
-    try:
-        fds.start()
+    async def setup(lifecycle: Lifecycle) -> None:
+        registry = CollectorRegistry()
+        fds = FdWatch(registry)
+        await lifecycle.start(as_async(fds.start), fds.stop)
+        signer = generate_signer()  # in memory only; never written anywhere
+        offsets = ClockOffsets()  # peers' clocks, learned by identity and egress alike
+        tokens: TokenSource | None = None
+        proxy: EgressProxy | None = None
+        service: AuthzService | None = None
         if identity_cfg is not None:
             if identity_cfg.public_jwk_file:
                 write_public_jwk(signer, identity_cfg.public_jwk_file)
@@ -115,18 +124,18 @@ async def serve(data: dict[str, Any]) -> None:
                 list(identity_cfg.audiences),
                 metrics=metrics,
             )
-            await tokens.start()
+            await lifecycle.start(tokens.start, tokens.close)
         if egress_cfg is not None and tokens is not None:
             proxy = EgressProxy(
                 egress_cfg, tokens=tokens, signer=signer, registry=registry, offsets=offsets,
                 wpt_signer=signer.wpt_signer(),
             )  # fmt: skip
-            await proxy.start()
+            await lifecycle.start(proxy.start, proxy.stop)
         if authz_cfg is not None:
             from sidecar.authz.service import AuthzService
 
             service = AuthzService(authz_cfg, registry)
-            await service.start()
+            await lifecycle.start(service.start, service.stop)
 
         def readiness() -> tuple[bool, str]:
             reasons = []
@@ -140,7 +149,9 @@ async def serve(data: dict[str, Any]) -> None:
         app = make_admin_app(registry, readiness)
         app[TOKENS_KEY] = tokens
         app.router.add_get("/tokens", _tokens_handler)
-        runner, admin_bound = await start_admin_site(app, admin_host, admin_port, registry)
+        admin_bound = await lifecycle.start_admin(
+            app, ListenAddress(admin_host, admin_port), registry
+        )
         egress_ports = ",".join(str(p) for p in proxy.ports.values()) if proxy else ""
         announce(
             "sidecar",
@@ -151,17 +162,30 @@ async def serve(data: dict[str, Any]) -> None:
             admin=admin_bound,
             jkt=signer.thumbprint if tokens is not None else None,
         )
-        await wait_for_stop_signal()
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        if proxy is not None:
-            await proxy.stop()
-        if service is not None:
-            await service.stop()
-        if tokens is not None:
-            await tokens.close()
-        await fds.stop()
+        if config_path is not None:
+
+            async def apply(new_data: dict[str, Any], sha256: str) -> None:
+                await _reload(data, new_data, service)
+
+            attach(lifecycle, ConfigReloader(config_path, registry, apply), watch)
+
+    await serve_lifecycle(setup)
+
+
+async def _reload(data: dict[str, Any], new: dict[str, Any], service: AuthzService | None) -> None:
+    """The ``authz`` section reloads in place; identity, egress and admin need a restart (the
+    egress listeners and the token refreshers are per upstream and audience)."""
+    from sidecar.authz.command import reloaded_authz
+
+    _check_top_level(new)
+    for key in ("identity", "egress", "admin"):
+        if new.get(key) != data.get(key):
+            raise needs_restart(key)
+    if (new.get("authz") is None) != (service is None):
+        raise needs_restart("authz")
+    if service is not None:
+        await service.reload(reloaded_authz(new["authz"], service.cfg))
+    data["authz"] = new.get("authz")  # what runs now, for the next comparison
 
 
 async def _tokens_handler(request: web.Request) -> web.Response:
@@ -174,7 +198,7 @@ def _run(args: argparse.Namespace) -> int:
     from sidecar.runtime import run
 
     data = load_yaml_file(args.config)
-    run(lambda: serve(data))
+    run(lambda: serve(data, config_path=args.config, watch=args.watch_config))
     return 0
 
 
@@ -271,6 +295,7 @@ def register(sub: Any) -> None:
         "run", help="run the sidecar: egress proxy, token refresher, ext_authz (optional), admin"
     )
     p.add_argument("-c", "--config", required=True, help="YAML file (see examples/sidecar.yaml)")
+    watch_option(p)
     p.set_defaults(func=_run)
 
     t = sub.add_parser(

@@ -11,11 +11,19 @@ import argparse
 import gc
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from sidecar.config_reload import (
+    ConfigReloader,
+    ReloadMetrics,
+    attach,
+    file_sha256,
+    needs_restart,
+    watch_option,
+)
 from sidecar.config_util import load_yaml_file, parse_admin_listen
 from sidecar.errors import ConfigError
 from sidecar.listen_address import ListenAddress
@@ -24,36 +32,93 @@ from sidecar.listener_check import authz_listeners, check_listeners
 if TYPE_CHECKING:
     from sidecar.authz.config import AuthzConfig
     from sidecar.authz.replay import ReplayStore
-    from sidecar.authz.workers import WorkerSettings
+    from sidecar.authz.service import AuthzService
+    from sidecar.authz.workers import ParentPipe, WorkerSettings
+    from sidecar.runtime import Lifecycle
 
 TOP_LEVEL = ("authz", "admin")
+
+
+def check_top_level(data: dict[str, Any]) -> None:
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise ConfigError(key, f"one of the top-level sections {list(TOP_LEVEL)}")
+
+
+def reloaded_authz(section: Any, running: AuthzConfig) -> AuthzConfig:
+    """A re-read ``authz`` section → the new configuration; ConfigError when it is invalid or
+    changes what only a restart can. An unconfigured nonce secret stays the running one: a
+    random secret per reload would void the nonces handed out."""
+    from sidecar.authz.config import parse_authz_config
+    from sidecar.authz.service import refuse_restart_only_changes
+    from sidecar.authz.workers import nonce_secret_configured
+
+    new = parse_authz_config(section)
+    refuse_restart_only_changes(running, new)
+    if not nonce_secret_configured({"authz": section}):
+        new = replace(new, nonce_secret=running.nonce_secret)
+    return new
+
+
+def reloaded_config(
+    data: dict[str, Any], running: AuthzConfig, admin: ListenAddress
+) -> AuthzConfig:
+    """:func:`reloaded_authz` of a re-read ``sidecar authz`` file (the admin listener too)."""
+    check_top_level(data)
+    new = reloaded_authz(data.get("authz"), running)
+    if ListenAddress(*parse_admin_listen(data)) != admin:
+        raise needs_restart("admin.listen")
+    return new
 
 
 async def serve(
     cfg: AuthzConfig,
     admin: ListenAddress,
     *,
-    name: str = "authz",
-    replay: ReplayStore | None = None,
-    until: Callable[[], Awaitable[None]] | None = None,
+    config_path: str | None = None,
+    watch: float | None = None,
 ) -> None:
-    """One authorizer: the ext_authz servers and the admin listener, until ``until`` returns
-    (default: SIGTERM or SIGINT)."""
+    """One authorizer: the ext_authz servers and the admin listener, until SIGTERM or SIGINT;
+    SIGHUP (or, with ``watch``, a change of the file) reloads ``config_path``."""
+    from sidecar.runtime import serve as serve_lifecycle
+
+    async def setup(lifecycle: Lifecycle) -> None:
+        service, registry = await start_authorizer(lifecycle, cfg, admin, name="authz")
+        if config_path is not None:
+
+            async def apply(data: dict[str, Any], sha256: str) -> None:
+                await service.reload(reloaded_config(data, service.cfg, admin))
+
+            attach(lifecycle, ConfigReloader(config_path, registry, apply), watch)
+
+    await serve_lifecycle(setup)
+
+
+async def start_authorizer(
+    lifecycle: Lifecycle,
+    cfg: AuthzConfig,
+    admin: ListenAddress,
+    *,
+    name: str,
+    replay: ReplayStore | None = None,
+) -> tuple[AuthzService, CollectorRegistry]:
+    """Start one authorizer's parts in order (each stopped by ``lifecycle`` at the end, also
+    when a later one fails to start) and announce them."""
     from sidecar.authz.service import AuthzService
     from sidecar.net_limits import FdWatch
     from sidecar.observability.admin import make_admin_app
-    from sidecar.runtime import announce, start_admin_at, wait_for_stop_signal
+    from sidecar.runtime import announce, as_async
 
     registry = CollectorRegistry()
     fds = FdWatch(registry)
-    fds.start()
+    await lifecycle.start(as_async(fds.start), fds.stop)
     service = AuthzService(cfg, registry, replay=replay)
-    await service.start()
+    await lifecycle.start(service.start, service.stop)
     # What start-up built (keys, policy, protobuf descriptors) never becomes garbage: keep it
     # out of the collector's sight so collections walk only what checks allocate.
     gc.collect()
     gc.freeze()
-    runner, admin_bound = await start_admin_at(
+    admin_bound = await lifecycle.start_admin(
         make_admin_app(registry, service.readiness), admin, registry
     )
     announce(
@@ -63,28 +128,41 @@ async def serve(
         http=service.http_address,
         admin=admin_bound,
     )
-    try:
-        await (until or wait_for_stop_signal)()
-    finally:
-        await service.stop()
-        await runner.cleanup()
-        await fds.stop()
+    return service, registry
 
 
-async def serve_worker(settings: WorkerSettings) -> None:
+async def serve_worker(settings: WorkerSettings, pipe: ParentPipe) -> None:
+    """A worker: an authorizer until SIGTERM or until its parent's pipe closes; a new settings
+    line on that pipe is a reload (the parent validated the file and forwards it)."""
     from sidecar.authz.replay_lmdb import LmdbReplayStore
-    from sidecar.authz.workers import wait_for_stop_or_orphaned, worker_config
+    from sidecar.authz.workers import worker_config
+    from sidecar.runtime import serve as serve_lifecycle
 
     cfg = worker_config(settings)
     replay = None
     if cfg.replay_backend == "memory":  # this host's memory: one map for all workers
         replay = LmdbReplayStore(settings.replay_dir(), cfg.replay_capacity)
-    await serve(
-        cfg,
-        ListenAddress(path=settings.admin_socket()),
-        name=f"authz worker {settings.index}",
-        replay=replay,
-        until=wait_for_stop_or_orphaned,
+
+    async def setup(lifecycle: Lifecycle) -> None:
+        service, registry = await start_authorizer(
+            lifecycle,
+            cfg,
+            ListenAddress(path=settings.admin_socket()),
+            name=f"authz worker {settings.index}",
+            replay=replay,
+        )
+        metrics = ReloadMetrics(registry, settings.sha256)
+
+        async def reload() -> None:
+            new = pipe.take()
+            if new is not None:
+                await metrics.attempt(new.sha256, lambda: service.reload(worker_config(new)))
+
+        lifecycle.on_reload(reload)
+        pipe.on_settings = lifecycle.request_reload
+
+    await serve_lifecycle(
+        setup, stop_signals=(signal.SIGTERM,), reload_signal=False, until=pipe.closed
     )
 
 
@@ -107,25 +185,27 @@ async def supervise(
     admin: ListenAddress,
     config_path: str,
     log_level: str | None = None,
+    watch: float | None = None,
 ) -> None:
+    """The parent of ``authz.workers`` workers. A reload is validated here, then forwarded to
+    every worker over its settings pipe (see :mod:`sidecar.authz.workers`)."""
     from sidecar.authz.workers import PoolRegistry, WorkerPool
     from sidecar.net_limits import FdWatch
     from sidecar.observability.admin import make_admin_app
-    from sidecar.runtime import announce, start_admin_site, wait_for_stop_signal
+    from sidecar.runtime import announce, as_async
+    from sidecar.runtime import serve as serve_lifecycle
 
-    registry = PoolRegistry()
-    fds = FdWatch(registry)
-    fds.start()
-    # The file name only shows in ps: a worker takes its settings from the parent.
-    pool = WorkerPool(data, cfg, registry, worker_argv(config_path, log_level))
-    runner = None
-    try:
-        await pool.start()
-        runner, admin_port = await start_admin_site(
-            make_admin_app(registry, pool.readiness, before_scrape=pool.scrape),
-            admin.host,
-            admin.port,
-            registry,
+    async def setup(lifecycle: Lifecycle) -> None:
+        registry = PoolRegistry()
+        fds = FdWatch(registry)
+        await lifecycle.start(as_async(fds.start), fds.stop)
+        # The file name only shows in ps: a worker takes its settings from the parent.
+        pool = WorkerPool(
+            data, cfg, registry, worker_argv(config_path, log_level), file_sha256(config_path)
+        )
+        await lifecycle.start(pool.start, pool.stop)
+        admin_bound = await lifecycle.start_admin(
+            make_admin_app(registry, pool.readiness, before_scrape=pool.scrape), admin, registry
         )
         announce(
             "authz",
@@ -133,47 +213,48 @@ async def supervise(
             grpc=cfg.grpc_listen,
             engine=cfg.grpc_engine,
             http=cfg.http_listen,
-            admin=admin_port,
+            admin=admin_bound.port,
         )
-        await wait_for_stop_signal()
-    finally:
-        await pool.stop()
-        if runner is not None:
-            await runner.cleanup()
-        await fds.stop()
+        async def apply(new_data: dict[str, Any], sha256: str) -> None:
+            await pool.reload(new_data, reloaded_config(new_data, pool.cfg, admin), sha256)
+
+        attach(lifecycle, ConfigReloader(config_path, registry, apply), watch)
+
+    await serve_lifecycle(setup)
 
 
 def _run(args: argparse.Namespace) -> int:
     from sidecar.runtime import run
 
     if args.worker:
-        from sidecar.authz.workers import settings_from_stdin
+        from sidecar.authz.workers import ParentPipe
 
-        # Ctrl-C reaches the whole process group: only the parent decides to stop.
+        # Ctrl-C and a hang-up reach the whole process group: only the parent acts on them.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        settings = settings_from_stdin()
-        run(lambda: serve_worker(settings))
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        pipe = ParentPipe()
+        settings = pipe.first()
+        run(lambda: serve_worker(settings, pipe))
         return 0
 
     from sidecar.authz.config import parse_authz_config
 
     data = load_yaml_file(args.config)
-    for key in data:
-        if key not in TOP_LEVEL:
-            raise ConfigError(key, f"one of the top-level sections {list(TOP_LEVEL)}")
+    check_top_level(data)
     cfg = parse_authz_config(data.get("authz"))
     admin = ListenAddress(*parse_admin_listen(data))
     check_listeners([*authz_listeners(cfg), ("admin.listen", admin)])
     if cfg.workers > 1:
-        run(lambda: supervise(data, cfg, admin, args.config, args.log_level))
+        run(lambda: supervise(data, cfg, admin, args.config, args.log_level, args.watch_config))
     else:
-        run(lambda: serve(cfg, admin))
+        run(lambda: serve(cfg, admin, config_path=args.config, watch=args.watch_config))
     return 0
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("authz", help="run the ingress ext_authz server (gRPC + HTTP + admin)")
     p.add_argument("-c", "--config", required=True, help="YAML file with an 'authz' section")
+    watch_option(p)
     # Internal: a worker started by the parent (authz.workers > 1), settings on stdin.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_run)

@@ -59,6 +59,14 @@ class TrustBundles:
     def has_issuer(self, issuer: str) -> bool:
         return issuer in self._domains
 
+    def forget(self, issuer: str) -> None:
+        """Drop a trust domain's bundle (no longer trusted, or its source changed)."""
+        if issuer in self._domains:
+            self._domains.remove(issuer)
+            for store in self._by_use.values():
+                store.forget(issuer)
+            self.generation += 1
+
     def keys_for_use(self, use: str, trust_domain: str, kid: str | None) -> Sequence[PublicJWK]:
         store = self._by_use.get(use)
         return () if store is None else store.keys_for(trust_domain, kid)

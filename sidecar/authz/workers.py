@@ -11,6 +11,11 @@ The parent
   and the nonce secret (one secret for all, so a nonce issued by one worker is accepted by
   every other; generated here when none is configured, never logged or written to disk), then
   keeps stdin open: a worker that reads end-of-file (the parent died, even by SIGKILL) stops;
+* reloads on SIGHUP (or a change of the file, ``--watch-config``): the parent re-reads and
+  validates the file, then writes the new settings line to every worker's stdin, and each
+  worker swaps them in (:meth:`AuthzService.reload`). A pipe rather than a forwarded signal:
+  every worker applies exactly what the parent validated, with the same nonce secret, and a
+  worker restarted later starts with it. Workers ignore SIGHUP themselves;
 * gives the workers one replay store (``replay.backend: memory``): an LMDB map in a private
   0700 directory on /dev/shm, atomic across processes (see ``replay_lmdb``);
 * restarts a worker that exits, with exponential backoff (0.1 s doubling to 5 s, reset after
@@ -38,7 +43,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -68,17 +73,27 @@ class WorkerSettings:
     index: int
     count: int
     runtime_dir: str
+    sha256: str = ""  # of the configuration file these settings come from
 
     def encode(self) -> bytes:
         doc = {"data": self.data, "index": self.index, "count": self.count,
-               "runtime_dir": self.runtime_dir}  # fmt: skip
+               "runtime_dir": self.runtime_dir, "sha256": self.sha256}  # fmt: skip
         return json.dumps(doc).encode() + b"\n"
 
     @classmethod
     def read(cls, stream: Any) -> WorkerSettings:
-        line = stream.readline(MAX_SETTINGS_BYTES)
+        return cls.decode(stream.readline(MAX_SETTINGS_BYTES))
+
+    @classmethod
+    def decode(cls, line: bytes) -> WorkerSettings:
         doc = json.loads(line)
-        return cls(doc["data"], int(doc["index"]), int(doc["count"]), str(doc["runtime_dir"]))
+        return cls(
+            doc["data"],
+            int(doc["index"]),
+            int(doc["count"]),
+            str(doc["runtime_dir"]),
+            str(doc.get("sha256", "")),
+        )
 
     def admin_socket(self) -> str:
         return admin_socket(self.runtime_dir, self.index)
@@ -95,14 +110,21 @@ def replay_dir(runtime_dir: str) -> str:
     return os.path.join(runtime_dir, "replay")
 
 
-def with_shared_secret(data: dict[str, Any], cfg: AuthzConfig) -> dict[str, Any]:
+def nonce_secret_configured(data: dict[str, Any]) -> bool:
+    nonce = (data.get("authz") or {}).get("nonce") or {}
+    return isinstance(nonce, dict) and (
+        nonce.get("secret") is not None or nonce.get("secret_file") is not None
+    )
+
+
+def with_shared_secret(data: dict[str, Any], cfg: AuthzConfig, generated: str) -> dict[str, Any]:
     """``data`` with ``authz.nonce.secret`` set to the one secret all workers use: the
-    configured one (from ``secret`` or ``secret_file``, same bytes) or a fresh random one."""
+    configured one (from ``secret`` or ``secret_file``, same bytes) or ``generated``."""
+    configured = nonce_secret_configured(data)
     authz = dict(data.get("authz") or {})
     nonce = dict(authz.get("nonce") or {})
-    configured = nonce.get("secret") is not None or nonce.get("secret_file") is not None
     nonce.pop("secret_file", None)
-    nonce["secret"] = cfg.nonce_secret.decode() if configured else secrets.token_urlsafe(32)
+    nonce["secret"] = cfg.nonce_secret.decode() if configured else generated
     authz["nonce"] = nonce
     return {**data, "authz": authz}
 
@@ -167,12 +189,15 @@ class WorkerPool:
         cfg: AuthzConfig,
         registry: PoolRegistry,
         argv: list[str],
+        sha256: str = "",
     ) -> None:
-        """``argv`` starts a worker once ``--worker`` is appended."""
+        """``argv`` starts a worker once ``--worker`` is appended; ``sha256`` is the file's."""
         self.argv = argv
         self.count = cfg.workers
         self.cfg = cfg
-        self.data = with_shared_secret(data, cfg)
+        self._generated_secret = secrets.token_urlsafe(32)  # when none is configured
+        self.data = with_shared_secret(data, cfg, self._generated_secret)
+        self.sha256 = sha256
         self.runtime_dir = tempfile.mkdtemp(prefix="sidecar-authz-", dir=_tmpfs())
         os.chmod(self.runtime_dir, 0o700)
         log.info("authz workers: %d, runtime directory %s", self.count, self.runtime_dir)
@@ -235,14 +260,32 @@ class WorkerPool:
             await session.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
+    def _settings(self, index: int) -> bytes:
+        return WorkerSettings(self.data, index, self.count, self.runtime_dir, self.sha256).encode()
+
+    async def reload(self, data: dict[str, Any], cfg: AuthzConfig, sha256: str) -> None:
+        """Forward a validated configuration to every worker (and to any started later)."""
+        self.cfg, self.sha256 = cfg, sha256
+        self.data = with_shared_secret(data, cfg, self._generated_secret)
+        for index, proc in enumerate(self.procs):
+            if proc is not None and proc.returncode is None and proc.stdin is not None:
+                proc.stdin.write(self._settings(index))
+        for proc in self.procs:
+            if proc is not None and proc.stdin is not None:
+                with contextlib.suppress(ConnectionError):
+                    await proc.stdin.drain()
+
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
-        settings = WorkerSettings(self.data, index, self.count, self.runtime_dir)
         proc = await asyncio.create_subprocess_exec(
             *self.argv, "--worker", stdin=asyncio.subprocess.PIPE
         )
         assert proc.stdin is not None
-        proc.stdin.write(settings.encode())  # stays open: its end-of-file stops the worker
-        await proc.stdin.drain()
+        # The settings of now (a reload during the exec is not missed), and the process
+        # listed before the first await: a reload from then on writes to it too.
+        proc.stdin.write(self._settings(index))  # stays open: its end-of-file stops the worker
+        self.procs[index] = proc
+        with contextlib.suppress(ConnectionError):
+            await proc.stdin.drain()
         return proc
 
     async def _keep_running(self, index: int) -> None:
@@ -313,21 +356,64 @@ def _tmpfs() -> str | None:
 # -- a worker's lifeline ---------------------------------------------------------------------
 
 
-async def wait_for_stop_or_orphaned() -> None:
-    """A worker runs until SIGTERM or until its stdin (the parent's pipe) reaches end-of-file."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    stdin = sys.stdin.buffer.fileno()
+class ParentPipe:
+    """A worker's stdin, after its first settings line: each further line is new settings (a
+    reload), end-of-file means the parent is gone (the worker stops)."""
 
-    def on_stdin() -> None:
-        if not os.read(stdin, 4096):
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._latest: WorkerSettings | None = None
+        #: Told that new settings arrived (:meth:`take` them).
+        self.on_settings: Callable[[], None] = lambda: None
+
+    def first(self) -> WorkerSettings:
+        """The settings the worker starts with (read before the event loop runs). Read with
+        os.read, not a buffered reader, so that nothing after the first line is lost."""
+        stdin = sys.stdin.buffer.fileno()
+        while b"\n" not in self._buffer:
+            chunk = os.read(stdin, 65536)
+            if not chunk or len(self._buffer) > MAX_SETTINGS_BYTES:
+                raise SystemExit("authz worker: no settings from the parent on stdin")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return WorkerSettings.decode(line)
+
+    def take(self) -> WorkerSettings | None:
+        latest, self._latest = self._latest, None
+        return latest
+
+    async def closed(self) -> None:
+        """Returns at end-of-file (the parent died, even by SIGKILL, or stopped us)."""
+        loop = asyncio.get_running_loop()
+        eof = asyncio.Event()
+        stdin = sys.stdin.buffer.fileno()
+
+        def on_stdin() -> None:
+            chunk = os.read(stdin, 65536)
+            if not chunk:
+                loop.remove_reader(stdin)
+                eof.set()
+                return
+            self._feed(chunk)
+
+        self._feed(b"")  # what arrived with the first line
+        loop.add_reader(stdin, on_stdin)
+        try:
+            await eof.wait()
+        finally:
             loop.remove_reader(stdin)
-            stop.set()
 
-    loop.add_reader(stdin, on_stdin)
-    await stop.wait()
+    def _feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            try:
+                self._latest = WorkerSettings.decode(line)
+            except (ValueError, KeyError, TypeError):
+                log.error("authz worker: unreadable settings from the parent; ignored")
+                continue
+            self.on_settings()
+        if len(self._buffer) > MAX_SETTINGS_BYTES:  # bounded, like the first line
+            log.error("authz worker: settings from the parent too large; ignored")
+            self._buffer = b""
 
-
-def settings_from_stdin() -> WorkerSettings:
-    return WorkerSettings.read(sys.stdin.buffer)

@@ -12,48 +12,62 @@ import json
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from sidecar.config_reload import ConfigReloader, attach, watch_option
 from sidecar.config_util import load_yaml_file
+from sidecar.listen_address import ListenAddress
 from sidecar.listener_check import broker_listeners, check_listeners
 
+if TYPE_CHECKING:
+    from sidecar.runtime import Lifecycle
 
-async def serve(data: dict[str, Any]) -> None:
+
+async def serve(
+    data: dict[str, Any], *, config_path: str | None = None, watch: float | None = None
+) -> None:
+    """The broker until SIGTERM or SIGINT; SIGHUP (or, with ``watch``, a change of the file)
+    reloads ``config_path`` through :meth:`BrokerService.reload`."""
     from sidecar.broker.config import parse_broker_config
     from sidecar.broker.service import BrokerService
     from sidecar.net_limits import FdWatch
     from sidecar.observability.admin import make_admin_app
-    from sidecar.runtime import announce, start_admin_site, wait_for_stop_signal
+    from sidecar.runtime import announce, as_async
+    from sidecar.runtime import serve as serve_lifecycle
 
     cfg = parse_broker_config(data)
     check_listeners(broker_listeners(cfg))
-    registry = CollectorRegistry()
-    fds = FdWatch(registry)
-    service = BrokerService(cfg, registry)
-    admin_runner = None
-    try:
-        fds.start()
-        await service.start()
+
+    async def setup(lifecycle: Lifecycle) -> None:
+        registry = CollectorRegistry()
+        fds = FdWatch(registry)
+        await lifecycle.start(as_async(fds.start), fds.stop)
+        service = BrokerService(cfg, registry)
+        await lifecycle.start(service.start, service.stop)
         admin_port = None
         if cfg.admin_listen is not None:
-            admin_runner, admin_port = await start_admin_site(
-                make_admin_app(registry, service.readiness), *cfg.admin_listen, registry
+            admin_port = await lifecycle.start_admin(
+                make_admin_app(registry, service.readiness),
+                ListenAddress(*cfg.admin_listen),
+                registry,
             )
         announce(
             "broker",
             http=service.http_port,
-            admin=admin_port,
+            admin=admin_port.port if admin_port is not None else None,
             socket=cfg.attestation_socket,
             admin_socket=cfg.admin_socket,
         )
-        await wait_for_stop_signal()
-    finally:
-        await service.stop()
-        if admin_runner is not None:
-            await admin_runner.cleanup()
-        await fds.stop()
+        if config_path is not None:
+
+            async def apply(new_data: dict[str, Any], sha256: str) -> None:
+                await service.reload(parse_broker_config(new_data))
+
+            attach(lifecycle, ConfigReloader(config_path, registry, apply), watch)
+
+    await serve_lifecycle(setup)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -63,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         print("sidecar broker: -c/--config is required", file=sys.stderr)
         return 2
     data = load_yaml_file(args.config)
-    run(lambda: serve(data))
+    run(lambda: serve(data, config_path=args.config, watch=args.watch_config))
     return 0
 
 
@@ -154,6 +168,7 @@ def register(sub: Any) -> None:
         help="run the embedded issuer/STS (OIDC discovery, JWKS, token exchange, attestation)",
     )
     p.add_argument("-c", "--config", default=None, help="broker YAML (see examples/broker.yaml)")
+    watch_option(p)
     p.set_defaults(func=_run)
     actions = p.add_subparsers(
         dest="broker_command", required=False, metavar="{revoke,entries}"

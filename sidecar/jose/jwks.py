@@ -42,6 +42,8 @@ class KeySink(Protocol):
 
     def has_issuer(self, issuer: str) -> bool: ...
 
+    def forget(self, issuer: str) -> None: ...
+
 
 class KeyStore:
     """Keys by issuer; ``generation`` changes whenever any issuer's set changes, so caches
@@ -73,6 +75,11 @@ class KeyStore:
 
     def has_issuer(self, issuer: str) -> bool:
         return issuer in self._by_issuer
+
+    def forget(self, issuer: str) -> None:
+        """Drop an issuer's keys (it is no longer trusted, or its key source changed)."""
+        if self._by_issuer.pop(issuer, None) is not None:
+            self.generation += 1
 
     def key_count(self) -> int:
         return sum(len(all_keys) for _, all_keys in self._by_issuer.values())

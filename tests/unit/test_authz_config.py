@@ -134,12 +134,12 @@ def test_workers_share_the_configured_nonce_secret_byte_for_byte(tmp_path: Path)
     for nonce in ({"secret": "configured-secret-0123"}, {"secret_file": str(secret_file)}):
         data = {"authz": base(nonce=nonce)}
         parent = parse_authz_config(data["authz"])
-        shared = with_shared_secret(data, parent)
+        shared = with_shared_secret(data, parent, "unused-generated-secret")
         assert "secret_file" not in shared["authz"]["nonce"]
         # A replica on another host with the same configuration accepts the same nonces.
         assert parse_authz_config(shared["authz"]).nonce_secret == parent.nonce_secret
-    generated = with_shared_secret({"authz": base()}, parse_authz_config(base()))
-    assert len(generated["authz"]["nonce"]["secret"]) >= 32
+    generated = with_shared_secret({"authz": base()}, parse_authz_config(base()), "g" * 43)
+    assert generated["authz"]["nonce"]["secret"] == "g" * 43
 
 
 def test_worker_metrics_are_merged_with_a_worker_label() -> None:
