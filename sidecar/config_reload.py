@@ -9,6 +9,7 @@ file that is in force.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import logging
@@ -138,11 +139,21 @@ class ConfigReloader:
         return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+def _interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0.05 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"seconds between 0.05 and 3600, got {text!r}")
+    return seconds
+
+
 def watch_option(parser: Any) -> None:
     """``--watch-config [SECONDS]`` on each long-running command."""
     parser.add_argument(
         "--watch-config",
-        type=float,
+        type=_interval,
         nargs="?",
         const=DEFAULT_WATCH_INTERVAL,
         default=None,

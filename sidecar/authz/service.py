@@ -209,19 +209,19 @@ class AuthzService:
         try:
             # New key sources load (bounded, as at start) before anything trusts them.
             await self._first_load(added)
+            nonces = self.nonces
+            if (new.nonce_secret, new.nonce_window, new.settings.audiences) != (
+                self.cfg.nonce_secret,
+                self.cfg.nonce_window,
+                self.cfg.settings.audiences,
+            ):
+                context = ",".join(sorted(new.settings.audiences))
+                nonces = NonceService(new.nonce_secret, window=new.nonce_window, context=context)
+            authorizer = self._authorizer(new, nonces, self.authorizer)
         except BaseException:
             await self._drop_sources(added)
             raise
         old = self._all_sources()
-        nonces = self.nonces
-        if (new.nonce_secret, new.nonce_window, new.settings.audiences) != (
-            self.cfg.nonce_secret,
-            self.cfg.nonce_window,
-            self.cfg.settings.audiences,
-        ):
-            context = ",".join(sorted(new.settings.audiences))
-            nonces = NonceService(new.nonce_secret, window=new.nonce_window, context=context)
-        authorizer = self._authorizer(new, nonces, self.authorizer)
         # The swap: assignments only, no await in between, so a check sees all of the old
         # configuration or all of the new (a check in flight finishes with the one it began).
         self.cfg, self.nonces, self.authorizer = new, nonces, authorizer
