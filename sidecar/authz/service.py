@@ -60,6 +60,7 @@ RESTART_ONLY = {
     "revocation_url": "authz.revocation.url",
     "revocation_interval": "authz.revocation.interval",
     "revocation_wait": "authz.revocation.wait",
+    "revocation_tls": "authz.revocation.tls",
     "workers": "authz.workers",
 }
 
