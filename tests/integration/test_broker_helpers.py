@@ -357,6 +357,21 @@ class BrokerProcess:
         finally:
             conn.close()
 
+    def admin_revoke(self, kind: str, value: str, *, restore: bool = False) -> dict[str, Any]:
+        """POST /admin/revoke on the admin socket directly: no CLI process start-up in the
+        timing (the CLI itself is tested with :meth:`revoke`)."""
+        conn = UnixHTTPConnection(self.admin_socket)
+        try:
+            body = json.dumps({kind: value, "action": "restore" if restore else "revoke"})
+            conn.request("POST", "/admin/revoke", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        assert resp.status == 200, data
+        doc: dict[str, Any] = json.loads(data)
+        return doc
+
     def revoke(self, *args: str) -> tuple[int, str, str]:
         """``sidecar broker revoke -c cfg ARGS`` as a separate process: (rc, stdout, stderr)."""
         return self.cli(["revoke"], *args)
