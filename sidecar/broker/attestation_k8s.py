@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.broker.codes import BrokerReason, from_jose
 from sidecar.broker.config import ClusterConfig
 from sidecar.broker.registry import is_dns_label, is_dns_subdomain, k8s_selectors
 from sidecar.errors import AuthError, Reason, SidecarError
@@ -37,10 +38,13 @@ UNKNOWN_KID_WAIT = 1.0
 SA_PREFIX = "system:serviceaccount:"
 
 
+NOT_SA = BrokerReason.NOT_SERVICE_ACCOUNT
+
+
 class SubjectTokenError(SidecarError):
     """The subject token is not acceptable. ``reason`` is a stable short code."""
 
-    def __init__(self, reason: str, detail: str, *, retryable: bool = False) -> None:
+    def __init__(self, reason: BrokerReason, detail: str, *, retryable: bool = False) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -64,31 +68,29 @@ def service_account_of(claims: Mapping[str, Any], subject: str) -> tuple[str, st
     if subject.startswith(SA_PREFIX):
         parts = subject[len(SA_PREFIX) :].split(":")
         if len(parts) != 2:
-            raise SubjectTokenError("not_service_account", "sub is not system:serviceaccount:NS:SA")
+            raise SubjectTokenError(NOT_SA, "sub is not system:serviceaccount:NS:SA")
         from_sub = (parts[0], parts[1])
     from_claim: tuple[str, str] | None = None
     k8s = claims.get("kubernetes.io")
     if k8s is not None:
         if not isinstance(k8s, dict):
-            raise SubjectTokenError("not_service_account", "kubernetes.io claim is not an object")
+            raise SubjectTokenError(NOT_SA, "kubernetes.io claim is not an object")
         ns = k8s.get("namespace")
         sa = k8s.get("serviceaccount")
         name = sa.get("name") if isinstance(sa, dict) else None
         if not isinstance(ns, str) or not isinstance(name, str):
             raise SubjectTokenError(
-                "not_service_account", "kubernetes.io claim lacks namespace/serviceaccount.name"
+                NOT_SA, "kubernetes.io claim lacks namespace/serviceaccount.name"
             )
         from_claim = (ns, name)
     if from_sub is not None and from_claim is not None and from_sub != from_claim:
-        raise SubjectTokenError(
-            "not_service_account", "sub and the kubernetes.io claim name different accounts"
-        )
+        raise SubjectTokenError(NOT_SA, "sub and the kubernetes.io claim name different accounts")
     found = from_sub or from_claim
     if found is None:
-        raise SubjectTokenError("not_service_account", "not a Kubernetes service-account token")
+        raise SubjectTokenError(NOT_SA, "not a Kubernetes service-account token")
     ns, sa = found
     if not is_dns_label(ns) or not is_dns_subdomain(sa):
-        raise SubjectTokenError("not_service_account", "namespace or service account is invalid")
+        raise SubjectTokenError(NOT_SA, "namespace or service account is invalid")
     return ns, sa
 
 
@@ -171,15 +173,15 @@ class ClusterVerifier:
         try:
             iss = parse_compact(token, max_bytes=self.max_bytes).payload.get("iss")
         except JWSFormatError as exc:
-            raise SubjectTokenError(Reason.MALFORMED_TOKEN.value, str(exc)) from None
+            raise SubjectTokenError(BrokerReason.MALFORMED_TOKEN, str(exc)) from None
         cluster = self.clusters.get(iss) if isinstance(iss, str) else None
         if cluster is None:
-            raise SubjectTokenError(Reason.UNTRUSTED_ISSUER.value, "issuer is not a known cluster")
+            raise SubjectTokenError(BrokerReason.UNTRUSTED_ISSUER, "issuer is not a known cluster")
         if not self.keys.has_issuer(cluster.issuer):
             await self._refresh(cluster.issuer)
             if not self.keys.has_issuer(cluster.issuer):
                 raise SubjectTokenError(
-                    "cluster_keys_unavailable",
+                    BrokerReason.CLUSTER_KEYS_UNAVAILABLE,
                     "the cluster's signing keys could not be loaded",
                     retryable=True,
                 )
@@ -187,11 +189,15 @@ class ClusterVerifier:
             verified = self._check(token, cluster, now)
         except AuthError as exc:
             if exc.reason is not Reason.UNKNOWN_KEY or not await self._refresh(cluster.issuer):
-                raise SubjectTokenError(exc.reason.value, exc.detail) from None
+                raise SubjectTokenError(
+                    from_jose(exc.reason, BrokerReason.MALFORMED_TOKEN), exc.detail
+                ) from None
             try:
                 verified = self._check(token, cluster, now)
             except AuthError as again:
-                raise SubjectTokenError(again.reason.value, again.detail) from None
+                raise SubjectTokenError(
+                    from_jose(again.reason, BrokerReason.MALFORMED_TOKEN), again.detail
+                ) from None
         claims = parse_compact(token, max_bytes=self.max_bytes).payload
         ns, sa = service_account_of(claims, verified.subject)
         return K8sIdentity(

@@ -35,6 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.broker.codes import BrokerReason
 from sidecar.broker.registry import unix_selectors
 from sidecar.errors import SidecarError
 
@@ -46,7 +47,7 @@ _HASH_CHUNK = 1 << 20
 class AttestationFailure(SidecarError):
     """The caller could not be attested. ``reason`` is a short stable code (a metric label)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: BrokerReason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -157,7 +158,9 @@ class PeerTracker:
         found = self._peers.get(transport)
         if isinstance(found, PeerCreds):
             return found
-        raise AttestationFailure("no_peer_credentials", f"cannot read SO_PEERCRED ({found})")
+        raise AttestationFailure(
+            BrokerReason.NO_PEER_CREDENTIALS, f"cannot read SO_PEERCRED ({found})"
+        )
 
 
 def _hash_file(path: str, key: tuple[int, ...]) -> str:
@@ -193,12 +196,14 @@ class UnixAttestor:
             # container): with no /proc/<pid> to check we refuse rather than attest on
             # uid/gid alone, and say how to fix it: that is the mistake containers make.
             raise AttestationFailure(
-                "no_peer_credentials",
+                BrokerReason.NO_PEER_CREDENTIALS,
                 "the peer has no pid in the broker's pid namespace (a process in another "
                 "container? run it in the broker's pid namespace, e.g. pid: service:broker)",
             )
         if peer.starttime is None:
-            raise AttestationFailure("peer_gone", f"process {peer.pid} exited before attestation")
+            raise AttestationFailure(
+                BrokerReason.PEER_GONE, f"process {peer.pid} exited before attestation"
+            )
         exe_link = f"{self.proc}/{peer.pid}/exe"
         try:
             exe: str | None = os.readlink(exe_link)
@@ -210,7 +215,7 @@ class UnixAttestor:
         # Re-check after every read of /proc/PID: same process, not a reused pid.
         if not pidfd_alive(peer.pidfd) or read_starttime(peer.pid, self.proc) != peer.starttime:
             raise AttestationFailure(
-                "peer_changed",
+                BrokerReason.PEER_CHANGED,
                 f"process {peer.pid} exited or its pid was reused during attestation",
             )
         return UnixEvidence(

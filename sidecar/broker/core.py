@@ -34,6 +34,7 @@ from sidecar.broker.attestation_unix import (
     UnixEvidence,
 )
 from sidecar.broker.audit import AuditLog
+from sidecar.broker.codes import BrokerReason, OAuthCode, from_jose
 from sidecar.broker.config import BrokerConfig
 from sidecar.broker.entries import EntryStore
 from sidecar.broker.issuance import MintedToken, mint
@@ -66,13 +67,13 @@ Clock = Callable[[], float]
 #: on policy" gets ``invalid_request`` (400). The attestation socket is no token exchange (no
 #: subject token: the caller is the socket peer), so there RFC 6749's ``access_denied`` (403)
 #: stays.
-EXCHANGE_REFUSAL = "invalid_request"
-UNIX_REFUSAL = "access_denied"
+EXCHANGE_REFUSAL = OAuthCode.INVALID_REQUEST
+UNIX_REFUSAL = OAuthCode.ACCESS_DENIED
 
 
-def policy_refusal(error: str, description: str, reason: str) -> OAuthError:
+def policy_refusal(error: OAuthCode, description: str, reason: BrokerReason) -> OAuthError:
     return OAuthError(
-        error, description, status=403 if error == "access_denied" else 400, reason=reason
+        error, description, status=403 if error is OAuthCode.ACCESS_DENIED else 400, reason=reason
     )
 
 
@@ -106,7 +107,7 @@ class _Attestor:
     """The attestor-specific steps of a token request (see ``Broker._issue_attested``)."""
 
     name: str
-    refusal: str  # the error code of a policy refusal (EXCHANGE_REFUSAL / UNIX_REFUSAL)
+    refusal: OAuthCode  # the error code of a policy refusal (EXCHANGE_REFUSAL / UNIX_REFUSAL)
     fields: dict[str, Any]  # audit fields known before the request is parsed
     parse: Callable[[TokenHttpRequest], _Wanted]
     identify: Callable[[_Wanted, float], Awaitable[_Caller]]
@@ -212,16 +213,22 @@ class Broker:
         """RFC 9449 §5: the token request carries exactly one valid proof for this endpoint."""
         if htu is None:
             raise OAuthError(
-                "invalid_request", "a Host header naming host[:port] is required", reason="no_host"
+                OAuthCode.INVALID_REQUEST,
+                "a Host header naming host[:port] is required",
+                reason=BrokerReason.NO_HOST,
             )
         if not proofs:
             raise OAuthError(
-                "invalid_dpop_proof", "a DPoP proof is required", reason="proof_missing"
+                OAuthCode.INVALID_DPOP_PROOF,
+                "a DPoP proof is required",
+                reason=BrokerReason.PROOF_MISSING,
             )
         if len(proofs) > 1:
             # §4.3 step 1: "there is not more than one DPoP HTTP request header field".
             raise OAuthError(
-                "invalid_dpop_proof", "more than one DPoP header", reason="proof_invalid"
+                OAuthCode.INVALID_DPOP_PROOF,
+                "more than one DPoP header",
+                reason=BrokerReason.PROOF_INVALID,
             )
         dpop = self.cfg.dpop
         try:
@@ -236,20 +243,25 @@ class Broker:
                 key_cache=self.proof_keys,
             )
         except AuthError as exc:
-            raise OAuthError("invalid_dpop_proof", exc.detail, reason=exc.reason.value) from None
+            reason = from_jose(exc.reason, BrokerReason.PROOF_INVALID)
+            raise OAuthError(OAuthCode.INVALID_DPOP_PROOF, exc.detail, reason=reason) from None
         try:
             fresh = self.replay.check_and_insert_sync(dpop.replay_key(proof), now, dpop.replay_ttl)
         except ReplayStoreUnavailable:
             raise OAuthError(
-                "temporarily_unavailable",
+                OAuthCode.TEMPORARILY_UNAVAILABLE,
                 "too many proofs in flight; retry shortly",
                 status=503,
-                reason="replay_store_unavailable",
+                reason=BrokerReason.REPLAY_STORE_UNAVAILABLE,
                 headers=(("Retry-After", "5"),),
             ) from None
         if not fresh:
             # §11.1: a proof's jti is accepted once within its acceptance window.
-            raise OAuthError("invalid_dpop_proof", "proof jti was already used", reason="replayed")
+            raise OAuthError(
+                OAuthCode.INVALID_DPOP_PROOF,
+                "proof jti was already used",
+                reason=BrokerReason.REPLAYED,
+            )
         return proof
 
     def _allowed(self, entry: Entry, audiences: list[str]) -> None:
@@ -259,14 +271,14 @@ class Broker:
             # token for any target service indicated by the resource or audience parameters,
             # the invalid_target error code SHOULD be used".
             raise OAuthError(
-                "invalid_target",
+                OAuthCode.INVALID_TARGET,
                 f"{entry.spiffe_id} may not request audience {refused[0]}",
-                reason="audience_not_allowed",
+                reason=BrokerReason.AUDIENCE_NOT_ALLOWED,
             )
 
-    def _not_revoked(self, subject: str, refusal: str) -> None:
+    def _not_revoked(self, subject: str, refusal: OAuthCode) -> None:
         if self.revocations.is_subject_revoked(subject):
-            raise policy_refusal(refusal, f"{subject} is revoked", "revoked")
+            raise policy_refusal(refusal, f"{subject} is revoked", BrokerReason.REVOKED)
 
     def _issue(
         self,
@@ -288,7 +300,9 @@ class Broker:
         )
         if minted.expires_in <= 0:
             raise OAuthError(
-                "invalid_request", "the subject token expires too soon", reason="expired"
+                OAuthCode.INVALID_REQUEST,
+                "the subject token expires too soon",
+                reason=BrokerReason.EXPIRED,
             )
         return Issued(token_response(minted.token, minted.expires_in), minted)
 
@@ -300,15 +314,17 @@ class Broker:
         key = self.ring.active
         if proof.key is None or proof.alg not in SVID_ALGORITHMS or key.alg not in SVID_ALGORITHMS:
             raise OAuthError(
-                "invalid_request",
+                OAuthCode.INVALID_REQUEST,
                 "a WIT-SVID needs an RS, ES or PS key for the proof and the issuer (no EdDSA)",
-                reason="wit_key_alg",
+                reason=BrokerReason.WIT_KEY_ALG,
             )
         # Like an access token, a k8s-attested WIT never outlives its subject token.
         lifetime = self.cfg.wit_ttl if not_after is None else min(self.cfg.wit_ttl, not_after - now)
         if lifetime < 1:
             raise OAuthError(
-                "invalid_request", "the subject token expires too soon", reason="expired"
+                OAuthCode.INVALID_REQUEST,
+                "the subject token expires too soon",
+                reason=BrokerReason.EXPIRED,
             )
         wit = issue_wit(
             key.private_key,
@@ -396,14 +412,16 @@ class Broker:
     async def _k8s_identity(self, token: str, now: float) -> K8sIdentity:
         if len(token) > self.cfg.max_subject_token_bytes:
             raise OAuthError(
-                "invalid_request", "subject_token is too large", reason="malformed_token"
+                OAuthCode.INVALID_REQUEST,
+                "subject_token is too large",
+                reason=BrokerReason.MALFORMED_TOKEN,
             )
         try:
             return await self.clusters.verify(token, now)
         except SubjectTokenError as exc:
             if exc.retryable:
                 raise OAuthError(
-                    "temporarily_unavailable",
+                    OAuthCode.TEMPORARILY_UNAVAILABLE,
                     exc.detail,
                     status=503,
                     reason=exc.reason,
@@ -418,7 +436,7 @@ class Broker:
             # names authorization grants such as codes and refresh tokens). The precise cause
             # is in error_description and in the audit record's reason.
             raise OAuthError(
-                "invalid_request",
+                OAuthCode.INVALID_REQUEST,
                 f"subject_token rejected ({exc.reason}): {exc.detail}",
                 reason=exc.reason,
             ) from None
@@ -472,7 +490,7 @@ class Broker:
             fields.update(caller.fields)
             entry = self.registry.match(caller.selectors)
             if entry is None:
-                raise policy_refusal(attestor.refusal, caller.unregistered, "no_entry")
+                raise policy_refusal(attestor.refusal, caller.unregistered, BrokerReason.NO_ENTRY)
             attesting = False
             fields.update(sub=entry.spiffe_id, entry=entry.index)
             if not wanted.wit:
@@ -497,7 +515,10 @@ class Broker:
             return await self.unix.attest(peer)
         except AttestationFailure as exc:
             raise OAuthError(
-                "access_denied", f"attestation failed: {exc.detail}", status=403, reason=exc.reason
+                OAuthCode.ACCESS_DENIED,
+                f"attestation failed: {exc.detail}",
+                status=403,
+                reason=exc.reason,
             ) from None
 
     # -- registration entries (admin socket) --------------------------------------------------
@@ -514,23 +535,23 @@ class Broker:
             elif action == "remove" and isinstance(doc, dict):
                 spiffe_id = doc.get("spiffe_id")
                 if not isinstance(spiffe_id, str) or validate_value(spiffe_id) is not None:
-                    raise OAuthError("invalid_request", "spiffe_id must be a SPIFFE ID")
+                    raise OAuthError(OAuthCode.INVALID_REQUEST, "spiffe_id must be a SPIFFE ID")
                 removed = await self.entries.remove(spiffe_id)
                 if not removed:
                     raise OAuthError(
-                        "invalid_request",
+                        OAuthCode.INVALID_REQUEST,
                         f"no entry added at run time has spiffe_id {spiffe_id} (entries of the "
                         "configuration file change by editing it and reloading)",
                     )
                 detail = {"spiffe_id": spiffe_id, "removed": removed}
             else:
                 raise OAuthError(
-                    "invalid_request",
+                    OAuthCode.INVALID_REQUEST,
                     'send {"action": "add", "entry": {...}} or '
                     '{"action": "remove", "spiffe_id": "..."}',
                 )
         except ConfigError as exc:
-            raise OAuthError("invalid_request", str(exc)) from None
+            raise OAuthError(OAuthCode.INVALID_REQUEST, str(exc)) from None
         self.unix.needs_sha256 = self.registry.needs_sha256
         self.audit.emit(
             "entries", self.clock(), result="ok", action=action, actor_uid=actor_uid, **detail
@@ -544,7 +565,7 @@ class Broker:
     ) -> dict[str, Any]:
         problem = validate_value(value)
         if problem is not None or kind not in ("sub", "jti"):
-            raise OAuthError("invalid_request", f"{kind} must be {problem or 'sub or jti'}")
+            raise OAuthError(OAuthCode.INVALID_REQUEST, f"{kind} must be {problem or 'sub or jti'}")
         assert isinstance(value, str)
         now = self.clock()
         store = self.revocations

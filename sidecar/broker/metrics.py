@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from sidecar.broker.codes import BrokerReason
 from sidecar.observability.metrics import BoundLabels, function_gauge
 
 # Issuance takes ~0.2 ms (cached subject token) to tens of ms (first hash of a binary).
@@ -29,7 +30,7 @@ ISSUANCE_BUCKETS = (
 ATTESTORS = ("unix", "k8s")
 #: Refusal reasons that are never tolerated (M6 replays, M8 revoked callers): their children
 #: exist from the start so that the first one shows as an increase.
-ALERTED_REFUSALS = ("replayed", "revoked")
+ALERTED_REFUSALS = (BrokerReason.REPLAYED, BrokerReason.REVOKED)
 
 
 class BrokerMetrics:
@@ -116,8 +117,8 @@ class BrokerMetrics:
             if audience in watched:
                 self.high_privilege_grants.labels(audience).inc()
 
-    def refused(self, attestor: str, reason: str) -> None:
+    def refused(self, attestor: str, reason: BrokerReason) -> None:
         self.refusals.labels(attestor, reason).inc()
 
-    def attestation_failed(self, attestor: str, reason: str) -> None:
+    def attestation_failed(self, attestor: str, reason: BrokerReason) -> None:
         self.attestation_failures.labels(attestor, reason).inc()

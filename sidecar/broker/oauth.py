@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
+from sidecar.broker.codes import BrokerReason, OAuthCode
 from sidecar.errors import SidecarError
 from sidecar.jose.wimse_wit import WIT_TOKEN_TYPE as WIT_TOKEN_TYPE  # re-exported
 
@@ -42,11 +43,11 @@ class OAuthError(SidecarError):
 
     def __init__(
         self,
-        error: str,
+        error: OAuthCode,
         description: str,
         *,
         status: int = 400,
-        reason: str | None = None,
+        reason: BrokerReason | None = None,
         headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         super().__init__(f"{error}: {description}")
@@ -54,7 +55,7 @@ class OAuthError(SidecarError):
         self.error = error
         self.description = description
         self.status = status
-        self.reason = reason or error
+        self.reason = reason or BrokerReason(error.value)
         self.headers = headers
 
     def body(self) -> bytes:
@@ -92,12 +93,12 @@ class Form:
     def one(self, name: str, *, required: bool) -> str | None:
         values = self._values.get(name, ())
         if len(values) > 1:
-            raise OAuthError("invalid_request", f"parameter {name} is repeated")
+            raise OAuthError(OAuthCode.INVALID_REQUEST, f"parameter {name} is repeated")
         if not values or values[0] == "":
             # RFC 6749 §3.2: "Parameters sent without a value MUST be treated as if they
             # were omitted from the request."
             if required:
-                raise OAuthError("invalid_request", f"parameter {name} is missing")
+                raise OAuthError(OAuthCode.INVALID_REQUEST, f"parameter {name} is missing")
             return None
         return values[0]
 
@@ -119,7 +120,7 @@ def no_client_authentication(authorization: str | None, form: Form | None = None
         scheme = authorization.split(" ", 1)[0]
         scheme = scheme if scheme.isalnum() and len(scheme) <= 20 else "Basic"
         raise OAuthError(
-            "invalid_client",
+            OAuthCode.INVALID_CLIENT,
             "client authentication is not supported here (auth method: none)",
             status=401,
             headers=(("WWW-Authenticate", f'{scheme} realm="sidecar-broker"'),),
@@ -129,7 +130,7 @@ def no_client_authentication(authorization: str | None, form: Form | None = None
         # any challenge would name an HTTP authentication scheme we do not accept. RFC 6749
         # §5.2 only MAY-s the 401 for credentials sent outside the Authorization header.
         raise OAuthError(
-            "invalid_client",
+            OAuthCode.INVALID_CLIENT,
             "client authentication is not supported here (auth method: none)",
         )
 
@@ -138,7 +139,7 @@ def parse_request(request: TokenHttpRequest) -> Form:
     """Client authentication (refused), then the form."""
     no_client_authentication(request.authorization)
     if request.body is None:
-        raise OAuthError("invalid_request", "the form is too large")
+        raise OAuthError(OAuthCode.INVALID_REQUEST, "the form is too large")
     return parse_form(request.content_type, request.body)
 
 
@@ -146,9 +147,9 @@ def parse_form(content_type: str | None, body: bytes) -> Form:
     """RFC 6749 §3.2: the token endpoint takes ``application/x-www-form-urlencoded``."""
     mime = (content_type or "").split(";", 1)[0].strip().lower()
     if mime != FORM_CONTENT_TYPE:
-        raise OAuthError("invalid_request", f"the body must be {FORM_CONTENT_TYPE}")
+        raise OAuthError(OAuthCode.INVALID_REQUEST, f"the body must be {FORM_CONTENT_TYPE}")
     if len(body) > MAX_FORM_BYTES:
-        raise OAuthError("invalid_request", "the form is too large")
+        raise OAuthError(OAuthCode.INVALID_REQUEST, "the form is too large")
     try:
         text = body.decode("ascii")
         pairs = parse_qsl(
@@ -159,13 +160,13 @@ def parse_form(content_type: str | None, body: bytes) -> Form:
             errors="strict",
         )
     except (UnicodeDecodeError, ValueError):
-        raise OAuthError("invalid_request", "the form body is malformed") from None
+        raise OAuthError(OAuthCode.INVALID_REQUEST, "the form body is malformed") from None
     form = Form(pairs)
     no_client_authentication(None, form)
     if len(form.pairs) > 1:
         for name in _SINGLE:
             if len(form.all(name)) > 1:
-                raise OAuthError("invalid_request", f"parameter {name} is repeated")
+                raise OAuthError(OAuthCode.INVALID_REQUEST, f"parameter {name} is repeated")
     return form
 
 
@@ -174,19 +175,23 @@ def targets(form: Form) -> list[str]:
     order. ``resource`` (RFC 8707) is refused rather than silently ignored: this issuer names
     targets by audience only."""
     if form.all("resource"):
-        raise OAuthError("invalid_target", "resource indicators are not supported; use audience")
+        raise OAuthError(
+            OAuthCode.INVALID_TARGET, "resource indicators are not supported; use audience"
+        )
     out: list[str] = []
     for aud in form.all("audience"):
         if not aud:
             continue
         if len(aud) > MAX_AUDIENCE_CHARS or not aud.isprintable():
-            raise OAuthError("invalid_request", "an audience is too long or not printable")
+            raise OAuthError(OAuthCode.INVALID_REQUEST, "an audience is too long or not printable")
         if aud not in out:
             out.append(aud)
     if not out:
-        raise OAuthError("invalid_request", "at least one audience is required")
+        raise OAuthError(OAuthCode.INVALID_REQUEST, "at least one audience is required")
     if len(out) > MAX_AUDIENCES:
-        raise OAuthError("invalid_request", f"at most {MAX_AUDIENCES} audiences per request")
+        raise OAuthError(
+            OAuthCode.INVALID_REQUEST, f"at most {MAX_AUDIENCES} audiences per request"
+        )
     return out
 
 
@@ -203,30 +208,32 @@ def parse_exchange(form: Form) -> ExchangeRequest:
     learns that before anything else)."""
     grant = form.one("grant_type", required=True)
     if grant != TOKEN_EXCHANGE_GRANT:
-        raise OAuthError("unsupported_grant_type", f"only {TOKEN_EXCHANGE_GRANT} is supported")
+        raise OAuthError(
+            OAuthCode.UNSUPPORTED_GRANT_TYPE, f"only {TOKEN_EXCHANGE_GRANT} is supported"
+        )
     subject_token = form.one("subject_token", required=True)
     subject_type = form.one("subject_token_type", required=True)
     assert subject_token is not None
     if subject_type != JWT_TOKEN_TYPE:
         raise OAuthError(
-            "invalid_request",
+            OAuthCode.INVALID_REQUEST,
             f"subject_token_type must be {JWT_TOKEN_TYPE} (a service-account token)",
-            reason="subject_token_type",
+            reason=BrokerReason.SUBJECT_TOKEN_TYPE,
         )
     if form.one("actor_token", required=False) is not None:
-        raise OAuthError("invalid_request", "delegation (actor_token) is not supported")
+        raise OAuthError(OAuthCode.INVALID_REQUEST, "delegation (actor_token) is not supported")
     requested = form.one("requested_token_type", required=False)
     if requested not in (None, ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, WIT_TOKEN_TYPE):
         raise OAuthError(
-            "invalid_request",
+            OAuthCode.INVALID_REQUEST,
             f"requested_token_type must be {ACCESS_TOKEN_TYPE} or {WIT_TOKEN_TYPE}",
         )
     if form.one("scope", required=False) is not None:
         # Issuing without the scope asked for would be silently granting something else.
-        raise OAuthError("invalid_scope", "this issuer grants audiences, not scopes")
+        raise OAuthError(OAuthCode.INVALID_SCOPE, "this issuer grants audiences, not scopes")
     if requested == WIT_TOKEN_TYPE:
         if form.all("audience") or form.all("resource"):
-            raise OAuthError("invalid_request", "a WIT has no audience: send none with it")
+            raise OAuthError(OAuthCode.INVALID_REQUEST, "a WIT has no audience: send none with it")
         return ExchangeRequest(subject_token=subject_token, audiences=[], wit=True)
     return ExchangeRequest(subject_token=subject_token, audiences=targets(form))
 
@@ -239,7 +246,7 @@ def requests_wit(form: Form) -> bool:
     requested = form.one("requested_token_type", required=False)
     if requested not in (None, ACCESS_TOKEN_TYPE, WIT_TOKEN_TYPE):
         raise OAuthError(
-            "invalid_request",
+            OAuthCode.INVALID_REQUEST,
             f"requested_token_type must be {ACCESS_TOKEN_TYPE} or {WIT_TOKEN_TYPE}",
         )
     return requested == WIT_TOKEN_TYPE

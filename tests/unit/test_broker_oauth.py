@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from sidecar.broker.codes import OAuthCode
 from sidecar.broker.http_app import token_request
 from sidecar.broker.oauth import (
     JWT_TOKEN_TYPE,
@@ -117,7 +118,7 @@ def test_bad_forms_are_invalid_request(content_type: str | None, body: bytes) ->
 
 
 def test_error_body_is_rfc6749_json_with_safe_characters() -> None:
-    exc = OAuthError("invalid_request", 'bad "thing"\\ with\nnewline \u00e9')
+    exc = OAuthError(OAuthCode.INVALID_REQUEST, 'bad "thing"\\ with\nnewline \u00e9')
     doc = json.loads(exc.body())
     assert set(doc) == {"error", "error_description"}
     assert all(" " <= c <= "~" and c not in '"\\' for c in doc["error_description"])

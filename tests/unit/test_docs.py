@@ -43,6 +43,7 @@ from sidecar.authz.core import Authorizer, AuthzSettings
 from sidecar.authz.nonce import NonceService
 from sidecar.authz.policy import empty_policy
 from sidecar.authz.replay import InMemoryReplayStore
+from sidecar.broker.codes import OAuthCode
 from sidecar.broker.config import TOP_KEYS, BrokerConfig, parse_broker_config
 from sidecar.broker.metrics import BrokerMetrics
 from sidecar.cli import build_parser
@@ -689,11 +690,22 @@ def test_every_egress_answer_documented() -> None:
     assert not wrong, f"README.md egress answer statuses differ from the code: {wrong}"
 
 
+def _oauth_code(node: ast.expr) -> object:
+    """``OAuthCode.NAME`` (the broker's closed set) as its value; a literal as itself."""
+    if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "OAuthCode"
+    ):
+        return OAuthCode[node.attr].value
+    return _const(node)
+
+
 def test_every_broker_oauth_error_documented() -> None:
     found: dict[str, set[int]] = {}
     for path in sorted((PACKAGE / "broker").glob("*.py")):
         for call in _calls(path, "OAuthError"):
-            code = _const(call.args[0]) if call.args else None
+            code = _oauth_code(call.args[0]) if call.args else None
             if not isinstance(code, str):
                 continue
             status = next((_const(k.value) for k in call.keywords if k.arg == "status"), 400)
