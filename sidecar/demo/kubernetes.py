@@ -19,6 +19,7 @@ against these files and the topology.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import sys
 from typing import Any
@@ -62,8 +63,18 @@ def service_host(pod: str) -> str:
     return f"{pod}.{topo.NAMESPACE}.svc.cluster.local"
 
 
+#: Admin listeners on the pod IP: the kubelet's HTTP probes and Prometheus reach them there.
+#: They only read (``/healthz``, ``/readyz``, ``/metrics``; the sidecars' ``/tokens`` shows
+#: claims, never a token); the broker's revocation API is on its unix admin socket. Envoy's
+#: admin can drain and stop Envoy: it stays on loopback.
+SCRAPED: frozenset[tuple[str, str]] = frozenset(
+    {("broker", "admin"), ("orders-sidecar", "admin"), ("frontend-sidecar", "admin")}
+)
+
+
 def placement() -> topo.Placement:
-    return topo.pod_placement({pod: service_host(pod) for pod in ("broker", "orders")})
+    p = topo.pod_placement({pod: service_host(pod) for pod in ("broker", "orders")})
+    return dataclasses.replace(p, exposed=p.exposed | SCRAPED)
 
 
 def broker_config(p: topo.Placement) -> dict[str, Any]:

@@ -38,13 +38,20 @@ CONFIG_OF = {
     ("frontend", "sidecar"): "frontend-sidecar",
 }
 #: (Deployment, container) → what its readiness probe fetches: (topology service, role, path).
+#: Exec probes on loopback: the app (reached only through Envoy) and Envoy (its admin can stop
+#: it).
 PROBES = {
-    ("broker", "broker"): ("broker", "admin", "/readyz"),
     ("orders", "app"): ("orders", "http", "/__health"),
-    ("orders", "sidecar"): ("orders-sidecar", "admin", "/readyz"),
     ("orders", "envoy"): ("envoy", "admin", "/ready"),
-    ("frontend", "sidecar"): ("frontend-sidecar", "admin", "/readyz"),
 }
+#: HTTP probes on the admin listener bound to the pod IP (port "metrics"), also scraped.
+ADMIN_PROBED = {
+    ("broker", "broker"): ("broker", "admin"),
+    ("orders", "sidecar"): ("orders-sidecar", "admin"),
+    ("frontend", "sidecar"): ("frontend-sidecar", "admin"),
+}
+#: The Kubernetes version the manifests are validated against (native sidecars are GA in 1.33).
+KUBERNETES_VERSION = "1.33.0"
 
 
 def _load_objects() -> dict[tuple[str, str], dict[str, Any]]:
@@ -73,7 +80,9 @@ def _pod(deployment: str) -> dict[str, Any]:
 
 
 def _containers(deployment: str) -> dict[str, dict[str, Any]]:
-    return {c["name"]: c for c in _pod(deployment)["containers"]}
+    """Every container of the pod, native sidecars (init containers) included."""
+    pod = _pod(deployment)
+    return {c["name"]: c for c in [*pod.get("initContainers", []), *pod["containers"]]}
 
 
 def _volumes(deployment: str) -> dict[str, dict[str, Any]]:
@@ -196,10 +205,11 @@ def test_commands_read_the_generated_configs() -> None:
     commands = {(d, c): spec["command"] for d in ("broker", "orders", "frontend")
                 for c, spec in _containers(d).items()}  # fmt: skip
     assert set(commands) == set(CONFIG_OF) | {("orders", "app"), ("frontend", "app")}
-    assert commands[("broker", "broker")][:2] == ["sidecar", "broker"]
+    # JSON logs in a cluster: one object per line for the log collector.
+    assert commands[("broker", "broker")][:4] == ["sidecar", "--log-format", "json", "broker"]
     assert commands[("orders", "envoy")][0] == "envoy"
-    assert commands[("orders", "sidecar")][:2] == commands[("frontend", "sidecar")][:2]
-    assert commands[("orders", "sidecar")][:2] == ["sidecar", "run"]
+    assert commands[("orders", "sidecar")][:4] == commands[("frontend", "sidecar")][:4]
+    assert commands[("orders", "sidecar")][:4] == ["sidecar", "--log-format", "json", "run"]
     app = commands[("orders", "app")]
     assert app[:3] == ["python", "-m", "sidecar.apps.echo"]
     assert checks.option(app, "--host") == "127.0.0.1"
@@ -217,6 +227,87 @@ def test_readiness_probes_hit_each_containers_loopback() -> None:
         url = checks.probe_url(probe["exec"]["command"], f"{deployment}/{container}")
         assert checks.url_parts(url) == ("127.0.0.1", P.port(service, role), path)
     assert "readinessProbe" not in _containers("frontend")["app"]  # it listens on nothing
+
+
+def _named_port(container: dict[str, Any], name: str) -> int:
+    (port,) = [p["containerPort"] for p in container.get("ports", []) if p["name"] == name]
+    return int(port)
+
+
+def test_admin_listeners_are_probed_over_http_and_scraped_on_the_pod_ip() -> None:
+    """Issue 11.10: HTTP probes on the admin port (no exec probe), a scrapeable metrics port;
+    the admin listener is bound to all interfaces in the config so the kubelet reaches it."""
+    for (deployment, container), (service, role) in ADMIN_PROBED.items():
+        spec = _containers(deployment)[container]
+        where = f"{deployment}/{container}"
+        assert _named_port(spec, "metrics") == P.port(service, role), where
+        assert P.bind_address(service, role) == "0.0.0.0", where
+        probes = {
+            k: spec[k] for k in ("readinessProbe", "livenessProbe", "startupProbe") if k in spec
+        }
+        assert {"readinessProbe", "livenessProbe"} <= set(probes), where
+        for kind, probe in probes.items():
+            assert "exec" not in probe, f"{where} {kind}: an exec probe"
+            path = "/healthz" if kind == "livenessProbe" else "/readyz"
+            assert probe["httpGet"] == {"path": path, "port": "metrics"}, (where, kind)
+        annotations = OBJECTS[("Deployment", deployment)]["spec"]["template"]["metadata"][
+            "annotations"
+        ]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert int(annotations["prometheus.io/port"]) == P.port(service, role), where
+        assert annotations["prometheus.io/path"] == "/metrics"
+    # Envoy's admin (it can drain and quit Envoy) stays on loopback.
+    assert P.bind_address("envoy", "admin") == "127.0.0.1"
+
+
+def test_the_admin_http_listener_only_reads() -> None:
+    """What the pod IP now exposes: GET routes only (the broker's revocation API is on its
+    unix admin socket, not here)."""
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.observability.admin import make_admin_app
+
+    app = make_admin_app(CollectorRegistry(), lambda: (True, "ok"))
+    methods = {route.method for route in app.router.routes()}
+    assert methods <= {"GET", "HEAD"}, methods
+
+
+def test_sidecars_are_native_sidecars_the_apps_wait_for() -> None:
+    for deployment in ("orders", "frontend"):
+        pod = _pod(deployment)
+        (sidecar,) = pod["initContainers"]
+        assert sidecar["name"] == "sidecar" and sidecar["restartPolicy"] == "Always"
+        assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
+        assert "sidecar" not in {c["name"] for c in pod["containers"]}
+
+
+def test_every_container_has_resource_requests_and_limits() -> None:
+    for deployment in ("broker", "orders", "frontend"):
+        for cname, spec in _containers(deployment).items():
+            resources = spec.get("resources", {})
+            for part in ("requests", "limits"):
+                assert set(resources.get(part, {})) == {"cpu", "memory"}, (deployment, cname, part)
+
+
+def test_manifests_pass_the_kubernetes_schema() -> None:
+    """Every object against the OpenAPI schema of a pinned Kubernetes version, strictly
+    (an unknown or misplaced field fails)."""
+    import kubernetes_validate  # type: ignore[import-untyped]
+
+    for (kind, name), obj in OBJECTS.items():
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{kind}/{name}: {exc.message} at {list(exc.path)}") from None
+
+
+def test_the_schema_check_catches_a_misplaced_field() -> None:
+    import kubernetes_validate
+
+    broken = yaml.safe_load(yaml.safe_dump(OBJECTS[("Deployment", "orders")]))
+    broken["spec"]["template"]["spec"]["initContainers"][0]["restartPolicy"] = 7
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
 # -- identity: the projected token, the broker's cluster block and entry ---------------------
@@ -304,8 +395,10 @@ def test_services_expose_only_envoy_and_the_broker() -> None:
         if spec.get("ports")
     }
     assert exposed == {
-        ("broker", "broker"): [P.port("broker", "http")],
+        ("broker", "broker"): [P.port("broker", "http"), P.port("broker", "admin")],
         ("orders", "envoy"): [P.port("envoy", "ingress")],
+        ("orders", "sidecar"): [P.port("orders-sidecar", "admin")],  # metrics, no Service
+        ("frontend", "sidecar"): [P.port("frontend-sidecar", "admin")],
     }
     for name, (container, service_role) in {
         "orders": ("envoy", ("envoy", "ingress")),
@@ -328,7 +421,7 @@ def test_configs_parse_and_reference_each_other() -> None:
     issuer = P.url("broker", "http")
     assert broker.issuer == issuer
     assert broker.listen == ("0.0.0.0", P.port("broker", "http"))
-    assert broker.admin_listen == ("127.0.0.1", P.port("broker", "admin"))
+    assert broker.admin_listen == ("0.0.0.0", P.port("broker", "admin"))
 
     envoy: dict[str, Any] = yaml.safe_load(_config_file("envoy").read_text())
     assert checks.envoy_listener(envoy) == ("0.0.0.0", P.port("envoy", "ingress"))
@@ -352,7 +445,7 @@ def test_configs_parse_and_reference_each_other() -> None:
     assert orders.authz.settings.authorities == frozenset({upstream.target.origin})
     assert upstream.target.audience == topo.ORDERS_ID
     assert upstream.listen == ("127.0.0.1", P.port("frontend-sidecar", "egress"))
-    assert frontend.admin[0] == "127.0.0.1"
+    assert frontend.admin[0] == "0.0.0.0"  # probes and scrapes; egress stays on loopback
 
 
 @pytest.mark.integration
