@@ -8,8 +8,10 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from sidecar.jose.b64 import b64url_decode
 from tests.integration.harness import http_request
@@ -94,5 +96,43 @@ def test_entries_cli_adds_lists_and_removes_over_the_admin_socket(tmp_path: Path
         assert broker.unix_token([ORDERS], new_signer()).status == 403
         rc, _, err = broker.cli(["entries", "remove"], "--spiffe-id", spiffe_id)
         assert rc == 1 and "no entry added at run time" in err
+    finally:
+        broker.stop()
+
+
+def test_sighup_swaps_entries_and_refuses_a_restart_only_change(tmp_path: Path) -> None:
+    """A real broker process: the workload is refused, its entry is written to the file and
+    SIGHUP sent, and it gets a token, with no restart. A reload that moves ``listen`` is
+    refused (counted ``error``, named in the log) and the entries in force stay."""
+    from tests.integration.test_reload import Running
+
+    broker = BrokerProcess(tmp_path, entries=[]).start()
+    try:
+        running = Running(
+            broker.process,
+            broker.config_path,
+            yaml.safe_load(broker.config_path.read_text()),
+            broker.admin_port,
+        )
+        assert broker.unix_token([ORDERS], new_signer()).status == 403
+
+        def add_entries(cfg: dict[str, Any]) -> None:
+            cfg["entries"] = python_entries()
+
+        running.write(add_entries)
+        running.sighup_and_wait("ok")
+        answer = broker.unix_token([ORDERS], new_signer())
+        assert answer.status == 200, answer.body
+        assert verify_independently(broker, answer.token)["sub"].endswith("/unix/python")
+
+        def move_listen(cfg: dict[str, Any]) -> None:
+            cfg["entries"] = []  # would refuse the workload, were it applied
+            cfg["listen"] = "127.0.0.1:1"
+
+        running.write(move_listen)
+        running.sighup_and_wait("error")
+        assert "listen: expected its value at start" in broker.process.log_text(tail=4000)
+        assert broker.unix_token([ORDERS], new_signer()).status == 200, "old entries stay"
+        assert broker.process.stop() == 0
     finally:
         broker.stop()
