@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from sidecar import backoff
 from sidecar.revocation_wire import CHANGED_HEADER, wait_preference
 from sidecar.tls_settings import TLSClient, request_options
 
@@ -60,8 +61,9 @@ def next_delay(
 ) -> float:
     """Seconds to sleep before the next request. ``jitter`` is in [0, 1)."""
     if not ok:
-        backoff = min(max(interval, RETRY_CAP), RETRY_FIRST * 2.0 ** min(failures - 1, 16))
-        return backoff * (0.5 + jitter / 2)
+        # Equal jitter: never retry at once; a long interval is never undercut by the cap.
+        cap = max(interval, RETRY_CAP)
+        return backoff.delay(failures, first=RETRY_FIRST, cap=cap, draw=jitter, spread=0.5)
     if long_poll:
         return max(0.0, MIN_SPACING - elapsed)
     return interval

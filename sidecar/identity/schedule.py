@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sidecar import backoff
 from sidecar.identity.errors import IdentityError
 from sidecar.identity.token import IssuedToken
 
@@ -64,11 +65,11 @@ class RefreshPolicy:
     def backoff_delay(self, failures: int, error: IdentityError, draw: float) -> float:
         """Seconds to wait after the ``failures``-th consecutive failure (1-based)."""
         if not error.retryable:
-            delay = self.backoff_max * (0.5 + 0.5 * draw)
+            delay = backoff.jittered(self.backoff_max, draw, spread=0.5)
         else:
-            exponent = min(max(failures - 1, 0), 62)
-            ceiling = min(self.backoff_max, self.backoff_initial * math.ldexp(1.0, exponent))
-            delay = draw * ceiling  # full jitter
+            delay = backoff.delay(
+                failures, first=self.backoff_initial, cap=self.backoff_max, draw=draw
+            )
         if error.retry_after is not None:
             delay = max(delay, error.retry_after)
         return max(MIN_DELAY, delay)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from sidecar import backoff
 from sidecar.errors import SidecarError
 from sidecar.jose.rfc7517_jwk import JWKError, PublicJWK, import_jwks
 from sidecar.observability.logsafe import logfmt_value
@@ -27,6 +29,9 @@ from sidecar.tls_settings import TLSClient, request_options
 log = logging.getLogger(__name__)
 
 MAX_DOCUMENT_BYTES = 256 * 1024
+#: While an issuer has no key yet: retry after 1 s, doubling up to 30 s, with jitter.
+NO_KEY_RETRY_FIRST = 1.0
+NO_KEY_RETRY_CAP = 30.0
 
 
 class JwksUnavailable(SidecarError):
@@ -130,6 +135,7 @@ class JwksSource:
         importer: Callable[[Any], list[PublicJWK]] = import_jwks,
         fetch_document: Callable[[], Awaitable[Any]] | None = None,
         refresh_hint: Callable[[Any], float | None] | None = None,
+        draw: Callable[[], float] = random.random,
     ) -> None:
         self.location = location
         self.store = store
@@ -138,6 +144,7 @@ class JwksSource:
         #: Reads the publisher's refresh hint from a fetched document (SPIFFE bundles).
         self.refresh_hint = refresh_hint
         self._hint: float | None = None
+        self._draw = draw  # jitter for the no-key retry, in [0, 1]
         self.refresh_interval = refresh_interval
         self.min_refresh_interval = min_refresh_interval
         self.timeout = timeout
@@ -236,9 +243,16 @@ class JwksSource:
             if self.store.has_issuer(self.location.issuer):
                 waiting, delay = 0, self.interval
             else:
-                # No key yet: retry soon, then back off (1, 2, 4 … 30 s) so an issuer that is
-                # down or a missing file is not polled (and logged) every second forever.
-                delay = min(30.0, 2.0**waiting)
+                # No key yet: retry soon, then back off (about 1, 2, 4 … 30 s) so an issuer that
+                # is down or a missing file is not polled (and logged) every second forever;
+                # jittered so sidecars started together do not retry together.
                 waiting += 1
+                delay = backoff.delay(
+                    waiting,
+                    first=NO_KEY_RETRY_FIRST,
+                    cap=NO_KEY_RETRY_CAP,
+                    draw=self._draw(),
+                    spread=0.5,
+                )
             await asyncio.sleep(delay)
             await self.refresh("periodic")

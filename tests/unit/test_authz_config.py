@@ -90,10 +90,13 @@ def test_no_keys_backs_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
     monkeypatch.setattr(asyncio, "sleep", fake_sleep)  # the module jwks sleeps through
     missing = JwksLocation("https://issuer.example", file=str(tmp_path / "absent.json"))
-    source = JwksSource(missing, KeyStore())
+    # Draws at both ends: the top of the jitter range is the old 1, 2, 4 … 30 s schedule, the
+    # bottom half of it (equal jitter: never an immediate retry).
+    draws = iter([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.5])
+    source = JwksSource(missing, KeyStore(), draw=lambda: next(draws))
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(source.run_periodic())
-    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert delays == [1.0, 1.0, 4.0, 4.0, 16.0, 15.0, 30.0, 22.5]
 
 
 @pytest.mark.parametrize(
