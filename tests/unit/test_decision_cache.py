@@ -196,7 +196,7 @@ BASES = [
         "scheme": "bearer",
     },
 ]
-VARIANTS = {
+VARIANTS: dict[str, list[Any]] = {
     "token": sorted(TOKENS),
     "method": ["GET", "POST", "DELETE", "PUT"],
     "path": PATHS,
