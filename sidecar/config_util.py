@@ -1,15 +1,21 @@
-"""Small typed readers for YAML configuration: every error names the key and what it expects."""
+"""Small typed readers for YAML configuration: every error names the key and what it expects.
+
+A reader that finds a wrong value reports it (:func:`sidecar.config_source.report`) and goes
+on with the default, so one run over a file finds every mistake; only a missing required value
+stops the part of the file it is in. Overrides from the environment arrive as strings and are
+converted here, by what the key holds."""
 
 from __future__ import annotations
 
-import os
+import re
 from collections.abc import Mapping, Set
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import yaml
-
+from sidecar.config_source import ENV_PREFIX as ENV_PREFIX
+from sidecar.config_source import EnvValue, or_default, report
+from sidecar.config_source import apply_env_overrides as apply_env_overrides
+from sidecar.config_source import load_yaml_file as load_yaml_file
 from sidecar.errors import ConfigError
 from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, with_aliases
@@ -24,14 +30,15 @@ def section(data: Any, key: str) -> Mapping[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise ConfigError(key, "a mapping", data)
+        report(ConfigError(key, "a mapping", data))
+        return {}
     return data
 
 
 def known_keys(data: Mapping[str, Any], key: str, allowed: Set[str]) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}", f"one of the known keys {sorted(allowed)}")
+    """Every unknown key is a mistake of its own (a typo hides nothing else)."""
+    for name in sorted(set(data) - allowed, key=str):
+        report(ConfigError(f"{key}.{name}", f"one of the known keys {sorted(allowed)}"))
 
 
 def get_str(data: Mapping[str, Any], key: str, path: str, default: Any = _MISSING) -> str:
@@ -39,7 +46,11 @@ def get_str(data: Mapping[str, Any], key: str, path: str, default: Any = _MISSIN
     if value is _MISSING:
         raise ConfigError(f"{path}.{key}", "a string (required)")
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{path}.{key}", "a non-empty string", value)
+        error = ConfigError(f"{path}.{key}", "a non-empty string", value)
+        if not isinstance(default, str):
+            raise error
+        report(error)
+        return default
     return value
 
 
@@ -47,39 +58,112 @@ def get_opt_str(data: Mapping[str, Any], key: str, path: str) -> str | None:
     return None if data.get(key) is None else get_str(data, key, path)
 
 
+def _number(value: Any, whole: bool) -> Any:
+    """An override's string as the number it spells (YAML already typed the file's values)."""
+    if isinstance(value, EnvValue):
+        try:
+            return int(value) if whole else float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def get_num(
     data: Mapping[str, Any], key: str, path: str, default: float, *, minimum: float = 0.0
 ) -> float:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise ConfigError(f"{path}.{key}", f"a number >= {minimum}", value)
+    value = _number(data.get(key, default), whole=False)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
+        report(ConfigError(f"{path}.{key}", f"a number >= {minimum}", value))
+        return float(default)
     return float(value)
 
 
 def get_int(data: Mapping[str, Any], key: str, path: str, default: int, *, minimum: int = 0) -> int:
-    value = data.get(key, default)
+    value = _number(data.get(key, default), whole=True)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{path}.{key}", f"an integer >= {minimum}", value)
+        report(ConfigError(f"{path}.{key}", f"an integer >= {minimum}", value))
+        return default
     return value
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds in a duration: a number of seconds, or a string ``250ms``, ``5s``, ``5m``,
+    ``1h`` (or a plain number); None when ``value`` is none of these."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match is not None:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return None
+
+
+def get_duration(
+    data: Mapping[str, Any], key: str, path: str, default: float, *, minimum: float = 0.0
+) -> float:
+    """A duration in seconds (see :func:`parse_duration`)."""
+    value = data.get(key, default)
+    seconds = parse_duration(value)
+    if seconds is None or not seconds >= minimum:
+        report(
+            ConfigError(
+                f"{path}.{key}",
+                f"a duration >= {minimum:g}s: seconds, or a number with ms, s, m or h (250ms, 5m)",
+                value,
+            )
+        )
+        return float(default)
+    return seconds
+
+
+def get_whole_seconds(
+    data: Mapping[str, Any], key: str, path: str, default: int, *, minimum: int = 0
+) -> int:
+    """A duration that must be a whole number of seconds (an HTTP max-age, a poll's wait)."""
+    seconds = get_duration(data, key, path, default, minimum=minimum)
+    if seconds != int(seconds):
+        report(ConfigError(f"{path}.{key}", "a whole number of seconds", data.get(key)))
+        return default
+    return int(seconds)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
 
 
 def get_bool(data: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
     value = data.get(key, default)
+    if isinstance(value, EnvValue) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
     if not isinstance(value, bool):
-        raise ConfigError(f"{path}.{key}", "true or false", value)
+        report(ConfigError(f"{path}.{key}", "true or false", value))
+        return default
     return value
 
 
 def get_str_list(
     data: Mapping[str, Any], key: str, path: str, default: Any = _MISSING
 ) -> list[str]:
+    """A list of strings; one string is a list of one, an override is comma-separated."""
     value = data.get(key, default)
     if value is _MISSING:
         raise ConfigError(f"{path}.{key}", "a list of strings (required)")
-    if isinstance(value, str):
+    if isinstance(value, EnvValue):
+        value = [EnvValue(part.strip(), value.source) for part in value.split(",") if part.strip()]
+    elif isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{path}.{key}", "a list of non-empty strings", value)
+        error = ConfigError(f"{path}.{key}", "a list of non-empty strings", value)
+        if not isinstance(default, list):
+            raise error
+        report(error)
+        return list(default)
     return list(value)
 
 
@@ -91,15 +175,19 @@ def get_algorithms(
     algs = get_str_list(data, key, path, default)
     for alg in algs:
         if alg not in ASYMMETRIC_ALGORITHMS:
-            raise ConfigError(
-                f"{path}.{key}",
-                f"asymmetric JWS algorithms from {sorted(ASYMMETRIC_ALGORITHMS)}",
-                alg,
+            report(
+                ConfigError(
+                    f"{path}.{key}",
+                    f"asymmetric JWS algorithms from {sorted(ASYMMETRIC_ALGORITHMS)}",
+                    alg,
+                )
             )
+            return with_aliases(frozenset(default))
     if not algs:
-        raise ConfigError(
-            f"{path}.{key}", "at least one algorithm (an empty list denies all)", algs
+        report(
+            ConfigError(f"{path}.{key}", "at least one algorithm (an empty list denies all)", algs)
         )
+        return with_aliases(frozenset(default))
     return with_aliases(frozenset(algs))
 
 
@@ -119,7 +207,7 @@ def check_url(value: str, key: str, *, bare: bool = False) -> str:
 
 def get_opt_url(data: Mapping[str, Any], key: str, path: str) -> str | None:
     value = get_opt_str(data, key, path)
-    return None if value is None else check_url(value, f"{path}.{key}")
+    return None if value is None else or_default(None, lambda: check_url(value, f"{path}.{key}"))
 
 
 def exactly_one(path: str, chosen: Mapping[str, object]) -> None:
@@ -232,8 +320,8 @@ def get_dpop_policy(
     default = DPoPPolicy()
     return DPoPPolicy(
         algorithms=get_algorithms(dpop, "algorithms", path, list(DEFAULT_PROOF_ALGORITHMS)),
-        max_age=get_num(dpop, "max_age", path, default.max_age, minimum=1.0),
-        future_leeway=get_num(dpop, "future_leeway", path, default.future_leeway),
+        max_age=get_duration(dpop, "max_age", path, default.max_age, minimum=1.0),
+        future_leeway=get_duration(dpop, "future_leeway", path, default.future_leeway),
         max_bytes=get_int(limits, "max_proof_bytes", limits_path, default.max_bytes, minimum=256),
     )
 
@@ -243,7 +331,11 @@ def get_choice(
 ) -> str:
     value = data.get(key, default)
     if value not in choices:
-        raise ConfigError(f"{path}.{key}", f"one of {list(choices)}", value)
+        error = ConfigError(f"{path}.{key}", f"one of {list(choices)}", value)
+        if default not in choices:
+            raise error
+        report(error)
+        return default
     return str(value)
 
 
@@ -256,48 +348,6 @@ def parse_listen(value: Any, key: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(key, "host:port with a port in 0..65535", value)
     return host, int(port)
-
-
-ENV_PREFIX = "SIDECAR__"
-
-
-def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> None:
-    """``SIDECAR__AUTHZ__GRPC__LISTEN=127.0.0.1:9999`` sets ``authz.grpc.listen``; the value
-    is parsed as YAML so numbers and booleans keep their types."""
-    env = os.environ if environ is None else environ
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
-        if not path:
-            continue
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(".".join(path), "a mapping to override into (from " + name + ")")
-            node = child
-        try:
-            node[path[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ConfigError(".".join(path), f"a YAML scalar in {name}") from None
-
-
-def load_yaml_file(path: str | Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("config file", f"a readable file ({exc.strerror})", str(path)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("config file", f"valid YAML ({exc})", str(path)) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError("config file", "a YAML mapping at the top level", str(path))
-    apply_env_overrides(data)
-    return data
 
 
 #: The admin listener every long-running command shares (``sidecar run`` / ``sidecar authz``).

@@ -90,14 +90,52 @@ class AuthError(SidecarError):
 
 
 class ConfigError(SidecarError):
-    """Configuration is invalid; the message names the key and what was expected."""
+    """Configuration is invalid; the message names the key and what was expected (the fix).
+
+    ``where`` (``file:line``, or the environment variable that set the value) is filled in by
+    the loader; ``hide_value`` keeps ``got`` out of the message (values from the environment or
+    a secret file are never shown). ``got`` is never part of ``args``, so no traceback or repr
+    shows it either."""
 
     code = "config_error"
 
     def __init__(self, key: str, expected: str, got: object = None) -> None:
-        shown = "" if got is None else f", got {got!r}"
-        super().__init__(f"{key}: expected {expected}{shown}")
+        super().__init__(key, expected)
         self.key = key
+        self.expected = expected
+        self.got = got
+        self.where: str | None = None
+        source = _env_source(got)
+        self.hide_value = source is not None
+        self.where = source
+
+    def __str__(self) -> str:
+        where = f"{self.where}: " if self.where else ""
+        shown = "" if self.got is None or self.hide_value else f", got {self.got!r}"
+        return f"{where}{self.key}: expected {self.expected}{shown}"
+
+
+def _env_source(got: object) -> str | None:
+    """The variable an override came from (``config_source.EnvValue.source``), also when the
+    value is a list or mapping holding one."""
+    if isinstance(got, list | tuple):
+        return next(filter(None, map(_env_source, got)), None)
+    if isinstance(got, dict):
+        return next(filter(None, map(_env_source, got.values())), None)
+    source = getattr(got, "source", None)
+    return source if isinstance(source, str) else None
+
+
+class ConfigErrors(ConfigError):
+    """Every mistake found in one configuration, each with its place; printed one a line."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.key, first.expected)
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
 
 
 class ReplayStoreUnavailable(SidecarError):

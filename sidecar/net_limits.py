@@ -48,7 +48,7 @@ from typing import Any, Protocol, cast
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from sidecar.config_util import get_int, get_num, known_keys, section
+from sidecar.config_util import get_duration, get_int, known_keys, section
 from sidecar.errors import ConfigError
 from sidecar.observability.logs import RateLimitedLog
 
@@ -96,9 +96,11 @@ def parse_conn_limits(data: Any, path: str, default: ConnLimits) -> ConnLimits:
     limits = replace(
         default,
         max_connections=get_int(raw, "max_connections", path, default.max_connections, minimum=1),
-        header_timeout=get_num(raw, "header_timeout", path, default.header_timeout, minimum=0.1),
-        body_timeout=get_num(raw, "body_timeout", path, default.body_timeout),
-        idle_timeout=get_num(raw, "idle_timeout", path, default.idle_timeout, minimum=0.1),
+        header_timeout=get_duration(
+            raw, "header_timeout", path, default.header_timeout, minimum=0.1
+        ),
+        body_timeout=get_duration(raw, "body_timeout", path, default.body_timeout),
+        idle_timeout=get_duration(raw, "idle_timeout", path, default.idle_timeout, minimum=0.1),
     )
     if default.max_per_uid:
         per_uid = get_int(raw, "max_per_uid", path, default.max_per_uid, minimum=1)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from sidecar.check_command import add_check_option
 from sidecar.config_reload import ConfigReloader, attach, needs_restart, watch_option
 from sidecar.config_util import (
     DEFAULT_ADMIN_LISTEN,
@@ -60,10 +61,9 @@ async def serve(
 ) -> None:
     """Every part ``data`` configures, until SIGTERM or SIGINT; SIGHUP (or, with ``watch``, a
     change of the file) reloads ``config_path``: its ``authz`` section swaps in place."""
-    from sidecar.egress.config import parse_egress_config
+    from sidecar.config_files import parse_run_file
     from sidecar.egress.proxy import EgressProxy
     from sidecar.identity.clock_offset import ClockOffsets
-    from sidecar.identity.config import parse_identity_config
     from sidecar.identity.key import generate_signer, write_public_jwk
     from sidecar.identity.metrics import IdentityMetrics
     from sidecar.identity.source import TokenSource
@@ -72,30 +72,9 @@ async def serve(
     from sidecar.runtime import announce, as_async
     from sidecar.runtime import serve as serve_lifecycle
 
-    _check_top_level(data)
-    egress_cfg = parse_egress_config(data.get("egress")) if data.get("egress") else None
-    egress_audiences = egress_cfg.audiences if egress_cfg is not None else []
-    identity_cfg = None
-    if data.get("identity") is not None:
-        identity_cfg = parse_identity_config(data["identity"], extra_audiences=egress_audiences)
-    elif egress_audiences:
-        raise ConfigError("identity", "an identity section (the egress upstreams need tokens)")
-    if egress_cfg is not None and identity_cfg is not None:
-        from sidecar.egress.wimse import check_attestor
-
-        check_attestor(egress_cfg.wimse_keys, identity_cfg.attestor.kind)
-    authz_cfg = None
-    if data.get("authz") is not None:
-        from sidecar.authz.config import parse_authz_config
-
-        authz_cfg = parse_authz_config(data["authz"])
-        if authz_cfg.workers != 1:
-            raise ConfigError(
-                "authz.workers", "1 under `sidecar run` (worker processes: `sidecar authz`)"
-            )
-    if identity_cfg is None and authz_cfg is None:
-        raise ConfigError("egress", "an egress (with identity) or an authz section to run")
-    admin_host, admin_port = parse_admin_listen(data)
+    cfg = parse_run_file(data)  # every mistake at once, with file, line and key
+    egress_cfg, identity_cfg, authz_cfg = cfg.egress, cfg.identity, cfg.authz
+    admin_host, admin_port = cfg.admin
     check_listeners(
         [
             *(egress_listeners(egress_cfg) if egress_cfg is not None else []),
@@ -296,6 +275,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("-c", "--config", required=True, help="YAML file (see examples/sidecar.yaml)")
     watch_option(p)
+    add_check_option(p, "sidecar")
     p.set_defaults(func=_run)
 
     t = sub.add_parser(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from sidecar.check_command import add_check_option
 from sidecar.config_reload import (
     ConfigReloader,
     ReloadMetrics,
@@ -237,12 +238,11 @@ def _run(args: argparse.Namespace) -> int:
         run(lambda: serve_worker(settings, pipe))
         return 0
 
-    from sidecar.authz.config import parse_authz_config
+    from sidecar.config_files import parse_authz_file
 
     data = load_yaml_file(args.config)
-    check_top_level(data)
-    cfg = parse_authz_config(data.get("authz"))
-    admin = ListenAddress(*parse_admin_listen(data))
+    parsed = parse_authz_file(data)  # every mistake at once, with file, line and key
+    cfg, admin = parsed.authz, parsed.admin
     check_listeners([*authz_listeners(cfg), ("admin.listen", admin)])
     if cfg.workers > 1:
         run(lambda: supervise(data, cfg, admin, args.config, args.log_level, args.watch_config))
@@ -255,6 +255,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("authz", help="run the ingress ext_authz server (gRPC + HTTP + admin)")
     p.add_argument("-c", "--config", required=True, help="YAML file with an 'authz' section")
     watch_option(p)
+    add_check_option(p, "authz")
     # Internal: a worker started by the parent (authz.workers > 1), settings on stdin.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_run)

@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.authz.core import AuthzSettings
-from sidecar.authz.policy import Policy
+from sidecar.authz.policy import Policy, empty_policy
 from sidecar.authz.replay import DEFAULT_MAX_MEMORY_MIB, capacity_for
 from sidecar.authz.target import parse_authority
 from sidecar.authz.trust_domains import TrustDomainSource, parse_trust_domains
 from sidecar.authz.wimse import parse_wimse
+from sidecar.config_source import EnvValue, keep_going, report
 from sidecar.config_util import (
     JWKS_LOCATION_KEYS,
     get_algorithms,
     get_bool,
     get_choice,
     get_dpop_policy,
+    get_duration,
     get_int,
     get_jwks_location,
     get_num,
@@ -32,6 +34,7 @@ from sidecar.config_util import (
     get_opt_url,
     get_str,
     get_str_list,
+    get_whole_seconds,
     known_keys,
     parse_fetch_tls,
     section,
@@ -103,8 +106,8 @@ def _issuer(raw: Any, key: str) -> tuple[IssuerPolicy, IssuerSource]:
     )
     source = IssuerSource(
         location=location,
-        refresh_interval=get_num(item, "refresh_interval", key, 300.0, minimum=1.0),
-        min_refresh_interval=get_num(item, "min_refresh_interval", key, 10.0, minimum=0.0),
+        refresh_interval=get_duration(item, "refresh_interval", key, 300.0, minimum=1.0),
+        min_refresh_interval=get_duration(item, "min_refresh_interval", key, 10.0),
     )
     return policy, source
 
@@ -114,8 +117,10 @@ def _path_prefix(http: Mapping[str, Any], path: str) -> str:
     if not isinstance(prefix, str) or (
         prefix and (not prefix.startswith("/") or prefix.endswith("/"))
     ):
-        raise ConfigError(f"{path}.path_prefix", "'' or a path like /authz (no trailing /)",
-                          prefix)  # fmt: skip
+        report(
+            ConfigError(f"{path}.path_prefix", "'' or a path like /authz (no trailing /)", prefix)
+        )
+        return ""
     return prefix
 
 
@@ -143,14 +148,15 @@ def _authorities(root: Mapping[str, Any], path: str) -> frozenset[str]:
 def _workers(grpc: Mapping[str, Any], path: str) -> int:
     workers = get_int(grpc, "workers", path, 4, minimum=1)
     if workers > 64:  # the workers take turns on one lock: more only costs memory
-        raise ConfigError(f"{path}.workers", "an integer from 1 to 64", workers)
+        report(ConfigError(f"{path}.workers", "an integer from 1 to 64", workers))
+        return 64
     return workers
 
 
 def _replay_capacity(replay: Mapping[str, Any], key: str) -> int:
     """``capacity`` (entries) or ``max_memory`` (MiB, converted with the measured entry size)."""
     if "capacity" in replay and "max_memory" in replay:
-        raise ConfigError(key, "only one of capacity (entries) or max_memory (MiB)")
+        report(ConfigError(key, "only one of capacity (entries) or max_memory (MiB)"))
     if "capacity" in replay:
         return get_int(replay, "capacity", key, 0, minimum=1)
     return capacity_for(get_num(replay, "max_memory", key, DEFAULT_MAX_MEMORY_MIB, minimum=1.0))
@@ -164,8 +170,13 @@ def _process_workers(root: Mapping[str, Any], path: str) -> int:
     value = root.get("workers", 1)
     if value == "auto":
         return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(value, EnvValue) and value.isdigit():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
-        raise ConfigError(f"{path}.workers", f"an integer from 1 to {MAX_WORKERS}, or auto", value)
+        report(
+            ConfigError(f"{path}.workers", f"an integer from 1 to {MAX_WORKERS}, or auto", value)
+        )
+        return 1
     return value
 
 
@@ -228,26 +239,32 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
     trust_domains = parse_trust_domains(root, path)
     raw_issuers = root.get("issuers", [] if trust_domains else None)
     if not isinstance(raw_issuers, list) or not (raw_issuers or trust_domains):
-        raise ConfigError(
-            f"{path}.issuers",
-            "a non-empty list of trusted issuers (or authz.trust_domains)",
-            raw_issuers,
+        report(
+            ConfigError(
+                f"{path}.issuers",
+                "a non-empty list of trusted issuers (or authz.trust_domains)",
+                raw_issuers,
+            )
         )
+        raw_issuers = []
     policies: dict[str, IssuerPolicy] = {}
     sources = []
     for i, raw in enumerate(raw_issuers):
-        policy, source = _issuer(raw, f"{path}.issuers[{i}]")
-        if policy.issuer in policies:
-            raise ConfigError(f"{path}.issuers[{i}].issuer", "a unique issuer", policy.issuer)
-        policies[policy.issuer] = policy
-        sources.append(source)
+        with keep_going():
+            policy, source = _issuer(raw, f"{path}.issuers[{i}]")
+            if policy.issuer in policies:
+                raise ConfigError(f"{path}.issuers[{i}].issuer", "a unique issuer", policy.issuer)
+            policies[policy.issuer] = policy
+            sources.append(source)
 
     dpop = section(root.get("dpop"), f"{path}.dpop")
     known_keys(dpop, f"{path}.dpop", {"algorithms", "max_age", "future_leeway"})
     nonce = section(root.get("nonce"), f"{path}.nonce")
     known_keys(nonce, f"{path}.nonce", {"required", "secret", "secret_file", "window"})
     nonce_default = get_bool(nonce, "required", f"{path}.nonce", False)
-    policy_obj = Policy.from_config(root, path, nonce_default=nonce_default)
+    policy_obj = empty_policy()
+    with keep_going():
+        policy_obj = Policy.from_config(root, path, nonce_default=nonce_default)
     needs_nonce = policy_obj.default_route.nonce or any(r.nonce for r in policy_obj.routes)
     limits = section(root.get("limits"), f"{path}.limits")
     known_keys(limits, f"{path}.limits", {"max_token_bytes", "max_proof_bytes"})
@@ -256,18 +273,18 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
     backend = get_choice(replay, "backend", f"{path}.replay", ("memory", "redis"), "memory")
     redis_url = get_opt_str(replay, "redis_url", f"{path}.replay")
     if backend == "redis" and redis_url is None:
-        raise ConfigError(f"{path}.replay.redis_url", "a redis:// URL when backend is redis")
+        report(ConfigError(f"{path}.replay.redis_url", "a redis:// URL when backend is redis"))
 
     settings = AuthzSettings(
         audiences=frozenset(audiences),
         issuers=policies,
-        leeway=get_num(root, "leeway", path, 5.0),
+        leeway=get_duration(root, "leeway", path, 5.0),
         dpop=get_dpop_policy(dpop, f"{path}.dpop", limits=limits, limits_path=f"{path}.limits"),
         max_token_bytes=get_int(limits, "max_token_bytes", f"{path}.limits", 8192, minimum=256),
         token_cache_size=get_int(root, "token_cache_size", path, 10_000),
         authorities=_authorities(root, path),
         trust_domains={td.name: td.algorithms for td in trust_domains},
-        wimse=parse_wimse(root, path, get_num(root, "leeway", path, 5.0)),
+        wimse=parse_wimse(root, path, get_duration(root, "leeway", path, 5.0)),
     )
     if any(r.auth == "wimse" for r in policy_obj.routes):
         if not settings.authorities:
@@ -291,21 +308,22 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
             f"{path}.grpc.connections", "only with engine 'loop' (the default)", grpc_engine
         )
     known_keys(http, f"{path}.http", {"listen", "enabled", "path_prefix", "connections"})
-    grpc_listen = (
-        parse_listen_address(grpc.get("listen", "127.0.0.1:9191"), f"{path}.grpc.listen")
-        if get_bool(grpc, "enabled", f"{path}.grpc", True)
-        else None
-    )
-    http_listen = (
-        parse_listen_address(http.get("listen", "127.0.0.1:9192"), f"{path}.http.listen")
-        if get_bool(http, "enabled", f"{path}.http", True)
-        else None
-    )
+    grpc_listen = http_listen = None
+    with keep_going():
+        if get_bool(grpc, "enabled", f"{path}.grpc", True):
+            grpc_listen = parse_listen_address(
+                grpc.get("listen", "127.0.0.1:9191"), f"{path}.grpc.listen"
+            )
+    with keep_going():
+        if get_bool(http, "enabled", f"{path}.http", True):
+            http_listen = parse_listen_address(
+                http.get("listen", "127.0.0.1:9192"), f"{path}.http.listen"
+            )
     revocation = section(root.get("revocation"), f"{path}.revocation")
     known_keys(revocation, f"{path}.revocation", {"url", "interval", "wait", "tls"})
-    wait = get_int(revocation, "wait", f"{path}.revocation", 10)
+    wait = get_whole_seconds(revocation, "wait", f"{path}.revocation", 10)
     if wait > MAX_WAIT:
-        raise ConfigError(f"{path}.revocation.wait", f"at most {MAX_WAIT} seconds", wait)
+        report(ConfigError(f"{path}.revocation.wait", f"at most {MAX_WAIT} seconds", wait))
     workers = _process_workers(root, path)
     _check_worker_listeners(grpc_listen, http_listen, workers, path)
     cfg = AuthzConfig(
@@ -319,13 +337,15 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
         http_path_prefix=_path_prefix(http, f"{path}.http"),
         default_scheme=get_choice(root, "default_scheme", path, ("http", "https"), "http"),
         nonce_secret=_secret(nonce, f"{path}.nonce", needs_nonce),
-        nonce_window=get_num(nonce, "window", f"{path}.nonce", 30.0, minimum=1.0),
+        nonce_window=get_duration(nonce, "window", f"{path}.nonce", 30.0, minimum=1.0),
         replay_backend=backend,
         replay_capacity=_replay_capacity(replay, f"{path}.replay"),
         redis_url=redis_url,
-        unknown_kid_wait=get_num(root, "unknown_kid_wait", path, 0.1),
+        unknown_kid_wait=get_duration(root, "unknown_kid_wait", path, 0.1),
         revocation_url=get_opt_url(revocation, "url", f"{path}.revocation"),
-        revocation_interval=get_num(revocation, "interval", f"{path}.revocation", 5.0, minimum=0.5),
+        revocation_interval=get_duration(
+            revocation, "interval", f"{path}.revocation", 5.0, minimum=0.5
+        ),
         workers=workers,
         http_connections=parse_conn_limits(
             http.get("connections"), f"{path}.http.connections", HTTP_LIMITS

@@ -18,7 +18,7 @@ from sidecar.config_util import (
     exactly_one,
     get_algorithms,
     get_bool,
-    get_num,
+    get_duration,
     get_opt_str,
     known_keys,
     parse_fetch_tls,
@@ -140,8 +140,8 @@ def _trust_domain(raw: Any, key: str) -> TrustDomainSource:
         ),
         workload_api=workload_api,
         socket=socket,
-        refresh_interval=get_num(item, "refresh_interval", key, 300.0, minimum=1.0),
-        min_refresh_interval=get_num(item, "min_refresh_interval", key, 10.0, minimum=0.0),
+        refresh_interval=get_duration(item, "refresh_interval", key, 300.0, minimum=1.0),
+        min_refresh_interval=get_duration(item, "min_refresh_interval", key, 10.0),
     )
 
 

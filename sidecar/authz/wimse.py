@@ -23,7 +23,7 @@ from sidecar.authz.target import RequestTarget
 from sidecar.config_util import (
     get_bool,
     get_choice,
-    get_num,
+    get_duration,
     get_str_list,
     known_keys,
     section,
@@ -63,7 +63,7 @@ def parse_wimse(root: Mapping[str, Any], path: str, leeway: float) -> WimseSetti
     return WimseSettings(
         wit=WitPolicy(svid=profile == "wit-svid", leeway=leeway),
         wpt=WptPolicy(
-            max_lifetime=get_num(raw, "max_proof_lifetime", key, 300.0, minimum=1.0),
+            max_lifetime=get_duration(raw, "max_proof_lifetime", key, 300.0, minimum=1.0),
             leeway=leeway,
             # oth entries naming these headers are checked; any other entry rejects the WPT.
             other_tokens=frozenset(n.lower() for n in get_str_list(raw, "other_tokens", key, [])),

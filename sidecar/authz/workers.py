@@ -53,6 +53,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.authz.config import AuthzConfig, parse_authz_config
+from sidecar.config_source import from_json_object, to_json_ready
 from sidecar.listen_address import ListenAddress
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class WorkerSettings:
     sha256: str = ""  # of the configuration file these settings come from
 
     def encode(self) -> bytes:
-        doc = {"data": self.data, "index": self.index, "count": self.count,
+        doc = {"data": to_json_ready(self.data), "index": self.index, "count": self.count,
                "runtime_dir": self.runtime_dir, "sha256": self.sha256}  # fmt: skip
         return json.dumps(doc).encode() + b"\n"
 
@@ -86,7 +87,7 @@ class WorkerSettings:
 
     @classmethod
     def decode(cls, line: bytes) -> WorkerSettings:
-        doc = json.loads(line)
+        doc = json.loads(line, object_hook=from_json_object)
         return cls(
             doc["data"],
             int(doc["index"]),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from sidecar.check_command import add_check_option
 from sidecar.config_reload import ConfigReloader, attach, watch_option
 from sidecar.config_util import load_yaml_file
 from sidecar.listen_address import ListenAddress
@@ -169,6 +170,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("-c", "--config", default=None, help="broker YAML (see examples/broker.yaml)")
     watch_option(p)
+    add_check_option(p, "broker")
     p.set_defaults(func=_run)
     actions = p.add_subparsers(
         dest="broker_command", required=False, metavar="{revoke,entries}"

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from sidecar.broker.keys import MAX_PUBLISHED_KEYS, SIGNING_ALGORITHMS, Schedule, load_private_key
 from sidecar.broker.registry import Entry, Registry, parse_entries
+from sidecar.config_source import collecting, keep_going, or_default, report
 from sidecar.config_util import (
     JWKS_LOCATION_KEYS,
     check_url,
@@ -22,12 +23,13 @@ from sidecar.config_util import (
     get_bool,
     get_choice,
     get_dpop_policy,
+    get_duration,
     get_int,
     get_jwks_location,
-    get_num,
     get_opt_str,
     get_str,
     get_str_list,
+    get_whole_seconds,
     known_keys,
     parse_listen,
     parse_tls_server,
@@ -161,8 +163,8 @@ def _cluster(raw: Any, key: str) -> ClusterConfig:
         location=location,
         audiences=frozenset(audiences),
         algorithms=get_algorithms(item, "algorithms", key, DEFAULT_CLUSTER_ALGS),
-        refresh_interval=get_num(item, "refresh_interval", key, 300.0, minimum=1.0),
-        min_refresh_interval=get_num(item, "min_refresh_interval", key, 10.0),
+        refresh_interval=get_duration(item, "refresh_interval", key, 300.0, minimum=1.0),
+        min_refresh_interval=get_duration(item, "min_refresh_interval", key, 10.0),
     )
 
 
@@ -175,12 +177,12 @@ def _keys(raw: Any, max_ttl: float) -> KeysConfig:
     )
     alg = get_choice(keys, "algorithm", "keys", SIGNING_ALGORITHMS, "ES256")
     key_file = get_opt_str(keys, "key_file", "keys")
-    rotate_every = get_num(keys, "rotate_every", "keys", 86400.0)
+    rotate_every = get_duration(keys, "rotate_every", "keys", 86400.0)
     # Default well above the verifiers' JWKS refresh interval (the authorizer's is 300 s)
     # plus the JWKS max-age, so the next key is everywhere before it signs.
-    prepublish = get_num(keys, "prepublish", "keys", 600.0)
-    grace = get_num(keys, "retire_grace", "keys", 60.0)
-    jwks_max_age = get_int(keys, "jwks_max_age", "keys", 60)
+    prepublish = get_duration(keys, "prepublish", "keys", 600.0)
+    grace = get_duration(keys, "retire_grace", "keys", 60.0)
+    jwks_max_age = get_whole_seconds(keys, "jwks_max_age", "keys", 60)
     if rotate_every > 0:
         if prepublish <= 0:
             raise ConfigError("keys.prepublish", "a number > 0 when keys rotate", prepublish)
@@ -230,12 +232,21 @@ def check_entry_clusters(
 
 
 def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
+    """The whole file, every mistake in one ConfigErrors."""
+    with collecting(data):
+        return _parse(data)
+    raise AssertionError("unreachable: collecting raises when _parse did")
+
+
+def _parse(data: Mapping[str, Any]) -> BrokerConfig:
     root = section(data, "config file")
-    unknown = sorted(set(root) - TOP_KEYS)
-    if unknown:
-        raise ConfigError(unknown[0], f"one of the known top-level keys {sorted(TOP_KEYS)}")
-    tls = parse_tls_server(root.get("tls"), "tls")
-    listen = parse_listen(root.get("listen", DEFAULT_LISTEN), "listen")
+    for name in sorted(set(root) - TOP_KEYS, key=str):
+        report(ConfigError(name, f"one of the known top-level keys {sorted(TOP_KEYS)}"))
+    tls = or_default(None, lambda: parse_tls_server(root.get("tls"), "tls"))
+    listen = or_default(
+        parse_listen(DEFAULT_LISTEN, "listen"),
+        lambda: parse_listen(root.get("listen", DEFAULT_LISTEN), "listen"),
+    )
     raw_issuer = root.get("issuer")
     if raw_issuer is None:
         if listen[0] in WILDCARD_HOSTS:
@@ -246,12 +257,15 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
         # A port of 0 is replaced by the bound one at start.
         raw_issuer = issuer_for_listen(*listen, "http" if tls is None else "https")
     if not isinstance(raw_issuer, str):
-        raise ConfigError("issuer", "a URL string", raw_issuer)
-    issuer = check_url(raw_issuer, "issuer", bare=True)
+        report(ConfigError("issuer", "a URL string", raw_issuer))
+        raw_issuer = issuer_for_listen(*listen)
+    fallback = issuer_for_listen(*listen)  # stands in while collecting the other mistakes
+    issuer = or_default(fallback, lambda: check_url(raw_issuer, "issuer", bare=True))
     if tls is not None and not issuer.startswith("https://"):
         # Every endpoint URL we publish (discovery's jwks_uri, token_endpoint) is the issuer's.
-        raise ConfigError("issuer", "an https:// URL: the listener serves TLS (tls is set)",
-                          issuer)  # fmt: skip
+        report(
+            ConfigError("issuer", "an https:// URL: the listener serves TLS (tls is set)", issuer)
+        )
 
     tokens = section(root.get("tokens"), "tokens")
     known_keys(
@@ -260,26 +274,30 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
         {"ttl", "wit_ttl", "subject_leeway", "max_subject_token_bytes",
          "high_privilege_audiences"},
     )  # fmt: skip
-    wit_ttl = get_num(tokens, "wit_ttl", "tokens", 14400.0, minimum=60.0)
+    wit_ttl = get_duration(tokens, "wit_ttl", "tokens", 14400.0, minimum=60.0)
     if wit_ttl > 86400:
-        raise ConfigError("tokens.wit_ttl", "at most 86400 seconds", wit_ttl)
-    ttl = get_num(tokens, "ttl", "tokens", 300.0, minimum=1.0)
+        report(ConfigError("tokens.wit_ttl", "at most 86400 seconds", wit_ttl))
+    ttl = get_duration(tokens, "ttl", "tokens", 300.0, minimum=1.0)
     if ttl > 86400:
-        raise ConfigError(
-            "tokens.ttl", "at most 86400 seconds (access tokens are short-lived)", ttl
+        report(
+            ConfigError("tokens.ttl", "at most 86400 seconds (access tokens are short-lived)", ttl)
         )
 
     raw_clusters = root.get("clusters") or []
     if not isinstance(raw_clusters, list):
-        raise ConfigError("clusters", "a list of Kubernetes cluster issuers", raw_clusters)
-    clusters = [_cluster(c, f"clusters[{i}]") for i, c in enumerate(raw_clusters)]
+        report(ConfigError("clusters", "a list of Kubernetes cluster issuers", raw_clusters))
+        raw_clusters = []
+    clusters = []
+    for i, raw in enumerate(raw_clusters):
+        with keep_going():
+            clusters.append(_cluster(raw, f"clusters[{i}]"))
     seen: set[str] = set()
     for i, cluster in enumerate(clusters):
         if cluster.issuer in seen:
             raise ConfigError(f"clusters[{i}].issuer", "a unique issuer", cluster.issuer)
         seen.add(cluster.issuer)
 
-    registry = parse_entries(root.get("entries"))
+    registry = or_default(Registry([]), lambda: parse_entries(root.get("entries")))
     check_entry_clusters(registry.entries, seen)
 
     dpop = section(root.get("dpop"), "dpop")
@@ -301,9 +319,9 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
 
     revocation = section(root.get("revocation"), "revocation")
     known_keys(revocation, "revocation", {"state_file", "max_wait", "max_waiting"})
-    max_wait = get_int(revocation, "max_wait", "revocation", 30)
+    max_wait = get_whole_seconds(revocation, "max_wait", "revocation", 30)
     if max_wait > MAX_WAIT:
-        raise ConfigError("revocation.max_wait", f"at most {MAX_WAIT} seconds", max_wait)
+        report(ConfigError("revocation.max_wait", f"at most {MAX_WAIT} seconds", max_wait))
     http_connections = parse_conn_limits(root.get("connections"), "connections", HTTP_LIMITS)
     # Held long-polls are open connections: they may take at most a quarter of the listener's,
     # so token requests always find room.
@@ -341,7 +359,7 @@ def parse_broker_config(data: Mapping[str, Any]) -> BrokerConfig:
         keys=_keys(root.get("keys"), max(registry.max_ttl(ttl), wit_ttl)),
         token_ttl=ttl,
         wit_ttl=wit_ttl,
-        subject_leeway=get_num(tokens, "subject_leeway", "tokens", 30.0),
+        subject_leeway=get_duration(tokens, "subject_leeway", "tokens", 30.0),
         max_subject_token_bytes=get_int(
             tokens, "max_subject_token_bytes", "tokens", 16384, minimum=512
         ),

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config_util import get_num, get_str, get_str_list, known_keys, section
+from sidecar.config_source import keep_going, report
+from sidecar.config_util import get_duration, get_str, get_str_list, known_keys, section
 from sidecar.errors import ConfigError
 
 UNIX_KINDS = frozenset({"uid", "gid", "path", "sha256"})
@@ -155,7 +156,7 @@ def parse_entry(raw: Any, key: str, index: int) -> Entry:
         raise ConfigError(f"{key}.audiences", "at least one audience (globs: * and **)")
     ttl = None
     if item.get("ttl") is not None:
-        ttl = get_num(item, "ttl", key, 0.0, minimum=1.0)
+        ttl = get_duration(item, "ttl", key, 1.0, minimum=1.0)
         if ttl > MAX_TTL:
             raise ConfigError(f"{key}.ttl", f"at most {int(MAX_TTL)} seconds", ttl)
     return Entry(
@@ -202,8 +203,13 @@ def parse_entries(raw: Any, key: str = "entries") -> Registry:
     if raw is None:
         raw = []
     if not isinstance(raw, list):
-        raise ConfigError(key, "a list of registration entries", raw)
-    return Registry([parse_entry(item, f"{key}[{i}]", i) for i, item in enumerate(raw)])
+        report(ConfigError(key, "a list of registration entries", raw))
+        raw = []
+    entries = []
+    for i, item in enumerate(raw):
+        with keep_going():  # one entry's mistake does not hide the next one's
+            entries.append(parse_entry(item, f"{key}[{i}]", i))
+    return Registry(entries)
 
 
 def unix_selectors(*, uid: int, gid: int, path: str | None, sha256: str | None) -> frozenset[str]:

@@ -39,11 +39,12 @@ from typing import Any
 
 from yarl import URL
 
+from sidecar.config_source import keep_going, report
 from sidecar.config_util import (
     get_bool,
     get_choice,
+    get_duration,
     get_int,
-    get_num,
     get_opt_str,
     get_str,
     known_keys,
@@ -207,8 +208,32 @@ def _host_port(value: str, key: str) -> tuple[str, int]:
 
 
 def _timeout(data: Mapping[str, Any], key: str, path: str, default: float) -> float | None:
-    value = get_num(data, key, path, default)
+    value = get_duration(data, key, path, default)
     return None if value == 0 else value
+
+
+UPSTREAM_KEYS = {
+    "name",
+    "listen",
+    "upstream",
+    "audience",
+    "on_existing_authorization",
+    "auth",
+    "wimse",
+    "tls",
+}
+
+
+def _upstream(raw: Any, key: str, names: set[str], default_auth: str) -> UpstreamListener:
+    item = section(raw, key)
+    known_keys(item, key, UPSTREAM_KEYS)
+    listen_raw = get_str(item, "listen", key)
+    listen = parse_listen(listen_raw, f"{key}.listen")
+    name = get_opt_str(item, "name", key) or listen_raw
+    if name in names:
+        raise ConfigError(f"{key}.name", "a unique name", name)
+    names.add(name)
+    return UpstreamListener(listen, _target(item, key, name, default_auth))
 
 
 def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
@@ -225,25 +250,13 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
     )
     raw_upstreams = root.get("upstreams", [])
     if not isinstance(raw_upstreams, list):
-        raise ConfigError(f"{path}.upstreams", "a list of upstreams", raw_upstreams)
+        report(ConfigError(f"{path}.upstreams", "a list of upstreams", raw_upstreams))
+        raw_upstreams = []
     upstreams = []
     names: set[str] = set()
     for i, raw in enumerate(raw_upstreams):
-        key = f"{path}.upstreams[{i}]"
-        item = section(raw, key)
-        known_keys(
-            item,
-            key,
-            {"name", "listen", "upstream", "audience", "on_existing_authorization", "auth",
-             "wimse", "tls"},
-        )  # fmt: skip
-        listen_raw = get_str(item, "listen", key)
-        listen = parse_listen(listen_raw, f"{key}.listen")
-        name = get_opt_str(item, "name", key) or listen_raw
-        if name in names:
-            raise ConfigError(f"{key}.name", "a unique name", name)
-        names.add(name)
-        upstreams.append(UpstreamListener(listen, _target(item, key, name, default_auth)))
+        with keep_going():
+            upstreams.append(_upstream(raw, f"{path}.upstreams[{i}]", names, default_auth))
     forward = None
     if root.get("forward_proxy") is not None:
         fkey = f"{path}.forward_proxy"
@@ -290,7 +303,7 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
         ),
         nonce_retry_buffer=get_int(root, "nonce_retry_buffer", path, 64 * 1024),
         max_connections=get_int(root, "max_connections", path, 1024, minimum=1),
-        keepalive_timeout=get_num(root, "keepalive_timeout", path, 30.0),
+        keepalive_timeout=get_duration(root, "keepalive_timeout", path, 30.0),
         connections=parse_conn_limits(
             root.get("connections"), f"{path}.connections", EGRESS_LIMITS
         ),

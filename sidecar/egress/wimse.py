@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config_util import get_choice, get_num, get_str_list, known_keys, section
+from sidecar.config_util import get_choice, get_duration, get_str_list, known_keys, section
 from sidecar.errors import ConfigError
 from sidecar.jose.wimse_wit import WIT_HEADER
 from sidecar.jose.wimse_wpt import MAX_OTH, TXN_TOKEN_HEADER, WPT_HEADER, WPT_SCHEME, WptSigner
@@ -90,7 +90,7 @@ def parse_upstream_auth(item: Mapping[str, Any], key: str) -> WimseUpstream | No
             )
     if len(set(names)) > MAX_OTH:
         raise ConfigError(f"{wkey}.other_tokens", f"at most {MAX_OTH} names", names)
-    lifetime = get_num(raw, "proof_lifetime", wkey, 30.0, minimum=1.0)
+    lifetime = get_duration(raw, "proof_lifetime", wkey, 30.0, minimum=1.0)
     if lifetime > 300:
         # A receiver refuses a WPT whose exp is further ahead than its max_proof_lifetime
         # (300 s by default): a longer one only widens the replay window.

@@ -18,9 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.config_source import keep_going, report
 from sidecar.config_util import (
     get_bool,
     get_choice,
+    get_duration,
     get_num,
     get_opt_str,
     get_opt_url,
@@ -120,7 +122,7 @@ def _attestor(raw: Any, path: str) -> AttestorConfig:
     if not kind:
         raise ConfigError(f"{path}.type", f"one of {list(kinds)} (required)")
     known_keys(data, path, ATTESTOR_KEYS[kind])
-    timeout = get_num(data, "timeout", path, 5.0, minimum=0.1)
+    timeout = get_duration(data, "timeout", path, 5.0, minimum=0.1)
     if kind == "unix":
         socket = get_str(data, "socket", path, DEFAULT_BROKER_SOCKET)
         return AttestorConfig(kind, socket=socket, timeout=timeout)
@@ -145,7 +147,7 @@ def _attestor(raw: Any, path: str) -> AttestorConfig:
     return AttestorConfig(
         kind,
         path=get_str(data, "path", path),
-        poll_interval=get_num(data, "poll_interval", path, 10.0, minimum=0.1),
+        poll_interval=get_duration(data, "poll_interval", path, 10.0, minimum=0.1),
     )
 
 
@@ -157,30 +159,31 @@ def _policy(raw: Any, path: str) -> RefreshPolicy:
     policy = RefreshPolicy(
         refresh_fraction=get_num(data, "refresh_fraction", path, d.refresh_fraction, minimum=0.05),
         jitter=get_num(data, "jitter", path, d.jitter),
-        min_remaining=get_num(data, "min_remaining", path, d.min_remaining),
+        min_remaining=get_duration(data, "min_remaining", path, d.min_remaining),
         min_remaining_fraction=get_num(
             data, "min_remaining_fraction", path, d.min_remaining_fraction
         ),
-        min_interval=get_num(data, "min_interval", path, d.min_interval, minimum=0.05),
+        min_interval=get_duration(data, "min_interval", path, d.min_interval, minimum=0.05),
         max_interval=None
         if max_interval is None
-        else get_num(data, "max_interval", path, 0.0, minimum=0.1),
-        backoff_initial=get_num(data, "backoff_initial", path, d.backoff_initial, minimum=0.01),
-        backoff_max=get_num(data, "backoff_max", path, d.backoff_max, minimum=0.05),
-        demand_interval=get_num(data, "demand_interval", path, d.demand_interval, minimum=0.05),
-        fetch_timeout=get_num(data, "fetch_timeout", path, d.fetch_timeout, minimum=0.1),
-        request_wait=get_num(data, "request_wait", path, d.request_wait),
+        else get_duration(data, "max_interval", path, 0.1, minimum=0.1),
+        backoff_initial=get_duration(
+            data, "backoff_initial", path, d.backoff_initial, minimum=0.01
+        ),
+        backoff_max=get_duration(data, "backoff_max", path, d.backoff_max, minimum=0.05),
+        demand_interval=get_duration(
+            data, "demand_interval", path, d.demand_interval, minimum=0.05
+        ),
+        fetch_timeout=get_duration(data, "fetch_timeout", path, d.fetch_timeout, minimum=0.1),
+        request_wait=get_duration(data, "request_wait", path, d.request_wait),
     )
-    if policy.refresh_fraction >= 1.0:
-        raise ConfigError(f"{path}.refresh_fraction", "a number below 1", policy.refresh_fraction)
-    if policy.jitter >= 1.0:
-        raise ConfigError(f"{path}.jitter", "a number below 1", policy.jitter)
-    if policy.min_remaining_fraction >= 1.0:
-        raise ConfigError(
-            f"{path}.min_remaining_fraction", "a number below 1", policy.min_remaining_fraction
-        )
+    for name in ("refresh_fraction", "jitter", "min_remaining_fraction"):
+        if getattr(policy, name) >= 1.0:
+            report(ConfigError(f"{path}.{name}", "a number below 1", getattr(policy, name)))
     if policy.backoff_max < policy.backoff_initial:
-        raise ConfigError(f"{path}.backoff_max", "a number >= backoff_initial", policy.backoff_max)
+        report(
+            ConfigError(f"{path}.backoff_max", "a duration >= backoff_initial", policy.backoff_max)
+        )
     return policy
 
 
@@ -202,7 +205,9 @@ def parse_identity_config(
                      "public_jwk_file", "tls"}
     )  # fmt: skip
     issuer = get_opt_url(root, "issuer", path)
-    attestor = _attestor(root.get("attestor"), f"{path}.attestor")
+    attestor = AttestorConfig("file", path="")
+    with keep_going():
+        attestor = _attestor(root.get("attestor"), f"{path}.attestor")
     if attestor.kind == "k8s" and issuer is None and attestor.token_endpoint is None:
         raise ConfigError(f"{path}.issuer", "the issuer URL (k8s discovery starts there)")
     audiences = get_str_list(root, "audiences", path, [])

@@ -595,13 +595,16 @@ def test_broker_reference_defaults() -> None:
     _check_defaults(documented, expected)
 
 
-def test_env_overrides_documented() -> None:
+def test_env_overrides_documented(tmp_path: Path) -> None:
     text = section_text(readme(), "## Configuration reference")
     assert config_util.ENV_PREFIX in text, "README.md: the environment overrides are missing"
     examples = re.findall(r"^(SIDECAR__\w+)=(\S+)\s+# (?:broker: )?([\w.]+)$", text, re.M)
     assert examples, "README.md: no `SIDECAR__X=value   # x` example of an override"
     for name, value, dotted in examples:
         data: dict[str, Any] = {}
+        if name.endswith("_FILE"):  # the example's path stands for a mounted secret
+            value = str(tmp_path / "value")
+            Path(value).write_text("a value in a file\n")
         config_util.apply_env_overrides(data, {name: value})
         node: Any = data
         for part in dotted.split("."):

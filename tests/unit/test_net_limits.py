@@ -53,7 +53,7 @@ def test_values_are_read() -> None:
         ({"max_connections": 0}, HTTP_LIMITS, "x.connections.max_connections"),
         ({"header_timeout": 0}, HTTP_LIMITS, "x.connections.header_timeout"),
         ({"idle_timeout": -1}, HTTP_LIMITS, "x.connections.idle_timeout"),
-        ({"body_timeout": "5"}, HTTP_LIMITS, "x.connections.body_timeout"),
+        ({"body_timeout": "5 minutes"}, HTTP_LIMITS, "x.connections.body_timeout"),
         ({"max_connections": 4, "max_per_uid": 5}, ATTESTATION_LIMITS, "x.connections.max_per_uid"),
     ],
 )
