@@ -17,9 +17,9 @@ from sidecar.config_source import EnvValue, or_default, report
 from sidecar.config_source import apply_env_overrides as apply_env_overrides
 from sidecar.config_source import load_yaml_file as load_yaml_file
 from sidecar.errors import ConfigError
-from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, with_aliases
 from sidecar.jose.rfc9449_dpop import DEFAULT_PROOF_ALGORITHMS, DPoPPolicy
+from sidecar.jwks_source import JwksLocation
 from sidecar.tls_settings import TLSClient, TLSServer, client_context, server_context
 
 T = TypeVar("T")

@@ -40,9 +40,9 @@ from sidecar.config_util import (
     section,
 )
 from sidecar.errors import ConfigError
-from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc7515_jws import normalize_typ
 from sidecar.jose.rfc9068_access_token import IssuerPolicy
+from sidecar.jwks_source import JwksLocation
 from sidecar.listen_address import ListenAddress, check_worker_addresses, parse_listen_address
 from sidecar.listener_check import authz_listeners, check_collisions
 from sidecar.net_limits import GRPC_LIMITS, HTTP_LIMITS, ConnLimits, parse_conn_limits

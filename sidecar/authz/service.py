@@ -32,7 +32,8 @@ from sidecar.authz.trust_domains import TrustBundles, TrustDomainSource, make_bu
 from sidecar.config_reload import needs_restart
 from sidecar.errors import ReplayStoreUnavailable
 from sidecar.identity.workload_api import WorkloadApi
-from sidecar.jose.jwks import JwksSource, KeyStore
+from sidecar.jose.jwks import KeyStore
+from sidecar.jwks_source import JwksSource
 from sidecar.listen_address import ListenAddress, unlink_socket
 from sidecar.net_limits import ListenerGuard, server_options
 from sidecar.observability.metrics import AuthzMetrics

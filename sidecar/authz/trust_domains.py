@@ -26,12 +26,13 @@ from sidecar.config_util import (
 )
 from sidecar.errors import ConfigError
 from sidecar.identity.workload_api import WorkloadApi
-from sidecar.jose.jwks import JwksLocation, JwksSource, KeyStore
+from sidecar.jose.jwks import KeyStore
 from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
 from sidecar.jose.rfc7517_jwk import PublicJWK
 from sidecar.jose.spiffe_bundle import JWT_USES, WIT_SVID, import_bundle, refresh_hint
 from sidecar.jose.spiffe_id import SCHEME, trust_domain_of, valid_trust_domain
 from sidecar.jose.spiffe_jwt_svid import JWT_SVID_ALGORITHMS
+from sidecar.jwks_source import JwksLocation, JwksSource
 
 log = logging.getLogger(__name__)
 

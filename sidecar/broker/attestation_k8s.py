@@ -30,9 +30,10 @@ from sidecar.broker.codes import BrokerReason, from_jose
 from sidecar.broker.config import ClusterConfig
 from sidecar.broker.registry import is_dns_label, is_dns_subdomain, k8s_selectors
 from sidecar.errors import AuthError, Reason, SidecarError
-from sidecar.jose.jwks import JwksSource, KeyStore
+from sidecar.jose.jwks import KeyStore
 from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
 from sidecar.jose.rfc9068_access_token import IssuerPolicy, VerifiedToken, verify_access_token
+from sidecar.jwks_source import JwksSource
 
 UNKNOWN_KID_WAIT = 1.0
 SA_PREFIX = "system:serviceaccount:"

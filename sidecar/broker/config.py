@@ -36,8 +36,8 @@ from sidecar.config_util import (
     section,
 )
 from sidecar.errors import ConfigError
-from sidecar.jose.jwks import JwksLocation
 from sidecar.jose.rfc9449_dpop import DPoPPolicy
+from sidecar.jwks_source import JwksLocation
 from sidecar.listener_check import broker_listeners, check_collisions
 from sidecar.net_limits import ATTESTATION_LIMITS, HTTP_LIMITS, ConnLimits, parse_conn_limits
 from sidecar.revocation_wire import MAX_WAIT

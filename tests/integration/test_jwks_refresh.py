@@ -115,7 +115,10 @@ def test_discovery_unknown_kid_refresh_and_rate_limit() -> None:
             # The issuer rotates: a token with a new kid triggers one refresh, then verifies.
             second = DevIssuer(server.url, kid="k2")
             server.keys = [first, second]
-            await asyncio.sleep(1.1)  # past min_refresh_interval since the start-up fetch
+            # Past min_refresh_interval since the start-up fetch: the source's clock moves on
+            # (the rate limit reads it, not the wall), no sleep.
+            source = svc.sources[server.url]
+            source.clock = lambda: time.monotonic() + 1.1
             fetches = server.jwks_fetches
             assert isinstance(await svc.authorizer.decide(_view(second)), Allow)
             assert server.jwks_fetches == fetches + 1

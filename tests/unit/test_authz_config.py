@@ -14,7 +14,8 @@ from sidecar.authz.config import parse_authz_config
 from sidecar.authz.workers import PoolRegistry, merge_worker_metrics, with_shared_secret
 from sidecar.config_util import parse_admin_listen
 from sidecar.errors import ConfigError
-from sidecar.jose.jwks import JwksLocation, JwksSource, KeyStore
+from sidecar.jose.jwks import KeyStore
+from sidecar.jwks_source import JwksLocation, JwksSource
 
 
 def base(**extra: Any) -> dict[str, Any]:

@@ -42,27 +42,36 @@ def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
         stack.extend(ast.iter_child_nodes(node))
 
 
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module that ``path`` (module ``name``) imports when it runs, in the package or not."""
+    is_package = path.name == "__init__.py"
+    targets: set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".")
+                anchor = anchor if is_package else anchor[:-1]
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets.add(base)
+            # ``from pkg import module`` imports the module.
+            targets.update(f"{base}.{alias.name}" for alias in node.names)
+    return targets
+
+
+def _files() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
 def _graph() -> dict[str, set[str]]:
-    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in files.items():
-        is_package = path.name == "__init__.py"
-        targets: set[str] = set()
-        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = name.split(".")
-                    anchor = anchor if is_package else anchor[:-1]
-                    anchor = anchor[: len(anchor) - node.level + 1]
-                    base = ".".join([*anchor, base] if base else anchor)
-                targets.add(base)
-                # ``from pkg import module`` imports the module.
-                targets.update(f"{base}.{alias.name}" for alias in node.names)
-        graph[name] = {t for t in targets if t in files and t != name}
-    return graph
+    files = _files()
+    return {
+        name: {t for t in _imports(name, path) if t in files and t != name}
+        for name, path in files.items()
+    }
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -125,3 +134,36 @@ def test_broker_http_adapters_import_the_core_not_the_runtime() -> None:
     assert "sidecar.broker.service" not in graph["sidecar.broker.http_app"]
     assert "sidecar.broker.service" not in graph["sidecar.broker.core"]
     assert "sidecar.broker.http_app" not in graph["sidecar.broker.core"]
+
+
+#: What the JOSE layer may import from the package: itself and the error root. Fetching keys,
+#: logging and TLS live above it (``sidecar.jwks_source``), so the verifiers stay pure.
+JOSE_MAY_IMPORT = ("sidecar.jose", "sidecar.errors")
+#: Modules that mean I/O or a clock read; the JOSE layer gets its clock and its data passed in.
+IO_MODULES = {"aiohttp", "asyncio", "grpc", "http", "os", "pathlib", "socket", "ssl", "time"}
+
+
+def test_the_whole_package_is_walked() -> None:
+    files = _files()
+    assert {"sidecar", "sidecar.jose.jwks", "sidecar.jwks_source", "sidecar.authz.core"} <= set(
+        files
+    )
+    assert all(name == "sidecar" or name.startswith("sidecar.") for name in files)
+
+
+def test_jose_does_no_io_and_imports_nothing_above_it() -> None:
+    offenders = {}
+    for name, path in _files().items():
+        if name != "sidecar.jose" and not name.startswith("sidecar.jose."):
+            continue
+        imports = _imports(name, path)
+        bad = {t for t in imports if t.split(".")[0] in IO_MODULES}
+        bad |= {
+            t
+            for t in imports
+            if t.startswith("sidecar")
+            and not any(t == p or t.startswith(p + ".") for p in JOSE_MAY_IMPORT)
+        }
+        if bad:
+            offenders[name] = sorted(bad)
+    assert offenders == {}
