@@ -91,16 +91,19 @@ def _host(text: str) -> str:
     return text
 
 
-def _timeout_ms(text: str) -> int:
+def _whole_number(text: str, highest: int, expected: str) -> int:
+    """``text`` as a decimal integer from 1 to ``highest``; else the option error ``expected``."""
     try:
-        ms = int(text, 10)
+        number = int(text, 10)
     except ValueError:
-        ms = 0
-    if not 0 < ms <= 3_600_000:
-        raise argparse.ArgumentTypeError(
-            f"expected milliseconds, a whole number 1-3600000, got {text!r}"
-        )
-    return ms
+        number = 0
+    if not 0 < number <= highest:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return number
+
+
+def _timeout_ms(text: str) -> int:
+    return _whole_number(text, 3_600_000, "milliseconds, a whole number 1-3600000")
 
 
 def _unix_path(text: str) -> str:
@@ -114,16 +117,11 @@ def _unix_path(text: str) -> str:
 
 
 def _workers(text: str) -> int:
-    try:
-        count = int(text, 10)
-    except ValueError:
-        count = 0
-    if not 0 < count <= MAX_AUTHZ_WORKERS:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number 1-{MAX_AUTHZ_WORKERS} (the sidecar's authz.workers), "
-            f"got {text!r}"
-        )
-    return count
+    return _whole_number(
+        text,
+        MAX_AUTHZ_WORKERS,
+        f"a whole number 1-{MAX_AUTHZ_WORKERS} (the sidecar's authz.workers)",
+    )
 
 
 def _text(text: str) -> str:

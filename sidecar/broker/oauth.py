@@ -252,26 +252,25 @@ def requests_wit(form: Form) -> bool:
     return requested == WIT_TOKEN_TYPE
 
 
-def wit_response(wit: str, expires_in: int) -> bytes:
-    """RFC 8693 §2.2.1 with a WIT: not an access token, so ``token_type`` is ``N_A``."""
+def _exchange_response(token: str, issued_type: str, token_type: str, expires_in: int) -> bytes:
+    """An RFC 8693 §2.2.1 success body (the issued token travels as ``access_token``)."""
     doc = {
-        "access_token": wit,
-        "issued_token_type": WIT_TOKEN_TYPE,
-        "token_type": "N_A",
+        "access_token": token,
+        "issued_token_type": issued_type,
+        "token_type": token_type,
         "expires_in": expires_in,
     }
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def wit_response(wit: str, expires_in: int) -> bytes:
+    """RFC 8693 §2.2.1 with a WIT: not an access token, so ``token_type`` is ``N_A``."""
+    return _exchange_response(wit, WIT_TOKEN_TYPE, "N_A", expires_in)
 
 
 def token_response(access_token: str, expires_in: int) -> bytes:
     """RFC 8693 §2.2.1 / RFC 9449 §5: a DPoP-bound access token."""
-    doc = {
-        "access_token": access_token,
-        "issued_token_type": ACCESS_TOKEN_TYPE,
-        "token_type": "DPoP",
-        "expires_in": expires_in,
-    }
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return _exchange_response(access_token, ACCESS_TOKEN_TYPE, "DPoP", expires_in)
 
 
 #: RFC 6749 §5.1: "The authorization server MUST include the HTTP "Cache-Control" response

@@ -24,6 +24,7 @@ from sidecar.broker.oauth import (
     parse_request,
     targets,
     token_response,
+    wit_response,
 )
 from sidecar.broker.revocation import RevocationStore, etag_matches
 from sidecar.errors import ConfigError
@@ -153,6 +154,15 @@ def test_token_response_shape() -> None:
         "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
         "token_type": "DPoP",
         "expires_in": 300,
+    }
+
+
+def test_wit_response_shape() -> None:
+    assert json.loads(wit_response("w.i.t", 60)) == {
+        "access_token": "w.i.t",
+        "issued_token_type": "urn:ietf:params:oauth:token-type:wit",
+        "token_type": "N_A",
+        "expires_in": 60,
     }
 
 
