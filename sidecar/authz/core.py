@@ -43,6 +43,9 @@ from sidecar.jose.spiffe_jwt_svid import verify_jwt_svid
 from sidecar.jose.wimse_wit import WitKeys
 
 IDENTITY_PREFIX = "x-workload-"
+#: Longest Authorization value + raw path whose bearer allow is cached: an entry's size is
+#: bounded (a caller with one valid token and many long paths cannot fill memory).
+DECISION_KEY_MAX = 2048
 #: Removed from every allowed request: the credentials, and the method-override headers some
 #: frameworks honour, which would let the app run another method than the one allowed.
 STRIPPED = (
@@ -247,12 +250,16 @@ class Authorizer:
     def evaluate(self, view: RequestView, now: float) -> Deny | PendingAllow:
         """Everything that needs no I/O. Raises only on bugs."""
         auth_header = view.headers.get("authorization", "")
-        cache_key: tuple[str, str, str, tuple[str, ...]] | None = None
+        cache_key: tuple[str, str, str] | None = None
         generation = self.keys.generation + self.bundles.generation
-        if auth_header[:7].lower() == "bearer ":
-            # The caller's own x-workload-* headers decide what the allow strips: in the key.
-            spoofed = tuple(h for h in view.headers if h.startswith(IDENTITY_PREFIX))
-            cache_key = (auth_header, view.method, view.path, spoofed)
+        if (
+            auth_header[:7].lower() == "bearer "
+            and len(auth_header) + len(view.path) <= DECISION_KEY_MAX
+            # The caller's own x-workload-* headers change what the allow strips (and no
+            # honest caller sends them): such a request is always decided.
+            and not any(h.startswith(IDENTITY_PREFIX) for h in view.headers)
+        ):
+            cache_key = (auth_header, view.method, view.path)
             hit = self.decisions.get(
                 cache_key,
                 policy=self.policy,

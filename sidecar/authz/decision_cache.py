@@ -3,8 +3,9 @@ path canonicalisation, route and rule matching and the building of the identity 
 
 Only what cannot change between two identical requests is cached: a bearer allow on a route
 without nonces (a nonce answer depends on the time). The key is everything of the request the
-core reads for such a check: the raw ``Authorization`` value, the method, the raw path (with its
-query) and the names of the caller's own ``x-workload-*`` headers, which the allow strips. An
+core reads for such a check: the raw ``Authorization`` value, the method and the raw path (with
+its query); a request carrying its own ``x-workload-*`` headers (which the allow strips) or
+longer than ``core.DECISION_KEY_MAX`` is always decided. An
 entry is used only while the world it was decided in holds: the same policy and settings
 objects (a reload replaces them), the same key-set generation (a rotation clears the verified
 tokens too), before the token's ``exp`` + leeway, and the subject and token id still not revoked

@@ -26,7 +26,7 @@ from factory import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.authz.core import Authorizer, PendingAllow
+from sidecar.authz.core import DECISION_KEY_MAX, Authorizer, PendingAllow
 from sidecar.authz.decision import Deny
 from sidecar.authz.decision_cache import DecisionCache
 from sidecar.authz.policy import Policy
@@ -259,12 +259,22 @@ def test_a_repeated_bearer_check_is_answered_from_the_cache() -> None:
     assert len(h.authz.decisions) == 1
     assert h.evaluate(request) is first  # the same object: nothing decided again
     # A spoofed identity header changes what the allow strips: another entry.
+    # A spoofed identity header changes what the allow strips: decided, never cached.
     spoofed = h.bearer_request(headers={"x-workload-role": "admin"})
     other = h.evaluate(spoofed)
     assert isinstance(other, PendingAllow) and other is not first
     assert "x-workload-role" not in first.allow.headers_to_remove
     assert "x-workload-role" in other.allow.headers_to_remove
-    assert len(h.authz.decisions) == 2
+    assert h.evaluate(spoofed) is not other
+    assert len(h.authz.decisions) == 1
+
+
+def test_a_long_path_is_decided_but_not_kept() -> None:
+    h = make_harness()
+    token = h.token(bound=False)
+    long = h.bearer_request(path="/public/" + "a" * DECISION_KEY_MAX, token=token)
+    assert isinstance(h.evaluate(long), PendingAllow)
+    assert len(h.authz.decisions) == 0
 
 
 def test_revocation_policy_reload_and_expiry_reach_a_cached_allow() -> None:
