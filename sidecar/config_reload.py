@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.config_util import load_yaml_file
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, ConfigErrors
 from sidecar.observability.logsafe import logfmt_value
 
 if TYPE_CHECKING:
@@ -73,11 +73,14 @@ class ReloadMetrics:
             await apply()
         except ConfigError as exc:
             self.reloads.labels("error").inc()
-            log.error(
-                "config reload refused, the running configuration is kept: sha256=%s error=%s",
-                sha256[:16],
-                logfmt_value(str(exc)),
-            )
+            # One line per mistake: a log line is bounded, a file may have many.
+            for error in exc.errors if isinstance(exc, ConfigErrors) else [exc]:
+                log.error(
+                    "config reload refused, the running configuration is kept: sha256=%s "
+                    "error=%s",
+                    sha256[:16],
+                    logfmt_value(str(error)),
+                )
             return False
         self.reloads.labels("ok").inc()
         if sha256 != self.sha256:
@@ -110,6 +113,8 @@ class ConfigReloader:
         async def apply() -> None:
             if not digest:
                 raise ConfigError("config file", "a readable file", self.path)
+            # Not under collecting(): apply() acts on what it parsed, so a parser must raise
+            # before returning (parse_broker_config and config_files.parse_* do).
             await self.apply(load_yaml_file(self.path), digest)
 
         ok = await self.metrics.attempt(digest, apply)

@@ -179,3 +179,28 @@ def test_log_level_after_the_command_and_its_choices(tmp_path: Path) -> None:
     assert "invalid choice: 'VERBOSE'" in bad.stderr
     helped = _sidecar("run", "--help")
     assert "{DEBUG,INFO,WARNING,ERROR}" in helped.stdout
+
+
+def test_a_refused_broker_reload_logs_every_mistake_with_its_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    from typing import Any
+
+    from prometheus_client import CollectorRegistry
+
+    from sidecar.broker.config import parse_broker_config
+    from sidecar.config_reload import ConfigReloader
+
+    applied: list[object] = []
+    path = _write(tmp_path, "issuer: http://127.0.0.1:8443\n")
+
+    async def apply(data: dict[str, Any], sha256: str) -> None:
+        applied.append(parse_broker_config(data))  # raises before anything is applied
+
+    reloader = ConfigReloader(path, CollectorRegistry(), apply)
+    _write(tmp_path, "issuer: http://127.0.0.1:8443\ntokens: {ttl: soon}\nkeys: {rotat: 1}\n")
+    assert asyncio.run(reloader.reload()) is False
+    assert applied == []
+    assert f"{path}:2: tokens.ttl" in caplog.text, caplog.text
+    assert f"{path}:3: keys.rotat" in caplog.text, caplog.text
