@@ -853,3 +853,10 @@ def test_process_collectors_documented() -> None:
     text = section_text(readme(), "## Metrics")
     missing = sorted(n for n in names if f"`{n}`" not in text)
     assert not missing, f"README.md metrics section lacks {missing}"
+
+
+def test_operations_section_troubleshoots_every_deny_reason() -> None:
+    text = section_text(readme(), "### Troubleshooting a deny")
+    missing = sorted(r.value for r in Reason if f"`{r.value}`" not in text)
+    assert not missing, f"README.md Operations troubleshooting lacks {missing}"
+    assert "(#deny-reason-codes)" in text, "link the deny reason table"
