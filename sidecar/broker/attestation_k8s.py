@@ -26,10 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.broker.codes import BrokerReason, from_jose
+from sidecar.broker.codes import BrokerReason, BrokerRefusal, from_jose
 from sidecar.broker.config import ClusterConfig
 from sidecar.broker.registry import is_dns_label, is_dns_subdomain, k8s_selectors
-from sidecar.errors import AuthError, Reason, SidecarError
+from sidecar.errors import AuthError, Reason
 from sidecar.jose.jwks import KeyStore
 from sidecar.jose.rfc7515_jws import JWSFormatError, parse_compact
 from sidecar.jose.rfc9068_access_token import IssuerPolicy, VerifiedToken, verify_access_token
@@ -42,13 +42,11 @@ SA_PREFIX = "system:serviceaccount:"
 NOT_SA = BrokerReason.NOT_SERVICE_ACCOUNT
 
 
-class SubjectTokenError(SidecarError):
-    """The subject token is not acceptable. ``reason`` is a stable short code."""
+class SubjectTokenError(BrokerRefusal):
+    """The subject token is not acceptable."""
 
     def __init__(self, reason: BrokerReason, detail: str, *, retryable: bool = False) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+        super().__init__(reason, detail)
         #: True when it is our side that cannot decide (the cluster's keys are unavailable).
         self.retryable = retryable
 

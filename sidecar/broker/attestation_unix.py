@@ -35,22 +35,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.broker.codes import BrokerReason
+from sidecar.broker.codes import BrokerReason, BrokerRefusal
 from sidecar.broker.registry import unix_selectors
-from sidecar.errors import SidecarError
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5 (include/uapi/asm-generic)
 _UCRED = struct.Struct("3i")
 _HASH_CHUNK = 1 << 20
 
 
-class AttestationFailure(SidecarError):
-    """The caller could not be attested. ``reason`` is a short stable code (a metric label)."""
-
-    def __init__(self, reason: BrokerReason, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class AttestationFailure(BrokerRefusal):
+    """The caller could not be attested."""
 
 
 @dataclass(frozen=True, slots=True)

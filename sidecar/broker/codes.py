@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sidecar.errors import Reason
+from sidecar.errors import Reason, SidecarError
 
 
 class OAuthCode(StrEnum):
@@ -69,3 +69,13 @@ def from_jose(reason: Reason, fallback: BrokerReason) -> BrokerReason:
     """The broker's code for a JOSE-layer ``reason``: the same name when the broker has it,
     else ``fallback`` (``proof_invalid`` for a proof, ``malformed_token`` for a token)."""
     return _BY_VALUE.get(reason.value, fallback)
+
+
+class BrokerRefusal(SidecarError):
+    """A refusal for one of the closed ``reason`` codes (a metric label and audit field), with a
+    free ``detail`` for the log. The attestations' errors are this one class, not copies of it."""
+
+    def __init__(self, reason: BrokerReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -17,6 +17,7 @@ from sidecar.broker.attestation_unix import (
     UnixAttestor,
     read_starttime,
 )
+from sidecar.broker.codes import BrokerReason, BrokerRefusal
 
 PID = 4242
 
@@ -149,3 +150,17 @@ def test_not_a_service_account(claims: dict[str, object], sub: str) -> None:
     with pytest.raises(SubjectTokenError) as err:
         service_account_of(claims, sub)
     assert err.value.reason == "not_service_account"
+
+
+@pytest.mark.parametrize("cls", [AttestationFailure, SubjectTokenError])
+def test_both_attestation_errors_are_the_one_refusal_class(cls: type[BrokerRefusal]) -> None:
+    err = cls(BrokerReason.NOT_SERVICE_ACCOUNT, "sub is not a service account")
+    assert isinstance(err, BrokerRefusal)
+    assert err.reason is BrokerReason.NOT_SERVICE_ACCOUNT
+    assert err.detail == "sub is not a service account"
+    assert str(err) == "not_service_account: sub is not a service account"
+
+
+def test_a_subject_token_error_may_be_ours_to_retry() -> None:
+    assert not SubjectTokenError(BrokerReason.NOT_SERVICE_ACCOUNT, "x").retryable
+    assert SubjectTokenError(BrokerReason.NOT_SERVICE_ACCOUNT, "x", retryable=True).retryable
