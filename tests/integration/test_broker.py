@@ -33,9 +33,7 @@ from sidecar.jose.rfc9449_dpop import ProofSigner
 from sidecar.jose.spiffe_bundle import import_bundle
 from sidecar.jose.wimse_wit import WitPolicy, verify_wit
 from sidecar.jose.wimse_wpt import WptPolicy, WptSigner, verify_wpt
-from tests.integration.harness import REPO_ROOT, free_port, http_request
-from tests.integration.live_metrics import check_live_metrics, sample
-from tests.integration.test_broker_helpers import (
+from tests.integration.broker_process import (
     EXCHANGE,
     PYTHON,
     TOKEN_TYPE_JWT,
@@ -48,6 +46,8 @@ from tests.integration.test_broker_helpers import (
     post_form,
     python_entries,
 )
+from tests.integration.harness import REPO_ROOT, free_port, http_request
+from tests.integration.live_metrics import check_live_metrics, sample
 
 pytestmark = pytest.mark.integration
 
@@ -440,7 +440,7 @@ def test_exchange_refusals(
         finally:
             foreign.stop()
     elif case == "forged_signature":
-        from tests.integration.test_broker_helpers import rsa_key
+        from tests.integration.broker_process import rsa_key
 
         token = cluster.sa_token(key=rsa_key())
     elif case == "malformed":

@@ -22,15 +22,7 @@ import yaml
 
 from sidecar.envoy_config import ingress_bootstrap
 from sidecar.jose.rfc9449_dpop import ProofSigner
-from tests.integration.harness import (
-    ManagedProcess,
-    free_port,
-    http_request,
-    start_echo_app,
-    start_envoy,
-    wait_for_http,
-)
-from tests.integration.test_broker_helpers import (
+from tests.integration.broker_process import (
     TRUST,
     BrokerProcess,
     ClusterIssuer,
@@ -38,6 +30,14 @@ from tests.integration.test_broker_helpers import (
     k8s_entries,
     new_signer,
     python_entries,
+)
+from tests.integration.harness import (
+    ManagedProcess,
+    free_port,
+    http_request,
+    start_echo_app,
+    start_envoy,
+    wait_for_http,
 )
 
 pytestmark = pytest.mark.integration

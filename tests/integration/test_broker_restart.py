@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from sidecar.jose.b64 import b64url_decode
+from tests.integration.broker_process import BrokerProcess, new_signer, python_entries
 from tests.integration.harness import http_request
 from tests.integration.test_broker import ORDERS, verify_independently
-from tests.integration.test_broker_helpers import BrokerProcess, new_signer, python_entries
 
 pytestmark = pytest.mark.integration
 

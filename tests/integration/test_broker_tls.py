@@ -25,7 +25,7 @@ from sidecar.identity.errors import IdentityError
 from sidecar.identity.key import generate_signer
 from sidecar.identity.schedule import RefreshPolicy
 from sidecar.identity.source import TokenSource
-from tests.integration.test_broker_helpers import (
+from tests.integration.broker_process import (
     TRUST,
     BrokerProcess,
     ClusterIssuer,

@@ -34,6 +34,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sidecar.net_limits import ConnLimits
 from sidecar.observability.admin import make_admin_app
 from sidecar.runtime import start_admin_site
+from tests.integration.broker_process import (
+    TRUST,
+    BrokerProcess,
+    new_signer,
+    python_entries,
+)
 from tests.integration.harness import (
     REPO_ROOT,
     ManagedProcess,
@@ -42,12 +48,6 @@ from tests.integration.harness import (
     wait_for_http,
 )
 from tests.integration.issuer import AUDIENCE, DevIssuer
-from tests.integration.test_broker_helpers import (
-    TRUST,
-    BrokerProcess,
-    new_signer,
-    python_entries,
-)
 
 pytestmark = pytest.mark.integration
 

@@ -344,7 +344,7 @@ def test_sighup_reloads_sidecar_run_and_does_not_kill_it(tmp_path: Path) -> None
 
 
 def test_sighup_reloads_the_broker_and_does_not_kill_it(tmp_path: Path) -> None:
-    from tests.integration.test_broker_helpers import BrokerProcess
+    from tests.integration.broker_process import BrokerProcess
 
     broker = BrokerProcess(tmp_path, entries=[]).start()
     try:

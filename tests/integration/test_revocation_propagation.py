@@ -19,14 +19,14 @@ import pytest
 import yaml
 
 from sidecar.jose.rfc9449_dpop import ProofSigner
-from tests.integration.harness import ManagedProcess, free_port, http_request, wait_for_http
-from tests.integration.test_broker_helpers import (
+from tests.integration.broker_process import (
     TRUST,
     Answer,
     BrokerProcess,
     new_signer,
     python_entries,
 )
+from tests.integration.harness import ManagedProcess, free_port, http_request, wait_for_http
 
 pytestmark = pytest.mark.integration
 
