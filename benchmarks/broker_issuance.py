@@ -309,8 +309,10 @@ def main() -> int:
             broker.stop()
     print()
     print(f"machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}")
-    print(f"raw ES256 in this process: sign {crypto['es256_sign_us']} µs, "
-          f"verify {crypto['es256_verify_us']} µs")  # fmt: skip
+    print(
+        f"raw ES256 in this process: sign {crypto['es256_sign_us']} µs, "
+        f"verify {crypto['es256_verify_us']} µs"
+    )
     print()
     print_table(
         ["path", "conc", "tokens/s", "runs tok/s", "p50 ms", "p99 ms", "broker CPU µs/tok", "fail"],

@@ -43,8 +43,11 @@ def check_request(view: RequestView) -> bytes:
     req = external_auth_pb2.CheckRequest()
     http = req.attributes.request.http
     http.method, http.path, http.host, http.scheme = (
-        view.method, view.path, view.authority, view.scheme,
-    )  # fmt: skip
+        view.method,
+        view.path,
+        view.authority,
+        view.scheme,
+    )
     for name, value in view.headers.items():
         http.headers[name] = value
     http.headers["x-request-id"] = "5c14f6e9-b250-45bb-baa4-b62546bea24b"
@@ -117,9 +120,11 @@ def main() -> int:
         ("  core, DPoP", timed(lambda i: core(view_from_check(d_reqs[i], "https")), n)),
         ("  guard end (metric + log)", timed(lambda i: guard.end(done), n)),
         ("  encode response (cached head)", timed(lambda i: encode(b_decision), n)),
-        ("one ES256 verify (cryptography)", timed(
-            lambda i: pub.verify(sig, b"x" * 100, ec.ECDSA(hashes.SHA256())), n)),
-    ]  # fmt: skip
+        (
+            "one ES256 verify (cryptography)",
+            timed(lambda i: pub.verify(sig, b"x" * 100, ec.ECDSA(hashes.SHA256())), n),
+        ),
+    ]
     print_table(["stage", "µs per call"], [[name, f"{us:.1f}"] for name, us in rows])
     return 0
 

@@ -247,12 +247,19 @@ class Bench:
     def start_trivial(self, upstream: int) -> tuple[ManagedProcess, int]:
         port = free_port()
         proc = ManagedProcess(
-            [sys.executable, "-m", "benchmarks.trivial_proxy", "--listen", f"127.0.0.1:{port}",
-             "--upstream", f"http://127.0.0.1:{upstream}"],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.trivial_proxy",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                f"http://127.0.0.1:{upstream}",
+            ],
             name="trivial-proxy",
             log_dir=self.tmp,
             cwd=ROOT,
-        ).start()  # fmt: skip
+        ).start()
         self.processes.append(proc)
         deadline = time.monotonic() + 30
         while "ready" not in proc.log_path.read_text():
@@ -285,10 +292,12 @@ class Bench:
 def _added_mean_ms(admin: int) -> float | None:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    total = re.search(r'^sidecar_egress_added_latency_seconds_sum\{upstream="bench"\} (\S+)$',
-                      text, re.M)  # fmt: skip
-    count = re.search(r'^sidecar_egress_added_latency_seconds_count\{upstream="bench"\} (\S+)$',
-                      text, re.M)  # fmt: skip
+    total = re.search(
+        r'^sidecar_egress_added_latency_seconds_sum\{upstream="bench"\} (\S+)$', text, re.M
+    )
+    count = re.search(
+        r'^sidecar_egress_added_latency_seconds_count\{upstream="bench"\} (\S+)$', text, re.M
+    )
     if not total or not count or float(count.group(1)) == 0:
         return None
     return float(total.group(1)) / float(count.group(1)) * 1000
@@ -343,20 +352,38 @@ def main() -> int:
         "envoy_added_p99_ms": envoy.fixed.p99_ms - direct.fixed.p99_ms,
         "sidecar_in_proxy_mean_ms": side.sidecar_added_mean_ms,
     }
-    headers = ["config", "peak req/s", "x envoy", "p50 ms", "p99 ms", "non2xx", "proxy CPU µs/req",
-               "@fixed rate p50 ms", "p99 ms", "added p50 ms", "added p99 ms"]  # fmt: skip
+    headers = [
+        "config",
+        "peak req/s",
+        "x envoy",
+        "p50 ms",
+        "p99 ms",
+        "non2xx",
+        "proxy CPU µs/req",
+        "@fixed rate p50 ms",
+        "p99 ms",
+        "added p50 ms",
+        "added p99 ms",
+    ]
     table = []
     for r in rows:
         added50 = r.fixed.p50_ms - direct.fixed.p50_ms
         added99 = r.fixed.p99_ms - direct.fixed.p99_ms
-        table.append([
-            r.name, f"{r.peak.rps:,.0f}", f"{r.peak.rps / envoy.peak.rps:.2f}",
-            f"{r.peak.p50_ms:.2f}", f"{r.peak.p99_ms:.2f}",
-            str(r.peak.non2xx + r.fixed.non2xx + r.peak.errors + r.fixed.errors),
-            f"{r.proxy_cpu_us:.0f}" if r.proxy_cpu_us else "-",
-            f"{r.fixed.p50_ms:.3f}", f"{r.fixed.p99_ms:.3f}",
-            "-" if r is direct else f"{added50:.3f}", "-" if r is direct else f"{added99:.3f}",
-        ])  # fmt: skip
+        table.append(
+            [
+                r.name,
+                f"{r.peak.rps:,.0f}",
+                f"{r.peak.rps / envoy.peak.rps:.2f}",
+                f"{r.peak.p50_ms:.2f}",
+                f"{r.peak.p99_ms:.2f}",
+                str(r.peak.non2xx + r.fixed.non2xx + r.peak.errors + r.fixed.errors),
+                f"{r.proxy_cpu_us:.0f}" if r.proxy_cpu_us else "-",
+                f"{r.fixed.p50_ms:.3f}",
+                f"{r.fixed.p99_ms:.3f}",
+                "-" if r is direct else f"{added50:.3f}",
+                "-" if r is direct else f"{added99:.3f}",
+            ]
+        )
     print()
     print_table(headers, table)
     print()

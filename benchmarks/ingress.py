@@ -174,15 +174,27 @@ class Bench:
 
     def start_trivial(self, engine: str, wrap: list[str] | None = None) -> Server:
         grpc_port, http_port = free_port(), free_port()
-        argv = ["--engine", engine, "--grpc", f"127.0.0.1:{grpc_port}",
-                "--http", f"127.0.0.1:{http_port}"]  # fmt: skip
+        argv = [
+            "--engine",
+            engine,
+            "--grpc",
+            f"127.0.0.1:{grpc_port}",
+            "--http",
+            f"127.0.0.1:{http_port}",
+        ]
         proc = ManagedProcess(
-            [*([*wrap, "trivial"] if wrap else [sys.executable, "-m", "benchmarks.trivial_authz"]),
-             *argv],
+            [
+                *(
+                    [*wrap, "trivial"]
+                    if wrap
+                    else [sys.executable, "-m", "benchmarks.trivial_authz"]
+                ),
+                *argv,
+            ],
             name=f"trivial-{engine}",
             log_dir=self.tmp,
             cwd=ROOT,
-        ).start()  # fmt: skip
+        ).start()
         deadline = time.monotonic() + 30
         while "ready" not in proc.log_path.read_text():
             if time.monotonic() > deadline or proc.returncode is not None:
@@ -234,8 +246,14 @@ class Bench:
             ]
         else:  # bearer; with no auth filter Envoy ignores the header
             args = [f"Bearer {self.unbound}"]
-        return run_wrk(url, duration=duration, connections=self.connections, lua_body=lua,
-                       lua_args=args, cpu=WRK_CPU)  # fmt: skip
+        return run_wrk(
+            url,
+            duration=duration,
+            connections=self.connections,
+            lua_body=lua,
+            lua_args=args,
+            cpu=WRK_CPU,
+        )
 
     def measure(
         self,
@@ -372,30 +390,60 @@ def main() -> int:
             for server in servers.values():
                 server.proc.stop()
     jwt = next(r for r in rows if r.name.startswith("envoy jwt_authn")).peak.rps
-    headers = ["config", "req/s", "p50 ms", "p99 ms", "x jwt_authn", "non2xx",
-               "envoy CPU µs/req", "authz CPU µs/req", "overhead µs/req", "@half rate",
-               "p50 ms", "p99 ms", "added p99 ms"]  # fmt: skip
+    headers = [
+        "config",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "x jwt_authn",
+        "non2xx",
+        "envoy CPU µs/req",
+        "authz CPU µs/req",
+        "overhead µs/req",
+        "@half rate",
+        "p50 ms",
+        "p99 ms",
+        "added p99 ms",
+    ]
     table = []
     for r in rows:
         added = (
             "" if r.baseline_at_half is None else f"{r.half.p99_ms - r.baseline_at_half.p99_ms:.2f}"
         )
         extra = overhead(r, rows)
-        table.append([
-            r.name, f"{r.peak.rps:,.0f}", f"{r.peak.p50_ms:.2f}", f"{r.peak.p99_ms:.2f}",
-            f"{r.peak.rps / jwt:.2f}", str(r.peak.non2xx + r.half.non2xx),
-            f"{r.envoy_cpu_us:.0f}", f"{r.sidecar_cpu_us:.0f}" if r.sidecar_cpu_us else "-",
-            "-" if extra is None else f"{extra:+.0f}",
-            f"{r.half_rate:,.0f}", f"{r.half.p50_ms:.2f}", f"{r.half.p99_ms:.2f}", added,
-        ])  # fmt: skip
+        table.append(
+            [
+                r.name,
+                f"{r.peak.rps:,.0f}",
+                f"{r.peak.p50_ms:.2f}",
+                f"{r.peak.p99_ms:.2f}",
+                f"{r.peak.rps / jwt:.2f}",
+                str(r.peak.non2xx + r.half.non2xx),
+                f"{r.envoy_cpu_us:.0f}",
+                f"{r.sidecar_cpu_us:.0f}" if r.sidecar_cpu_us else "-",
+                "-" if extra is None else f"{extra:+.0f}",
+                f"{r.half_rate:,.0f}",
+                f"{r.half.p50_ms:.2f}",
+                f"{r.half.p99_ms:.2f}",
+                added,
+            ]
+        )
     print()
     print_table(headers, table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "connections": args.connections,
-                               "duration": args.duration, "engines": engines,
-                               "rows": [{**asdict(r), "overhead_cpu_us": overhead(r, rows)}
-                                        for r in rows]}, indent=2))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "connections": args.connections,
+                "duration": args.duration,
+                "engines": engines,
+                "rows": [{**asdict(r), "overhead_cpu_us": overhead(r, rows)} for r in rows],
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out}")
     return 0
 

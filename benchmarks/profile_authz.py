@@ -147,11 +147,25 @@ def main() -> int:
                 os.kill(server.proc.pid, signal.SIGUSR1)
             else:
                 spy_proc = subprocess.Popen(
-                    [spy, "record", "--format", "raw", "--rate", str(args.rate), "--nonblocking",
-                     "--threads", "-o", prof, "--pid", str(server.proc.pid),
-                     "--duration", str(round(args.duration))],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
+                    [
+                        spy,
+                        "record",
+                        "--format",
+                        "raw",
+                        "--rate",
+                        str(args.rate),
+                        "--nonblocking",
+                        "--threads",
+                        "-o",
+                        prof,
+                        "--pid",
+                        str(server.proc.pid),
+                        "--duration",
+                        str(round(args.duration)),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 time.sleep(0.5)
             peak = bench.wrk(url, args.kind, args.duration, None, max(warm.rps, 500))
             cpu_us = (cpu_seconds(server.proc.pid) - cpu0) / max(peak.requests, 1) * 1e6
@@ -174,8 +188,10 @@ def main() -> int:
     label = f"{'trivial' if args.trivial else 'sidecar'} {args.mode}"
     if args.mode == "grpc":
         label += f" engine={args.engine}"
-    print(f"\n{label} {args.kind}: {peak.rps:,.0f} req/s, {requests} requests profiled, "
-          f"{cpu_us:.0f} CPU µs/req ({args.profiler} running)")  # fmt: skip
+    print(
+        f"\n{label} {args.kind}: {peak.rps:,.0f} req/s, {requests} requests profiled, "
+        f"{cpu_us:.0f} CPU µs/req ({args.profiler} running)"
+    )
     headers = ["self µs/req", "cum µs/req", "calls/req", "function"]
     print("\nby self time")
     print_table(headers, by_self[: args.top])

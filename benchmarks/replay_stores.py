@@ -184,11 +184,25 @@ def main(argv: list[str] | None = None) -> int:
                 s.bind(("127.0.0.1", 0))
                 where["redis_port"] = str(s.getsockname()[1])
             redis_proc = subprocess.Popen(
-                [redis_bin, "--port", where["redis_port"], "--bind", "127.0.0.1",
-                 "--unixsocket", where["redis_sock"], "--unixsocketperm", "600",
-                 "--save", "", "--appendonly", "no", "--dir", tmp],
+                [
+                    redis_bin,
+                    "--port",
+                    where["redis_port"],
+                    "--bind",
+                    "127.0.0.1",
+                    "--unixsocket",
+                    where["redis_sock"],
+                    "--unixsocketperm",
+                    "600",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    tmp,
+                ],
                 stdout=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
             deadline = time.monotonic() + 10
             while not os.path.exists(where["redis_sock"]) and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -21,8 +21,19 @@ from aiohttp import web  # noqa: E402
 
 from sidecar.runtime import run, wait_for_stop_signal  # noqa: E402
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "host",
-                        "proxy-connection", "te", "trailer", "content-length"})  # fmt: skip
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "content-length",
+    }
+)
 
 
 async def serve(listen: str, upstream: str) -> None:

@@ -76,8 +76,7 @@ class ReloadMetrics:
             # One line per mistake: a log line is bounded, a file may have many.
             for error in exc.errors if isinstance(exc, ConfigErrors) else [exc]:
                 log.error(
-                    "config reload refused, the running configuration is kept: sha256=%s "
-                    "error=%s",
+                    "config reload refused, the running configuration is kept: sha256=%s error=%s",
                     sha256[:16],
                     logfmt_value(str(error)),
                 )

@@ -271,8 +271,9 @@ def parse_tls_client(data: Any, path: str) -> TLSClient | None:
     cert_file, key_file = _tls_pair(block, path)
     server_name = get_opt_str(block, "server_name", path)
     if server_name is not None and ("/" in server_name or ":" in server_name):
-        raise ConfigError(f"{path}.server_name", "a host name (no scheme, port or path)",
-                          server_name)  # fmt: skip
+        raise ConfigError(
+            f"{path}.server_name", "a host name (no scheme, port or path)", server_name
+        )
     return TLSClient(
         context=client_context(ca_file, cert_file, key_file, path=path),
         ca_file=ca_file,

@@ -352,7 +352,7 @@ class GuardedProtocol(asyncio.Protocol):
         "request_since",
         "transport",
         "uid",
-    )  # fmt: skip
+    )
 
     def __init__(self, inner: Any, guard: ListenerGuard) -> None:
         self._inner: Any = inner

@@ -106,9 +106,13 @@ async def serve(
             await lifecycle.start(tokens.start, tokens.close)
         if egress_cfg is not None and tokens is not None:
             proxy = EgressProxy(
-                egress_cfg, tokens=tokens, signer=signer, registry=registry, offsets=offsets,
+                egress_cfg,
+                tokens=tokens,
+                signer=signer,
+                registry=registry,
+                offsets=offsets,
                 wpt_signer=signer.wpt_signer(),
-            )  # fmt: skip
+            )
             await lifecycle.start(proxy.start, proxy.stop)
         if authz_cfg is not None:
             from sidecar.authz.service import AuthzService

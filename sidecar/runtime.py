@@ -35,6 +35,7 @@ def install_uvloop() -> None:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")

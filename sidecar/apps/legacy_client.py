@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _exit)
     try:
-        return run(args.url, name=args.name, every=args.every, count=args.count,
-                   timeout=args.timeout)  # fmt: skip
+        return run(
+            args.url, name=args.name, every=args.every, count=args.count, timeout=args.timeout
+        )
     except KeyboardInterrupt:
         return 130
     finally:

@@ -175,9 +175,16 @@ def worker_argv(config_path: str, log_level: str | None) -> list[str]:
 
     level = ["--log-level", log_level] if log_level else []
     return [
-        sys.executable, "-m", "sidecar", *level, "--log-format", active_format(),
-        "authz", "-c", config_path,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "sidecar",
+        *level,
+        "--log-format",
+        active_format(),
+        "authz",
+        "-c",
+        config_path,
+    ]
 
 
 async def supervise(
@@ -216,6 +223,7 @@ async def supervise(
             http=cfg.http_listen,
             admin=admin_bound.port,
         )
+
         async def apply(new_data: dict[str, Any], sha256: str) -> None:
             await pool.reload(new_data, reloaded_config(new_data, pool.cfg, admin), sha256)
 

@@ -229,10 +229,29 @@ def parse_authz_config(data: Any, path: str = "authz") -> AuthzConfig:
     known_keys(
         root,
         path,
-        {"audience", "audiences", "issuers", "grpc", "http", "default_scheme", "leeway", "dpop",
-         "nonce", "replay", "limits", "token_cache_size", "routes", "rules", "unknown_kid_wait",
-         "revocation", "workers", "authorities", "trust_domains", "wimse"},
-    )  # fmt: skip
+        {
+            "audience",
+            "audiences",
+            "issuers",
+            "grpc",
+            "http",
+            "default_scheme",
+            "leeway",
+            "dpop",
+            "nonce",
+            "replay",
+            "limits",
+            "token_cache_size",
+            "routes",
+            "rules",
+            "unknown_kid_wait",
+            "revocation",
+            "workers",
+            "authorities",
+            "trust_domains",
+            "wimse",
+        },
+    )
     audiences = get_str_list(root, "audiences", path, None) if "audiences" in root else None
     if audiences is None:
         audiences = [get_str(root, "audience", path)]

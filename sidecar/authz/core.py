@@ -618,4 +618,3 @@ class Authorizer:
     def internal_error(self, detail: str) -> Deny:
         """The deny the transports send when ``decide`` itself failed (a bug): fail closed."""
         return self._deny(Reason.INTERNAL_ERROR, detail, self.policy.default_route, "dpop", 0.0, {})
-

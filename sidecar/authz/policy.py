@@ -236,9 +236,7 @@ class Rule:
                 [_principal_regex(p) + r"\Z" for p in principals if "*" in p]
             ),
             _exact_paths=frozenset(p for p in literal_paths if p != "/"),
-            _path_prefixes=tuple(
-                "/" if p == "/" else p.rstrip("/") + "/" for p in literal_paths
-            ),
+            _path_prefixes=tuple("/" if p == "/" else p.rstrip("/") + "/" for p in literal_paths),
             _path_globs=_alternation([_path_regex(p) for p in paths if "*" in p]),
         )
 

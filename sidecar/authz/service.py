@@ -75,8 +75,14 @@ def refuse_restart_only_changes(running: AuthzConfig, new: AuthzConfig) -> None:
 
 def _token_rules(s: AuthzSettings) -> tuple[Any, ...]:
     """What a cached verified token was verified under."""
-    return (s.issuers, s.audiences, s.trust_domains, s.leeway, s.max_token_bytes,
-            s.token_cache_size)  # fmt: skip
+    return (
+        s.issuers,
+        s.audiences,
+        s.trust_domains,
+        s.leeway,
+        s.max_token_bytes,
+        s.token_cache_size,
+    )
 
 
 class AuthzService:

@@ -97,9 +97,17 @@ class TrustDomainSource:
 
 
 TRUST_DOMAIN_KEYS = {
-    "name", "bundle_file", "bundle_endpoint", "workload_api", "socket", "algorithms",
-    "refresh_interval", "min_refresh_interval", "insecure_http", "tls",
-}  # fmt: skip
+    "name",
+    "bundle_file",
+    "bundle_endpoint",
+    "workload_api",
+    "socket",
+    "algorithms",
+    "refresh_interval",
+    "min_refresh_interval",
+    "insecure_http",
+    "tls",
+}
 
 
 def _trust_domain(raw: Any, key: str) -> TrustDomainSource:

@@ -77,8 +77,13 @@ class WorkerSettings:
     sha256: str = ""  # of the configuration file these settings come from
 
     def encode(self) -> bytes:
-        doc = {"data": to_json_ready(self.data), "index": self.index, "count": self.count,
-               "runtime_dir": self.runtime_dir, "sha256": self.sha256}  # fmt: skip
+        doc = {
+            "data": to_json_ready(self.data),
+            "index": self.index,
+            "count": self.count,
+            "runtime_dir": self.runtime_dir,
+            "sha256": self.sha256,
+        }
         return json.dumps(doc).encode() + b"\n"
 
     @classmethod
@@ -252,8 +257,9 @@ class WorkerPool:
                 await asyncio.gather(*(p.wait() for p in live))
         for proc in live:
             if proc.returncode is None:
-                log.warning("authz worker pid %d did not stop in %.0f s: killed", proc.pid,
-                            STOP_GRACE)  # fmt: skip
+                log.warning(
+                    "authz worker pid %d did not stop in %.0f s: killed", proc.pid, STOP_GRACE
+                )
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
@@ -301,8 +307,11 @@ class WorkerPool:
                 return
             log.warning(
                 "authz worker %d (pid %d) exited with %s; restarting in %.1f s",
-                index, proc.pid, _describe(code), backoff,
-            )  # fmt: skip
+                index,
+                proc.pid,
+                _describe(code),
+                backoff,
+            )
             self.restarts.labels(str(index)).inc()
             if time.monotonic() - born > BACKOFF_RESET_AFTER:
                 backoff = BACKOFF_FIRST
@@ -417,4 +426,3 @@ class ParentPipe:
         if len(self._buffer) > MAX_SETTINGS_BYTES:  # bounded, like the first line
             log.error("authz worker: settings from the parent too large; ignored")
             self._buffer = b""
-

@@ -172,9 +172,7 @@ def register(sub: Any) -> None:
     watch_option(p)
     add_check_option(p, "broker")
     p.set_defaults(func=_run)
-    actions = p.add_subparsers(
-        dest="broker_command", required=False, metavar="{revoke,entries}"
-    )
+    actions = p.add_subparsers(dest="broker_command", required=False, metavar="{revoke,entries}")
     r = actions.add_parser(
         "revoke", help="revoke (or --restore) a subject or a token id on the running broker"
     )
@@ -198,9 +196,7 @@ def register(sub: Any) -> None:
     add.add_argument(
         "--selector", action="append", required=True, help="unix:uid:N, k8s:ns:NS, ... (repeat)"
     )
-    add.add_argument(
-        "--audience", action="append", required=True, help="an audience glob (repeat)"
-    )
+    add.add_argument("--audience", action="append", required=True, help="an audience glob (repeat)")
     add.add_argument("--ttl", type=float, default=None, help="token lifetime, seconds")
     remove = kinds.add_parser("remove", help="remove the added entries of a SPIFFE ID")
     remove.add_argument("--spiffe-id", required=True, help="the SPIFFE ID to remove")

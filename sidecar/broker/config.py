@@ -271,9 +271,8 @@ def _parse(data: Mapping[str, Any]) -> BrokerConfig:
     known_keys(
         tokens,
         "tokens",
-        {"ttl", "wit_ttl", "subject_leeway", "max_subject_token_bytes",
-         "high_privilege_audiences"},
-    )  # fmt: skip
+        {"ttl", "wit_ttl", "subject_leeway", "max_subject_token_bytes", "high_privilege_audiences"},
+    )
     wit_ttl = get_duration(tokens, "wit_ttl", "tokens", 14400.0, minimum=60.0)
     if wit_ttl > 86400:
         report(ConfigError("tokens.wit_ttl", "at most 86400 seconds", wit_ttl))

@@ -501,8 +501,9 @@ class Broker:
             else:
                 issued = self._issue(entry, wanted.audiences, proof, now, caller.not_after)
         except OAuthError as exc:
-            self._finish(attestor.name, started, now, error=exc, attestation_failed=attesting,
-                         fields=fields)  # fmt: skip
+            self._finish(
+                attestor.name, started, now, error=exc, attestation_failed=attesting, fields=fields
+            )
             raise
         self._finish(attestor.name, started, now, issued=issued, fields=fields)
         self.metrics.granted(wanted.audiences, self.cfg.high_privilege_audiences)

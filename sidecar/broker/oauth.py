@@ -238,8 +238,6 @@ def parse_exchange(form: Form) -> ExchangeRequest:
     return ExchangeRequest(subject_token=subject_token, audiences=targets(form))
 
 
-
-
 def requests_wit(form: Form) -> bool:
     """True when the request asks for a WIT (``requested_token_type``), False for an access
     token (the default); anything else is refused."""

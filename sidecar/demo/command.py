@@ -136,9 +136,17 @@ class Demo:
         t = progress(3, "orders: the legacy app (knows nothing about tokens)")
         orders = self.supervisor.start(
             "orders",
-            [*py, "sidecar.apps.echo", "--host", "127.0.0.1", "--port",
-             str(p.port("orders", "http")), "--name", "orders"],
-        )  # fmt: skip
+            [
+                *py,
+                "sidecar.apps.echo",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(p.port("orders", "http")),
+                "--name",
+                "orders",
+            ],
+        )
         self.supervisor.wait_http(orders, f"{p.url('orders', 'http')}/__health")
         ready(t, p.url("orders", "http"))
 
@@ -164,9 +172,19 @@ class Demo:
         admin = p.port("envoy", "admin")
         envoy = self.supervisor.start(
             "envoy",
-            [_envoy(), "-c", str(envoy_cfg), "--concurrency", "1", "--base-id",
-             str(admin), "--disable-hot-restart", "-l", "warning"],
-        )  # fmt: skip
+            [
+                _envoy(),
+                "-c",
+                str(envoy_cfg),
+                "--concurrency",
+                "1",
+                "--base-id",
+                str(admin),
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ],
+        )
         self.supervisor.wait_http(envoy, f"{p.url('envoy', 'admin')}/ready")
         ready(t, p.url("envoy", "ingress"))
 
@@ -174,28 +192,39 @@ class Demo:
         cfg = _write(
             self.workdir / "frontend-sidecar.yaml",
             topo.caller_sidecar_config(
-                p, "frontend-sidecar", topo.k8s_attestor(str(token_file)),
+                p,
+                "frontend-sidecar",
+                topo.k8s_attestor(str(token_file)),
                 upstream=f"http://127.0.0.1:{tap_port}",
             ),
-        )  # fmt: skip
-        frontend = self.supervisor.start("frontend-sidecar",
-                                         [*py, "sidecar", "run", "-c", str(cfg)])  # fmt: skip
+        )
+        frontend = self.supervisor.start(
+            "frontend-sidecar", [*py, "sidecar", "run", "-c", str(cfg)]
+        )
         self.supervisor.wait_http(frontend, f"{p.url('frontend-sidecar', 'admin')}/readyz")
-        ready(t, f"egress on 127.0.0.1:{p.port('frontend-sidecar', 'egress')} → tap "
-                 f"127.0.0.1:{tap_port} → Envoy")  # fmt: skip
+        ready(
+            t,
+            f"egress on 127.0.0.1:{p.port('frontend-sidecar', 'egress')} → tap "
+            f"127.0.0.1:{tap_port} → Envoy",
+        )
 
         t = progress(7, "reports' sidecar (unix attestor; a WIMSE listener through the tap)")
         cfg = _write(
             self.workdir / "reports-sidecar.yaml",
             topo.caller_sidecar_config(
-                p, "reports-sidecar", topo.unix_attestor(str(self.run_dir)),
+                p,
+                "reports-sidecar",
+                topo.unix_attestor(str(self.run_dir)),
                 wimse_upstream=f"http://127.0.0.1:{tap_port}",
             ),
-        )  # fmt: skip
+        )
         reports = self.supervisor.start("reports-sidecar", [*py, "sidecar", "run", "-c", str(cfg)])
         self.supervisor.wait_http(reports, f"{p.url('reports-sidecar', 'admin')}/readyz")
-        ready(t, f"egress on 127.0.0.1:{p.port('reports-sidecar', 'egress')} → Envoy; WIMSE "
-                 f"on 127.0.0.1:{p.port('reports-sidecar', 'wimse')} → tap → Envoy")  # fmt: skip
+        ready(
+            t,
+            f"egress on 127.0.0.1:{p.port('reports-sidecar', 'egress')} → Envoy; WIMSE "
+            f"on 127.0.0.1:{p.port('reports-sidecar', 'wimse')} → tap → Envoy",
+        )
         _say(f"topology up in {time.monotonic() - t0:.1f}s; logs and configs in {self.workdir}\n")
 
     # -- walkthrough -------------------------------------------------------------------------
@@ -290,8 +319,9 @@ def _prepare(args: argparse.Namespace) -> Path:
     if args.report:
         report = Path(args.report)
         if report.is_dir() or not report.parent.is_dir():
-            raise StartupError(f"--report: expected a file path in an existing directory, "
-                               f"got {args.report!r}")  # fmt: skip
+            raise StartupError(
+                f"--report: expected a file path in an existing directory, got {args.report!r}"
+            )
     if args.workdir is None:
         return Path(tempfile.mkdtemp(prefix="sidecar-demo-"))  # 0700
     workdir = Path(args.workdir)
@@ -363,17 +393,32 @@ def register(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--keep-running", action="store_true",
-                   help="leave the topology up after the walkthrough (Ctrl-C stops it)")
-    p.add_argument("--token-ttl", type=_ttl, default=10, metavar="SECONDS",
-                   help="lifetime of the tokens the broker issues (default 10: short, so a "
-                        "refresh happens during the walkthrough)")
-    p.add_argument("--workdir", default=None,
-                   help="keep configs and logs here (default: a temporary directory, removed "
-                        "after a green run)")
-    p.add_argument("--report", default=None, metavar="FILE",
-                   help="also write the outcome of every step as JSON to FILE")
-    p.set_defaults(func=_run)  # fmt: skip
+    p.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the topology up after the walkthrough (Ctrl-C stops it)",
+    )
+    p.add_argument(
+        "--token-ttl",
+        type=_ttl,
+        default=10,
+        metavar="SECONDS",
+        help="lifetime of the tokens the broker issues (default 10: short, so a "
+        "refresh happens during the walkthrough)",
+    )
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="keep configs and logs here (default: a temporary directory, removed "
+        "after a green run)",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="FILE",
+        help="also write the outcome of every step as JSON to FILE",
+    )
+    p.set_defaults(func=_run)
 
 
 def _ttl(value: str) -> int:

@@ -123,8 +123,10 @@ def render_all() -> dict[str, str]:
     """Rendered file name → full text (header included)."""
     out: dict[str, str] = {}
     for name, data in configs().items():
-        notes = (f"A ConfigMap via {EXAMPLE_DIR}/kustomization.yaml, for {FILES[name]!r}.",
-                 *_NOTES.get(name, ()))  # fmt: skip
+        notes = (
+            f"A ConfigMap via {EXAMPLE_DIR}/kustomization.yaml, for {FILES[name]!r}.",
+            *_NOTES.get(name, ()),
+        )
         body = dump_yaml(data) if name == "envoy.yaml" else generated.dump(data)
         out[name] = generated.header(COMMAND, *notes) + body
     return out

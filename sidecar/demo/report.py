@@ -60,8 +60,10 @@ def print_table(steps: list[Step], out: TextIO) -> None:
             ["PASS" if step.ok else "FAIL"],
         ]
         for i in range(max(len(c) for c in cells)):
-            row = [(c[i] if i < len(c) else "").ljust(w) for c, w in zip(cells, [*widths, 6],
-                                                                        strict=True)]
+            row = [
+                (c[i] if i < len(c) else "").ljust(w)
+                for c, w in zip(cells, [*widths, 6], strict=True)
+            ]
             out.write("  ".join(row).rstrip() + "\n")
         out.write("\n")
     out.flush()

@@ -141,8 +141,9 @@ class Supervisor:
             except OSError as exc:
                 last = type(exc).__name__
             time.sleep(0.05)
-        raise StartupError(f"{child.name} not ready at {url} after {timeout:.0f}s ({last}):\n"
-                           f"{child.log_tail()}")  # fmt: skip
+        raise StartupError(
+            f"{child.name} not ready at {url} after {timeout:.0f}s ({last}):\n{child.log_tail()}"
+        )
 
     def stop_all(self, timeout: float = 5.0) -> None:
         """SIGTERM to every group at once, one shared deadline, then SIGKILL what is left."""
@@ -163,4 +164,3 @@ class Supervisor:
             for c in self.children
             if c.popen is not None and process_group.group_exists(c.popen.pid)
         ]
-

@@ -86,6 +86,7 @@ class WireTap:
         loop = self._loop
         if loop is None or self._thread is None:
             return
+
         def cancel_all() -> None:
             # In the loop's own thread: cancelling one task by one from outside races with
             # the loop closing as soon as the main task ends.

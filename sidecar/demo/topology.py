@@ -156,9 +156,13 @@ def broker_config(
         )
     for spiffe_id, selectors in unix_selectors.items():
         entries.append(
-            {"spiffe_id": spiffe_id, "selectors": selectors, "audiences": [ORDERS_ID],
-             "ttl": token_ttl}
-        )  # fmt: skip
+            {
+                "spiffe_id": spiffe_id,
+                "selectors": selectors,
+                "audiences": [ORDERS_ID],
+                "ttl": token_ttl,
+            }
+        )
     config: dict[str, Any] = {
         "issuer": issuer(p),
         "listen": p.listen("broker", "http"),
@@ -191,8 +195,11 @@ def orders_sidecar_config(p: Placement, *, also_reached_at: tuple[str, ...] = ()
             # WIT keys: the broker's SPIFFE bundle (keys with use: wit-svid). Plain http like
             # every demo URL; a deployment serves the broker over https.
             "trust_domains": [
-                {"name": TRUST_DOMAIN, "bundle_endpoint": f"{issuer(p)}/bundle",
-                 "insecure_http": True}
+                {
+                    "name": TRUST_DOMAIN,
+                    "bundle_endpoint": f"{issuer(p)}/bundle",
+                    "insecure_http": True,
+                }
             ],
             "wimse": {"max_proof_lifetime": WPT_LIFETIME},
             "routes": [

@@ -169,32 +169,71 @@ class Walkthrough:
         return {}
 
     def run(self) -> Report:
-        self._run(self._step("frontend calls orders: GET /orders/42 on 127.0.0.1:"
-                             f"{self._port('frontend-sidecar', 'egress')}",
-                             "200; orders sees frontend's SPIFFE ID, no token"), self.allowed)
-        self._run(self._step("an on-path observer replays that exact request to Envoy",
-                             "401 replayed"), self.replayed)
-        self._run(self._step("the observer takes the captured token and proof to GET "
-                             "/orders/43", "401 htu_mismatch"), self.other_url)
-        self._run(self._step("reports calls orders (its sidecar, unix-attested)",
-                             "403 policy_denied"), self.forbidden)
-        self._run(self._step("a client skips its sidecar and calls Envoy directly",
-                             "401 missing_credentials"), self.no_credentials)
-        self._run(self._step("frontend POSTs /checkout/7, a route that demands a DPoP nonce",
-                             "200 after one use_dpop_nonce challenge answered by the sidecar"),
-                  self.nonce)
-        self._run(self._step("calls continue while frontend's token is refreshed",
-                             "every call 200; a new token (new jti) is in use"), self.refresh)
-        self._run(self._step("an operator revokes frontend at the broker, then restores it",
-                             "401 revoked within a second; 200 again after restore"),
-                  self.revocation)  # fmt: skip
-        self._run(self._step("reports calls orders' WIMSE route: GET /reports/daily on "
-                             f"127.0.0.1:{self._port('reports-sidecar', 'wimse')}",
-                             "200; orders sees reports' SPIFFE ID from a WIT + WPT"),
-                  self.wimse_allowed)  # fmt: skip
-        self._run(self._step("the observer replays that WIMSE request (same WIT and WPT)",
-                             "401 replayed, WWW-Authenticate: WPT"),
-                  self.wimse_replayed)  # fmt: skip
+        self._run(
+            self._step(
+                "frontend calls orders: GET /orders/42 on 127.0.0.1:"
+                f"{self._port('frontend-sidecar', 'egress')}",
+                "200; orders sees frontend's SPIFFE ID, no token",
+            ),
+            self.allowed,
+        )
+        self._run(
+            self._step("an on-path observer replays that exact request to Envoy", "401 replayed"),
+            self.replayed,
+        )
+        self._run(
+            self._step(
+                "the observer takes the captured token and proof to GET /orders/43",
+                "401 htu_mismatch",
+            ),
+            self.other_url,
+        )
+        self._run(
+            self._step("reports calls orders (its sidecar, unix-attested)", "403 policy_denied"),
+            self.forbidden,
+        )
+        self._run(
+            self._step(
+                "a client skips its sidecar and calls Envoy directly", "401 missing_credentials"
+            ),
+            self.no_credentials,
+        )
+        self._run(
+            self._step(
+                "frontend POSTs /checkout/7, a route that demands a DPoP nonce",
+                "200 after one use_dpop_nonce challenge answered by the sidecar",
+            ),
+            self.nonce,
+        )
+        self._run(
+            self._step(
+                "calls continue while frontend's token is refreshed",
+                "every call 200; a new token (new jti) is in use",
+            ),
+            self.refresh,
+        )
+        self._run(
+            self._step(
+                "an operator revokes frontend at the broker, then restores it",
+                "401 revoked within a second; 200 again after restore",
+            ),
+            self.revocation,
+        )
+        self._run(
+            self._step(
+                "reports calls orders' WIMSE route: GET /reports/daily on "
+                f"127.0.0.1:{self._port('reports-sidecar', 'wimse')}",
+                "200; orders sees reports' SPIFFE ID from a WIT + WPT",
+            ),
+            self.wimse_allowed,
+        )
+        self._run(
+            self._step(
+                "the observer replays that WIMSE request (same WIT and WPT)",
+                "401 replayed, WWW-Authenticate: WPT",
+            ),
+            self.wimse_replayed,
+        )
         return self.report
 
     # -- steps -------------------------------------------------------------------------------
@@ -232,8 +271,9 @@ class Walkthrough:
 
     def replayed(self, step: Step) -> None:
         captured = self._captured("/orders/42")
-        reply = call(self._port("envoy", "ingress"), captured.method, captured.path,
-                     captured.headers)  # fmt: skip
+        reply = call(
+            self._port("envoy", "ingress"), captured.method, captured.path, captured.headers
+        )
         step.ok = reply.status == 401 and reply.reason == "replayed"
         step.observed = f"{reply.status} {reply.reason or '(no reason)'}"
         step.details = {"status": reply.status, "reason": reply.reason}
@@ -280,8 +320,13 @@ class Walkthrough:
         admin = self._port("frontend-sidecar", "admin")
         before = metric(admin, "sidecar_egress_nonce_retries_total")
         body = json.dumps({"order": 7, "items": 2}).encode()
-        reply = call(self._port("frontend-sidecar", "egress"), "POST", "/checkout/7",
-                     {"content-type": "application/json"}, body)  # fmt: skip
+        reply = call(
+            self._port("frontend-sidecar", "egress"),
+            "POST",
+            "/checkout/7",
+            {"content-type": "application/json"},
+            body,
+        )
         retries = metric(admin, "sidecar_egress_nonce_retries_total") - before
         arrived = reply.json().get("body_bytes")
         step.ok = (
@@ -343,9 +388,12 @@ class Walkthrough:
         reason = reply.reason
         took, back_took = denied_after - revoked_at, back_after - restored_at
         step.ok = (
-            reply.status == 401 and reason == "revoked" and took < 1.0 and back.status == 200
+            reply.status == 401
+            and reason == "revoked"
+            and took < 1.0
+            and back.status == 200
             and back.seen_identity() == FRONTEND_ID
-        )  # fmt: skip
+        )
         step.observed = (
             f"{reply.status} {reason or '(no reason)'} {took:.2f}s after "
             f"`sidecar broker revoke --sub` returned; {back.status} again {back_took:.2f}s "
@@ -390,8 +438,9 @@ class Walkthrough:
 
     def wimse_replayed(self, step: Step) -> None:
         captured = self._captured("/reports/daily")
-        reply = call(self._port("envoy", "ingress"), captured.method, captured.path,
-                     captured.headers)  # fmt: skip
+        reply = call(
+            self._port("envoy", "ingress"), captured.method, captured.path, captured.headers
+        )
         challenge = reply.headers.get("www-authenticate", "")
         step.ok = reply.status == 401 and reply.reason == "replayed" and challenge[:3] == "WPT"
         step.observed = f"{reply.status} {reply.reason or '(no reason)'}; WWW-Authenticate: " + (
@@ -403,13 +452,25 @@ class Walkthrough:
 
     def _revoke(self, *args: str) -> None:
         done = subprocess.run(
-            [sys.executable, "-m", "sidecar", "broker", "revoke", "-c", str(self.broker_config),
-             *args],
-            check=False, capture_output=True, text=True, timeout=20,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "broker",
+                "revoke",
+                "-c",
+                str(self.broker_config),
+                *args,
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         if done.returncode != 0:
-            raise OSError(f"sidecar broker revoke {' '.join(args)} failed: "
-                          f"{done.stderr.strip()[-300:]}")  # fmt: skip
+            raise OSError(
+                f"sidecar broker revoke {' '.join(args)} failed: {done.stderr.strip()[-300:]}"
+            )
 
     @staticmethod
     def _until(port: int, done: Callable[[Reply], bool], timeout: float) -> tuple[float, Reply]:

@@ -241,10 +241,19 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
     known_keys(
         root,
         path,
-        {"upstreams", "forward_proxy", "on_existing_authorization", "x_forwarded", "via",
-         "timeouts", "nonce_retry_buffer", "max_connections", "keepalive_timeout",
-         "connections"},
-    )  # fmt: skip
+        {
+            "upstreams",
+            "forward_proxy",
+            "on_existing_authorization",
+            "x_forwarded",
+            "via",
+            "timeouts",
+            "nonce_retry_buffer",
+            "max_connections",
+            "keepalive_timeout",
+            "connections",
+        },
+    )
     default_auth = get_choice(
         root, "on_existing_authorization", path, AUTHORIZATION_MODES, "replace"
     )
@@ -272,9 +281,17 @@ def parse_egress_config(data: Any, path: str = "egress") -> EgressConfig:
             known_keys(
                 item,
                 key,
-                {"match", "audience", "upstream", "name", "on_existing_authorization", "auth",
-                 "wimse", "tls"},
-            )  # fmt: skip
+                {
+                    "match",
+                    "audience",
+                    "upstream",
+                    "name",
+                    "on_existing_authorization",
+                    "auth",
+                    "wimse",
+                    "tls",
+                },
+            )
             host, port = _host_port(get_str(item, "match", key), f"{key}.match")
             if (host, port) in dests:
                 raise ConfigError(f"{key}.match", "a destination listed once", f"{host}:{port}")

@@ -285,8 +285,12 @@ class EgressProxy:
         if answer.status >= 500:
             self._warn.warning(
                 (label, answer.reason),
-                "egress %s %s %s: %s", label, request.method, answer.reason, answer.detail,
-            )  # fmt: skip
+                "egress %s %s %s: %s",
+                label,
+                request.method,
+                answer.reason,
+                answer.detail,
+            )
         return _local_response(answer, label)
 
     async def _token(self, target: Target) -> IssuedToken:
@@ -375,9 +379,13 @@ class EgressProxy:
                 if wimse is not None:
                     assert token is not None and self._wpt is not None
                     wimse_egress.add_credentials(
-                        headers, settings=wimse, signer=self._wpt, wit=token.token, url=htu,
+                        headers,
+                        settings=wimse,
+                        signer=self._wpt,
+                        wit=token.token,
+                        url=htu,
                         now=signed_at + offsets.offset(origin),
-                    )  # fmt: skip
+                    )
                 elif token is not None:
                     headers["Authorization"] = token.authorization
                     if token.is_dpop:
@@ -512,9 +520,11 @@ class EgressProxy:
                 if name.lower() != "content-length":
                     small_headers.add(name, value)
             self.metrics.request(
-                label, resp.status, (sent_at - started) + (time.perf_counter() - head_at),
+                label,
+                resp.status,
+                (sent_at - started) + (time.perf_counter() - head_at),
                 upstream_time,
-            )  # fmt: skip
+            )
             return small
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
         out_headers = out.headers

@@ -243,9 +243,11 @@ class UnixAttestor:
 
     async def fetch(self, audience: str) -> IssuedToken:
         req = TokenRequest(
-            UNIX_TOKEN_URL, UNIX_TOKEN_URL, attestation_form([audience]),
+            UNIX_TOKEN_URL,
+            UNIX_TOKEN_URL,
+            attestation_form([audience]),
             wit=audience == WIT_AUDIENCE,
-        )  # fmt: skip
+        )
         return await self._client.request(req, audience)
 
     async def close(self) -> None:
@@ -386,9 +388,10 @@ class K8sAttestor:
         algs = doc.get("dpop_signing_alg_values_supported")
         if isinstance(algs, list) and "ES256" not in algs:
             raise IdentityError(
-                IdentityCode.DPOP_UNSUPPORTED, f"issuer does not accept ES256 DPoP proofs ({algs})",
+                IdentityCode.DPOP_UNSUPPORTED,
+                f"issuer does not accept ES256 DPoP proofs ({algs})",
                 retryable=False,
-            )  # fmt: skip
+            )
         grants = doc.get("grant_types_supported")
         if isinstance(grants, list) and "urn:ietf:params:oauth:grant-type:token-exchange" not in (
             grants
@@ -493,9 +496,10 @@ class FileAttestor:
         auds = audiences_of(claims)
         if auds is not None and audience not in auds:
             raise IdentityError(
-                IdentityCode.INVALID_TARGET, f"token in {self.path} is not for audience {audience}",
+                IdentityCode.INVALID_TARGET,
+                f"token in {self.path} is not for audience {audience}",
                 retryable=True,  # the agent may write another token
-            )  # fmt: skip
+            )
         dpop = has_cnf(claims)
         if dpop and bound_jkt(claims) != self._jkt:
             raise IdentityError(

@@ -138,8 +138,10 @@ class ClockOffsets:
             self._log.warning(
                 ("ignored", peer),
                 "clock offset peer=%s ignored: its Date says %+.0fs, beyond the %.0fs bound",
-                peer, reading.offset, self.max_correction,
-            )  # fmt: skip
+                peer,
+                reading.offset,
+                self.max_correction,
+            )
             return False
         self._set(peer, reading.offset)
         if abs(reading.offset) > self.warn_over:
@@ -147,8 +149,10 @@ class ClockOffsets:
                 peer,
                 "clock offset peer=%s offset=%+.1fs (±%.1fs): this host's clock and the peer's "
                 "disagree; DPoP proofs to it carry a corrected iat (check NTP)",
-                peer, reading.offset, reading.uncertainty,
-            )  # fmt: skip
+                peer,
+                reading.offset,
+                reading.uncertainty,
+            )
         else:
             log.info("clock offset peer=%s offset=%+.1fs", peer, reading.offset)
         return True

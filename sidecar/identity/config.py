@@ -43,11 +43,19 @@ from sidecar.tls_settings import TLSClient
 
 ATTESTOR_KEYS = {
     "unix": {"type", "socket", "timeout"},
-    "k8s": {"type", "token_file", "token_endpoint", "subject_token_type",
-            "requested_token_type", "scope", "client_id", "timeout"},
+    "k8s": {
+        "type",
+        "token_file",
+        "token_endpoint",
+        "subject_token_type",
+        "requested_token_type",
+        "scope",
+        "client_id",
+        "timeout",
+    },
     "file": {"type", "path", "poll_interval"},
     "spiffe": {"type", "socket", "timeout"},
-}  # fmt: skip
+}
 DEFAULT_K8S_TOKEN_FILE = "/var/run/secrets/tokens/sidecar-token"
 #: The broker's default attestation socket (``sidecar broker``: attestation.socket).
 DEFAULT_BROKER_SOCKET = "/tmp/sidecar-broker/attestation.sock"
@@ -89,9 +97,13 @@ class IdentityConfig:
         if a.kind == "unix":
             assert a.socket is not None
             return UnixAttestor(
-                a.socket, signer, clock=clock, timeout=a.timeout, require_dpop=self.require_dpop,
+                a.socket,
+                signer,
+                clock=clock,
+                timeout=a.timeout,
+                require_dpop=self.require_dpop,
                 offsets=offsets,
-            )  # fmt: skip
+            )
         if a.kind == "k8s":
             assert a.token_file is not None
             return K8sAttestor(
@@ -201,9 +213,10 @@ def parse_identity_config(
     """``extra_audiences`` (the egress upstreams') are prefetched along with ``audiences``."""
     root: Mapping[str, Any] = section(data, path)
     known_keys(
-        root, path, {"issuer", "attestor", "audiences", "refresh", "require_dpop",
-                     "public_jwk_file", "tls"}
-    )  # fmt: skip
+        root,
+        path,
+        {"issuer", "attestor", "audiences", "refresh", "require_dpop", "public_jwk_file", "tls"},
+    )
     issuer = get_opt_url(root, "issuer", path)
     attestor = AttestorConfig("file", path="")
     with keep_going():

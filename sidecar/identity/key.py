@@ -87,12 +87,22 @@ class EgressProofSigner(ProofSigner):
     ) -> str:
         if extra:
             return super().proof(
-                method=method, url=url, now=now, access_token=access_token, nonce=nonce,
-                jti=jti, extra=extra,
-            )  # fmt: skip
-        payload = ['{"jti":', json.dumps(jti) if jti else f'"{self._jti()}"',
-                   ',"htm":', json.dumps(method), self._htu_member(url),
-                   f',"iat":{int(now)}']  # fmt: skip
+                method=method,
+                url=url,
+                now=now,
+                access_token=access_token,
+                nonce=nonce,
+                jti=jti,
+                extra=extra,
+            )
+        payload = [
+            '{"jti":',
+            json.dumps(jti) if jti else f'"{self._jti()}"',
+            ',"htm":',
+            json.dumps(method),
+            self._htu_member(url),
+            f',"iat":{int(now)}',
+        ]
         if access_token is not None:
             if access_token != self._ath_token:
                 self._ath, self._ath_token = access_token_hash(access_token), access_token

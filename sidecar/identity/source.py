@@ -251,9 +251,14 @@ class TokenSource:
                 audience,
                 "token fetch failed audience=%s trigger=%s code=%s retryable=%s failures=%d "
                 "next_in=%.2fs detail=%s",
-                audience, trigger, err.code, err.retryable, state.failures,
-                state.next_attempt_at - now, err.detail,
-            )  # fmt: skip
+                audience,
+                trigger,
+                err.code,
+                err.retryable,
+                state.failures,
+                state.next_attempt_at - now,
+                err.detail,
+            )
         else:
             if had_error:
                 self._failures_log.resolved(audience)
@@ -265,7 +270,10 @@ class TokenSource:
             log.log(
                 level,
                 "token fetched audience=%s type=%s expires_in=%.1fs refresh_in=%.1fs",
-                audience, token.token_type, token.expires_at - now, state.next_attempt_at - now,
-            )  # fmt: skip
+                audience,
+                token.token_type,
+                token.expires_at - now,
+                state.next_attempt_at - now,
+            )
         finally:
             slot.wake.set()

@@ -17,9 +17,20 @@ from jwt.algorithms import Algorithm, get_default_algorithms
 #: The only algorithms this package will ever verify. "Ed25519" is RFC 9864's fully-specified
 #: name for EdDSA over Ed25519 (current clients send it); "EdDSA" stays for Ed25519 and Ed448.
 ASYMMETRIC_ALGORITHMS: Final = frozenset(
-    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA",
-     "Ed25519"}
-)  # fmt: skip
+    {
+        "ES256",
+        "ES384",
+        "ES512",
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "EdDSA",
+        "Ed25519",
+    }
+)
 
 _IMPLS: Final[dict[str, Algorithm]] = {
     name: impl for name, impl in get_default_algorithms().items() if name in ASYMMETRIC_ALGORITHMS
@@ -40,6 +51,7 @@ def same_operation(declared: str, alg: str) -> bool:
     """A JWK whose ``alg`` is ``declared`` may sign with ``alg``: equal, or the two names of
     EdDSA over Ed25519 (the key type is checked separately)."""
     return declared == alg or {declared, alg} == {"EdDSA", "Ed25519"}
+
 
 _EC_CURVE_FOR_ALG: Final = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 #: ECDSA verified directly, not through pyjwt: its wrapper converted r||s in Python and built a

@@ -77,8 +77,19 @@ def function_gauge(
 
 # Check latency lives between ~50 µs (cached token, bearer) and the 200 ms Envoy deadline.
 LATENCY_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-)  # fmt: skip
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+)
 
 
 # Revocation propagation: ~ms with long-poll on one host, up to the poll interval without.

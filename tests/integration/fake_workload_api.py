@@ -95,8 +95,12 @@ class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     def sign(self, audiences: list[str], *, sub: str | None = None) -> str:
         kid, key = self.keys[-1]
         now = int(time.time())
-        claims = {"sub": sub or self.spiffe_id, "aud": audiences, "exp": now + int(self.ttl),
-                  "iat": now}  # fmt: skip
+        claims = {
+            "sub": sub or self.spiffe_id,
+            "aud": audiences,
+            "exp": now + int(self.ttl),
+            "iat": now,
+        }
         return sign_compact(key, "ES256", claims, header={"kid": kid, "typ": "JWT"})
 
     def FetchJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:

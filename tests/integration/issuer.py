@@ -73,8 +73,14 @@ class DevIssuer:
         )
         now = int(time.time())
         hdr = {"typ": "at+jwt", "alg": "HS256", "kid": self.kid}
-        body = {"iss": self.issuer, "sub": FRONTEND, "aud": AUDIENCE, "exp": now + 300,
-                "iat": now, "cnf": {"jkt": jkt}}  # fmt: skip
+        body = {
+            "iss": self.issuer,
+            "sub": FRONTEND,
+            "aud": AUDIENCE,
+            "exp": now + 300,
+            "iat": now,
+            "cnf": {"jkt": jkt},
+        }
         h = b64url_encode(json.dumps(hdr).encode())
         p = b64url_encode(json.dumps(body).encode())
         sig = hmac.new(secret, f"{h}.{p}".encode(), hashlib.sha256).digest()
@@ -83,8 +89,13 @@ class DevIssuer:
     def alg_none(self, *, jkt: str) -> str:
         now = int(time.time())
         h = b64url_encode(json.dumps({"typ": "at+jwt", "alg": "none"}).encode())
-        body = {"iss": self.issuer, "sub": FRONTEND, "aud": AUDIENCE, "exp": now + 300,
-                "cnf": {"jkt": jkt}}  # fmt: skip
+        body = {
+            "iss": self.issuer,
+            "sub": FRONTEND,
+            "aud": AUDIENCE,
+            "exp": now + 300,
+            "cnf": {"jkt": jkt},
+        }
         return f"{h}.{b64url_encode(json.dumps(body).encode())}."
 
 

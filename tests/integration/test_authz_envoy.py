@@ -380,8 +380,12 @@ def h2c_request(
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         conn.initiate_connection()
         stream = conn.get_next_available_stream_id()
-        request = [(":method", method), (":scheme", scheme), (":authority", f"127.0.0.1:{port}"),
-                   (":path", path)]  # fmt: skip
+        request = [
+            (":method", method),
+            (":scheme", scheme),
+            (":authority", f"127.0.0.1:{port}"),
+            (":path", path),
+        ]
         conn.send_headers(stream, request + [(k.lower(), v) for k, v in headers], end_stream=True)
         sock.sendall(conn.data_to_send())
         done = False
@@ -411,9 +415,12 @@ def test_client_claimed_https_scheme_over_cleartext_is_denied(stack: Stack) -> N
     path = "/orders/11"
     https_url = f"https://127.0.0.1:{stack.envoy_port}{path}"
     claimed = h2c_request(
-        stack.envoy_port, "GET", path, dpop_headers(stack, path, proof_url=https_url),
+        stack.envoy_port,
+        "GET",
+        path,
+        dpop_headers(stack, path, proof_url=https_url),
         scheme="https",
-    )  # fmt: skip
+    )
     assert_denied(claimed, 401, "htu_mismatch", "invalid_dpop_proof")
     # The same h2c client with the truthful scheme and a proof for it gets through.
     status, _, body = h2c_request(

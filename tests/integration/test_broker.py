@@ -109,7 +109,12 @@ def test_discovery_and_jwks(broker: BrokerProcess) -> None:
         "grant_types_supported": [EXCHANGE],
         "token_endpoint_auth_methods_supported": ["none"],
         "dpop_signing_alg_values_supported": [
-            "ES256", "ES384", "Ed25519", "EdDSA", "PS256", "RS256"
+            "ES256",
+            "ES384",
+            "Ed25519",
+            "EdDSA",
+            "PS256",
+            "RS256",
         ],  # RFC 9864 Ed25519 and the older EdDSA
         "subject_types_supported": ["public"],
         # REQUIRED (RFC 8414 §2, OIDC Discovery §3): no authorization endpoint, so no
@@ -369,9 +374,11 @@ def test_the_k8s_attestor_gets_a_wit_bound_to_its_key(
 
     async def fetch() -> Any:
         attestor = K8sAttestor(
-            issuer=broker.issuer, token_file=str(token_file), signer=signer,
+            issuer=broker.issuer,
+            token_file=str(token_file),
+            signer=signer,
             token_endpoint=broker.token_url,
-        )  # fmt: skip
+        )
         try:
             return await attestor.fetch(WIT_AUDIENCE)
         finally:

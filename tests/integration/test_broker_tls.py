@@ -127,9 +127,12 @@ def test_token_issued_over_https_verifies_with_keys_discovered_over_https(
             url = "http://orders.local/orders/1"
             proof = signer.proof(method="GET", url=url, now=time.time(), access_token=token.token)
             view = RequestView(
-                "GET", "http", "orders.local", "/orders/1",
+                "GET",
+                "http",
+                "orders.local",
+                "/orders/1",
                 {"authorization": f"DPoP {token.token}", "dpop": proof},
-            )  # fmt: skip
+            )
             decision = await svc.authorizer.decide(view)
             assert isinstance(decision, Allow), decision
         finally:

@@ -172,8 +172,11 @@ def test_published_ports_are_the_exposed_listeners_on_loopback() -> None:
             host_port, port = int(match[1]), int(match[2])
             assert host_port == port, f"{name}: {spec} (the demo's default port on both sides)"
             pod = topo.pod_of(name)
-            found = [(s, r) for s, r in topo.EXPOSED
-                     if topo.pod_of(s) == pod and topo.DEFAULT_PORTS[s][r] == port]  # fmt: skip
+            found = [
+                (s, r)
+                for s, r in topo.EXPOSED
+                if topo.pod_of(s) == pod and topo.DEFAULT_PORTS[s][r] == port
+            ]
             assert len(found) == 1, f"{name}: port {port} is no exposed listener of pod {pod}"
             published |= set(found)
     assert published == set(topo.EXPOSED)
@@ -254,8 +257,11 @@ def test_callers_are_attested_by_uid_over_the_shared_socket() -> None:
         # uid, so /proc/<pid>/exe is unreadable to the broker).
         entry = broker.registry.match(unix_selectors(uid=uid, gid=uid, path=None, sha256=None))
         assert entry is not None and entry.spiffe_id == compose.CALLER_IDS[name], name
-    others = {str(s.get("user", "")).split(":")[0] for n, s in SERVICES.items()
-              if n not in compose.CALLER_UIDS}  # fmt: skip
+    others = {
+        str(s.get("user", "")).split(":")[0]
+        for n, s in SERVICES.items()
+        if n not in compose.CALLER_UIDS
+    }
     assert not others & {str(uid) for uid in compose.CALLER_UIDS.values()}
     for name in SERVICES:  # only the callers need the broker's pid namespace
         assert ("pid" in SERVICES[name]) == (name in compose.CALLER_UIDS), name
@@ -313,8 +319,9 @@ def test_depends_on_targets_exist_and_start_in_order() -> None:
         raise AssertionError(f"depends_on has a cycle: {exc.args[1]}") from None
 
     def healthy(name: str, target: str) -> bool:
-        return bool(SERVICES[name]["depends_on"].get(target, {}).get("condition")
-                    == "service_healthy")  # fmt: skip
+        return bool(
+            SERVICES[name]["depends_on"].get(target, {}).get("condition") == "service_healthy"
+        )
 
     assert healthy("orders-sidecar", "broker")  # its issuer's keys come from the broker
     assert healthy("envoy", "orders-sidecar") and healthy("envoy", "orders")

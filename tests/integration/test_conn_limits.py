@@ -143,8 +143,12 @@ def check_cuts(connect: Connect, request: bytes) -> dict[str, float]:
         sock.sendall(request)
         read_response(sock)
         took["idle"] = seconds_until_closed(sock, b"", IDLE_TIMEOUT + SLACK + 2)
-    for case, limit in (("silent", HEADER_TIMEOUT), ("head", HEADER_TIMEOUT),
-                        ("body", BODY_TIMEOUT), ("idle", IDLE_TIMEOUT)):  # fmt: skip
+    for case, limit in (
+        ("silent", HEADER_TIMEOUT),
+        ("head", HEADER_TIMEOUT),
+        ("body", BODY_TIMEOUT),
+        ("idle", IDLE_TIMEOUT),
+    ):
         # Not at once (it is the timeout that cuts), and not much later than it.
         assert limit * 0.8 <= took[case] <= limit + SLACK, (case, took)
     return took
@@ -185,20 +189,40 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
 def test_broker_http_port_cuts_slow_and_idle_connections(broker: BrokerProcess) -> None:
     took = check_cuts(tcp(broker.port), b"GET /jwks.json HTTP/1.1\r\nHost: localhost\r\n\r\n")
     print("broker http", took)
-    assert metric(broker.admin_port, "sidecar_connections_timed_out_total",
-                  listener="broker_http", reason="header_timeout") >= 2  # fmt: skip
-    assert metric(broker.admin_port, "sidecar_connections_timed_out_total",
-                  listener="broker_http", reason="body_timeout") >= 1  # fmt: skip
+    assert (
+        metric(
+            broker.admin_port,
+            "sidecar_connections_timed_out_total",
+            listener="broker_http",
+            reason="header_timeout",
+        )
+        >= 2
+    )
+    assert (
+        metric(
+            broker.admin_port,
+            "sidecar_connections_timed_out_total",
+            listener="broker_http",
+            reason="body_timeout",
+        )
+        >= 1
+    )
 
 
 def test_attestation_socket_cuts_slow_and_idle_connections(broker: BrokerProcess) -> None:
     took = check_cuts(unix(broker.socket), b"GET /token HTTP/1.1\r\nHost: localhost\r\n\r\n")
     print("attestation", took)
-    assert metric(broker.admin_port, "sidecar_connections_timed_out_total",
-                  listener="broker_attestation", reason="header_timeout") >= 2  # fmt: skip
+    assert (
+        metric(
+            broker.admin_port,
+            "sidecar_connections_timed_out_total",
+            listener="broker_attestation",
+            reason="header_timeout",
+        )
+        >= 2
+    )
     # Every held connection is gone (each held a pidfd too), and tokens are still issued.
-    assert metric(broker.admin_port, "sidecar_connections_open",
-                  listener="broker_attestation") == 0  # fmt: skip
+    assert metric(broker.admin_port, "sidecar_connections_open", listener="broker_attestation") == 0
     assert broker.unix_token([ORDERS]).status == 200
 
 
@@ -267,10 +291,13 @@ def test_one_uid_holding_connections_does_not_starve_another(
         tmp,
         entries=[
             *python_entries(),
-            {"spiffe_id": f"{TRUST}/unix/nobody", "selectors": [f"unix:uid:{NOBODY}"],
-             "audiences": [ORDERS]},
+            {
+                "spiffe_id": f"{TRUST}/unix/nobody",
+                "selectors": [f"unix:uid:{NOBODY}"],
+                "audiences": [ORDERS],
+            },
         ],
-    )  # fmt: skip
+    )
     cfg = yaml.safe_load(proc.config_path.read_text())
     proc.socket = cfg["attestation"]["socket"] = f"{shared}/attestation.sock"
     cfg["attestation"]["connections"] = {
@@ -298,10 +325,19 @@ def test_one_uid_holding_connections_does_not_starve_another(
             assert b"X-Sidecar-Error: too_many_connections" in answer
             refused += 1
         assert refused == held - per_uid
-        assert metric(proc.admin_port, "sidecar_connections_open",
-                      listener="broker_attestation") == per_uid  # fmt: skip
-        assert metric(proc.admin_port, "sidecar_connections_rejected_total",
-                      listener="broker_attestation", reason="max_per_uid") == refused  # fmt: skip
+        assert (
+            metric(proc.admin_port, "sidecar_connections_open", listener="broker_attestation")
+            == per_uid
+        )
+        assert (
+            metric(
+                proc.admin_port,
+                "sidecar_connections_rejected_total",
+                listener="broker_attestation",
+                reason="max_per_uid",
+            )
+            == refused
+        )
         # Root's share is used up: its next request is refused, clearly...
         with contextlib.closing(unix(proc.socket)()) as sock:
             assert sock.recv(65536).startswith(b"HTTP/1.1 503 ")
@@ -329,8 +365,15 @@ def test_one_uid_holding_connections_does_not_starve_another(
 
 
 class Sidecar:
-    def __init__(self, tmp: Path, *, egress_connections: dict[str, Any], env: dict[str, str],
-                 nofile: int | None = None, authz: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tmp: Path,
+        *,
+        egress_connections: dict[str, Any],
+        env: dict[str, str],
+        nofile: int | None = None,
+        authz: bool = True,
+    ) -> None:
         self.egress_port, self.authz_port, self.admin_port = free_port(), free_port(), free_port()
         issuer = DevIssuer()
         token_file = tmp / "token.jwt"
@@ -339,35 +382,47 @@ class Sidecar:
             "identity": {"attestor": {"type": "file", "path": str(token_file)}},
             "egress": {
                 "upstreams": [
-                    {"name": "orders", "listen": f"127.0.0.1:{self.egress_port}",
-                     "upstream": f"http://127.0.0.1:{free_port()}", "audience": AUDIENCE},
+                    {
+                        "name": "orders",
+                        "listen": f"127.0.0.1:{self.egress_port}",
+                        "upstream": f"http://127.0.0.1:{free_port()}",
+                        "audience": AUDIENCE,
+                    },
                 ],
                 "connections": egress_connections,
             },
             "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
-        }  # fmt: skip
+        }
         if authz:
             cfg["authz"] = {
                 "audience": AUDIENCE,
-                "issuers": [{"issuer": issuer.issuer,
-                             "jwks_file": str(issuer.write_jwks(tmp / "jwks.json"))}],
+                "issuers": [
+                    {
+                        "issuer": issuer.issuer,
+                        "jwks_file": str(issuer.write_jwks(tmp / "jwks.json")),
+                    }
+                ],
                 "grpc": {"enabled": False},
                 "http": {"listen": f"127.0.0.1:{self.authz_port}", "connections": SHORT},
                 "routes": [{"prefix": "/"}],
                 "rules": [{"principals": ["**"]}],
-            }  # fmt: skip
+            }
         path = tmp / "sidecar.yaml"
         path.write_text(yaml.safe_dump(cfg))
         args = [sys.executable, "-m", "sidecar", "run", "-c", str(path)]
         if nofile is not None:
             # The process's own limit, soft and hard (so it cannot raise it back).
-            args = [sys.executable, "-c",
-                    "import resource, runpy, sys; "
-                    f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
-                    f"sys.argv = ['sidecar', 'run', '-c', {str(path)!r}]; "
-                    "runpy.run_module('sidecar', run_name='__main__', alter_sys=True)"]  # fmt: skip
-        self.process = ManagedProcess(args, name="sidecar-limits", log_dir=tmp, cwd=REPO_ROOT,
-                                      env=env)  # fmt: skip
+            args = [
+                sys.executable,
+                "-c",
+                "import resource, runpy, sys; "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
+                f"sys.argv = ['sidecar', 'run', '-c', {str(path)!r}]; "
+                "runpy.run_module('sidecar', run_name='__main__', alter_sys=True)",
+            ]
+        self.process = ManagedProcess(
+            args, name="sidecar-limits", log_dir=tmp, cwd=REPO_ROOT, env=env
+        )
 
     def start(self) -> Sidecar:
         self.process.start()
@@ -393,16 +448,30 @@ def test_egress_listener_cuts_slow_and_idle_connections(sidecar: Sidecar) -> Non
     # The upstream is down: the request is answered 502 upstream_unreachable at once.
     took = check_cuts(tcp(sidecar.egress_port), b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
     print("egress", took)
-    assert metric(sidecar.admin_port, "sidecar_connections_timed_out_total",
-                  listener="egress:orders", reason="header_timeout") >= 2  # fmt: skip
+    assert (
+        metric(
+            sidecar.admin_port,
+            "sidecar_connections_timed_out_total",
+            listener="egress:orders",
+            reason="header_timeout",
+        )
+        >= 2
+    )
 
 
 def test_authz_http_port_cuts_slow_and_idle_connections(sidecar: Sidecar) -> None:
     # No credentials: denied at once.
     took = check_cuts(tcp(sidecar.authz_port), b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
     print("authz http", took)
-    assert metric(sidecar.admin_port, "sidecar_connections_timed_out_total",
-                  listener="authz_http", reason="body_timeout") >= 1  # fmt: skip
+    assert (
+        metric(
+            sidecar.admin_port,
+            "sidecar_connections_timed_out_total",
+            listener="authz_http",
+            reason="body_timeout",
+        )
+        >= 1
+    )
 
 
 def test_egress_listener_connection_cap(sidecar: Sidecar) -> None:
@@ -414,8 +483,15 @@ def test_egress_listener_connection_cap(sidecar: Sidecar) -> None:
             answer = extra.recv(65536)
             assert answer.startswith(b"HTTP/1.1 503 "), answer
             assert b"X-Sidecar-Error: too_many_connections" in answer
-        assert metric(sidecar.admin_port, "sidecar_connections_rejected_total",
-                      listener="egress:orders", reason="max_connections") >= 1  # fmt: skip
+        assert (
+            metric(
+                sidecar.admin_port,
+                "sidecar_connections_rejected_total",
+                listener="egress:orders",
+                reason="max_connections",
+            )
+            >= 1
+        )
     finally:
         for sock in socks:
             sock.close()
@@ -441,8 +517,15 @@ def test_egress_body_without_deadline_is_cut_only_when_it_stops(
             assert time.monotonic() - flowing >= 3 * IDLE_TIMEOUT
             took = seconds_until_closed(sock, b"", IDLE_TIMEOUT + SLACK + 2)  # stops
             assert IDLE_TIMEOUT * 0.8 <= took <= IDLE_TIMEOUT + SLACK, took
-        assert metric(proc.admin_port, "sidecar_connections_timed_out_total",
-                      listener="egress:orders", reason="body_stalled") == 1  # fmt: skip
+        assert (
+            metric(
+                proc.admin_port,
+                "sidecar_connections_timed_out_total",
+                listener="egress:orders",
+                reason="body_stalled",
+            )
+            == 1
+        )
     finally:
         proc.process.stop()
 

@@ -65,8 +65,13 @@ def _alive(pid: int) -> bool:
 def _assert_all_gone(report: dict[str, Any]) -> None:
     processes = report["processes"]
     assert set(processes) == {
-        "broker", "orders", "orders-sidecar", "envoy", "frontend-sidecar", "reports-sidecar"
-    }  # fmt: skip
+        "broker",
+        "orders",
+        "orders-sidecar",
+        "envoy",
+        "frontend-sidecar",
+        "reports-sidecar",
+    }
     survivors = {name: pid for name, pid in processes.items() if _alive(pid)}
     assert not survivors, f"demo children still running: {survivors}"
     busy = [
@@ -100,8 +105,12 @@ def test_demo_walkthrough_passes_and_leaves_nothing_behind(tmp_path: Path) -> No
     report_path = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "sidecar", "demo", "--report", str(report_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=110, check=False,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = json.loads(report_path.read_text())
     _assert_walkthrough(report)
@@ -143,10 +152,22 @@ def test_keep_running_takes_free_ports_and_ctrl_c_tears_down(tmp_path: Path) -> 
     egress_default = DEFAULT_PORTS["frontend-sidecar"]["egress"]
     with _occupied(broker_default) as held_b, _occupied(egress_default) as held_e:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "demo", "--keep-running", "--report",
-             str(report_path), "--workdir", str(workdir)],
-            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "demo",
+                "--keep-running",
+                "--report",
+                str(report_path),
+                "--workdir",
+                str(workdir),
+            ],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 100
             while not report_path.exists() and time.monotonic() < deadline:
@@ -189,10 +210,21 @@ def test_children_die_with_a_killed_demo(tmp_path: Path) -> None:
     """SIGKILL leaves the demo no chance to tear down: its children must still go."""
     report_path = tmp_path / "report.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "demo", "--keep-running", "--report", str(report_path),
-         "--workdir", str(tmp_path / "work")],
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "demo",
+            "--keep-running",
+            "--report",
+            str(report_path),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 100
         while not report_path.exists() and time.monotonic() < deadline:
@@ -215,8 +247,11 @@ def test_ctrl_c_during_start_up_stops_what_was_started(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "demo", "--workdir", str(workdir)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.stdout is not None
     seen = []
     try:
@@ -250,12 +285,20 @@ def test_bad_arguments_are_a_clear_message(tmp_path: Path) -> None:
     not_a_dir.write_text("x")
     proc = subprocess.run(
         [sys.executable, "-m", "sidecar", "demo", "--workdir", str(not_a_dir)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "--workdir: expected a directory" in proc.stdout and "Traceback" not in proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "sidecar", "demo", "--token-ttl", "2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == 2 and "expected 6..3600 seconds" in proc.stderr

@@ -29,8 +29,11 @@ class _AllowEverything(BaseHTTPRequestHandler):
         if self.path == "/tokens":
             body: dict[str, Any] = {"audiences": [{"claims": {"jti": "same-token-forever"}}]}
         else:
-            body = {"app": "orders", "headers": {"x-workload-id": FRONTEND_ID},
-                    "body_bytes": length}  # fmt: skip
+            body = {
+                "app": "orders",
+                "headers": {"x-workload-id": FRONTEND_ID},
+                "body_bytes": length,
+            }
         data = json.dumps(body).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
@@ -71,9 +74,9 @@ def walk(tmp_path: Path) -> Iterator[Walkthrough]:
 
 
 @pytest.mark.parametrize(
-    "method", ["allowed", "replayed", "other_url", "forbidden", "no_credentials", "nonce",
-               "refresh"],
-)  # fmt: skip
+    "method",
+    ["allowed", "replayed", "other_url", "forbidden", "no_credentials", "nonce", "refresh"],
+)
 def test_a_fail_open_deployment_fails_every_step(walk: Walkthrough, method: str) -> None:
     step = Step(1, method, "")
     walk._run(step, getattr(walk, method))

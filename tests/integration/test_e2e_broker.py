@@ -354,10 +354,22 @@ def test_nonce_challenge_through_envoy_is_answered(stack: Stack) -> None:
 
 def test_sidecar_token_command_shows_claims_not_the_token(stack: Stack) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "sidecar", "token", "--audience", ORDERS, "-c",
-         str(stack.tmp / "sidecar-a.yaml")],
-        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "token",
+            "--audience",
+            ORDERS,
+            "-c",
+            str(stack.tmp / "sidecar-a.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO_ROOT,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert "running sidecar" in out.stdout and FRONTEND in out.stdout and "expires_at" in out.stdout
     assert not re.search(r"eyJ[\w-]+\.eyJ[\w-]+\.[\w-]+", out.stdout), "a token was printed"
@@ -400,9 +412,17 @@ async def _skewed_sidecar_calls(stack: Stack, skew: float) -> dict[str, Any]:
     )
     upstream = f"http://127.0.0.1:{stack.envoy_port}"
     cfg = parse_egress_config(
-        {"upstreams": [{"name": "orders", "listen": "127.0.0.1:0", "upstream": upstream,
-                        "audience": ORDERS}]}
-    )  # fmt: skip
+        {
+            "upstreams": [
+                {
+                    "name": "orders",
+                    "listen": "127.0.0.1:0",
+                    "upstream": upstream,
+                    "audience": ORDERS,
+                }
+            ]
+        }
+    )
     proxy = EgressProxy(
         cfg, tokens=tokens, signer=signer, registry=registry, clock=skewed, offsets=offsets
     )
@@ -445,8 +465,9 @@ def test_a_sidecar_with_a_skewed_clock_heals_itself(
     if skew > 0:
         for key in ("broker_offset", "upstream_offset"):
             assert seen[key] == pytest.approx(-skew, abs=1.5), (key, seen[key])
-        assert re.search(r'sidecar_clock_offset_seconds\{peer="unix:[^"]+"\} -(29|30|31)\.',
-                         seen["metrics"]), seen["metrics"]  # fmt: skip
+        assert re.search(
+            r'sidecar_clock_offset_seconds\{peer="unix:[^"]+"\} -(29|30|31)\.', seen["metrics"]
+        ), seen["metrics"]
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any("clock offset peer=unix:" in m for m in warned), warned
         assert any(f"clock offset peer=http://127.0.0.1:{stack.envoy_port}" in m for m in warned)

@@ -124,12 +124,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ManagedPro
         "identity": {"attestor": {"type": "file", "path": str(token_file)}},
         "egress": {
             "upstreams": [
-                {"name": "big", "listen": f"127.0.0.1:{listen}",
-                 "upstream": f"http://127.0.0.1:{up_port}", "audience": AUDIENCE},
+                {
+                    "name": "big",
+                    "listen": f"127.0.0.1:{listen}",
+                    "upstream": f"http://127.0.0.1:{up_port}",
+                    "audience": AUDIENCE,
+                },
             ]
         },
         "admin": {"listen": f"127.0.0.1:{admin}"},
-    }  # fmt: skip
+    }
     cfg_path = tmp / "sidecar.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     upstream = ManagedProcess(

@@ -160,8 +160,14 @@ class RawClient:
         self, payload: bytes, *extra: tuple[str, str], end: bool = True, flush: bool = True
     ) -> int:
         sid = self.conn.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":scheme", "http"), (":path", PATH),
-                   (":authority", "x"), ("content-type", "application/grpc"), *extra]  # fmt: skip
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", PATH),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            *extra,
+        ]
         self.conn.send_headers(sid, headers)
         message = b"\x00" + len(payload).to_bytes(4, "big") + payload
         self.conn.send_data(sid, message, end_stream=end)

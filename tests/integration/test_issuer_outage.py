@@ -122,8 +122,11 @@ def test_demand_fetches_keep_to_the_backoff_and_warnings_are_rate_limited(
     gaps = [b - a for a, b in itertools.pairwise(hits)]
     expected = [min(0.4, 0.05 * 2**n) for n in range(len(gaps))]
     # Each attempt waits out the backoff after the failure before it (a little timer slack).
-    early = [(i, round(g, 3), e) for i, (g, e) in enumerate(zip(gaps, expected, strict=True))
-             if g < e - 0.01]  # fmt: skip
+    early = [
+        (i, round(g, 3), e)
+        for i, (g, e) in enumerate(zip(gaps, expected, strict=True))
+        if g < e - 0.01
+    ]
     assert not early, f"attempts sooner than the backoff (index, gap, backoff): {early}"
     # 0.05 + 0.1 + 0.2 = 0.35 s for the first four attempts, then one per 0.4 s.
     most = 4 + (DURATION - 0.35) / 0.4 + 1

@@ -156,8 +156,11 @@ def test_withdrawn_key_stops_verifying_and_issuer_outage_keeps_last_keys() -> No
             assert not await svc.sources[server.url].refresh("periodic")
             assert isinstance(await svc.authorizer.decide(_view(new)), Allow)
             # M10: every trigger's outcome is counted, failures included.
-            for trigger, outcome in (("startup", "changed"), ("demand", "changed"),
-                                     ("periodic", "failed")):  # fmt: skip
+            for trigger, outcome in (
+                ("startup", "changed"),
+                ("demand", "changed"),
+                ("periodic", "failed"),
+            ):
                 labels = {"trigger": trigger, "outcome": outcome}
                 got = svc.metrics.registry.get_sample_value("sidecar_jwks_refreshes_total", labels)
                 assert got == 1, labels

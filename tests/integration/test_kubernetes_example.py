@@ -202,8 +202,11 @@ def test_commands_read_the_generated_configs() -> None:
         command = _containers(deployment)[container]["command"]
         path = checks.config_arg(command)
         assert _file_behind(deployment, container, path).resolve() == _config_file(role).resolve()
-    commands = {(d, c): spec["command"] for d in ("broker", "orders", "frontend")
-                for c, spec in _containers(d).items()}  # fmt: skip
+    commands = {
+        (d, c): spec["command"]
+        for d in ("broker", "orders", "frontend")
+        for c, spec in _containers(d).items()
+    }
     assert set(commands) == set(CONFIG_OF) | {("orders", "app"), ("frontend", "app")}
     # JSON logs in a cluster: one object per line for the log collector.
     assert commands[("broker", "broker")][:4] == ["sidecar", "--log-format", "json", "broker"]

@@ -128,10 +128,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     grpc_port, http_port, admin_port = free_port(), free_port(), free_port()
     app_port, envoy_port, envoy_admin = free_port(), free_port(), free_port()
     config = {
-        "authz": _authz(issuer, tmp, f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}",
-                        ORDERS_ONLY),
+        "authz": _authz(
+            issuer, tmp, f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}", ORDERS_ONLY
+        ),
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
-    }  # fmt: skip
+    }
     path = tmp / "authz.yaml"
     path.write_text(yaml.safe_dump(config))
     app = start_echo_app(app_port, tmp, name="reload-app", access_log=False)
@@ -275,8 +276,9 @@ def test_watch_config_reloads_when_the_file_changes(tmp_path: Path) -> None:
 def test_workers_reload_what_the_parent_forwards(tmp_path: Path) -> None:
     issuer = DevIssuer()
     grpc_base, http_base, admin_port = _port_pair(), _port_pair(), free_port()
-    authz = _authz(issuer, tmp_path, f"127.0.0.1:{grpc_base}", f"127.0.0.1:{http_base}",
-                   ORDERS_ONLY)  # fmt: skip
+    authz = _authz(
+        issuer, tmp_path, f"127.0.0.1:{grpc_base}", f"127.0.0.1:{http_base}", ORDERS_ONLY
+    )
     del authz["nonce"]  # the parent's generated secret must survive the reload
     authz["workers"] = 2
     authz["routes"].append({"prefix": "/nonce", "auth": "dpop", "nonce": True})

@@ -32,11 +32,22 @@ pytestmark = [
 def _start_redis(tmp: Path, port: int, name: str) -> ManagedProcess:
     """No automatic snapshots; a dump.rdb in ``tmp`` (made by SAVE) is loaded at start."""
     proc = ManagedProcess(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp)],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
         name=name,
         log_dir=tmp,
-    ).start()  # fmt: skip
+    ).start()
     wait_for_port("127.0.0.1", port, 10, process=proc)
     return proc
 

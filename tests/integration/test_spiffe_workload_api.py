@@ -63,14 +63,15 @@ def _authz(uri: str) -> AuthzService:
         {
             "audience": ORDERS,
             "authorities": ["http://orders.example.org"],
-            "trust_domains": [{"name": DOMAIN, "workload_api": True, "socket": uri,
-                               "min_refresh_interval": 0}],
+            "trust_domains": [
+                {"name": DOMAIN, "workload_api": True, "socket": uri, "min_refresh_interval": 0}
+            ],
             "routes": [{"prefix": "/", "auth": "bearer"}],
             "rules": [{"principals": [FRONTEND]}],
             "grpc": {"enabled": False},
             "http": {"enabled": False},
         }
-    )  # fmt: skip
+    )
     return AuthzService(cfg, CollectorRegistry())
 
 
@@ -220,12 +221,19 @@ def test_jwt_svid_from_the_workload_api_through_envoy(fake: Any, tmp_path: Path)
         tmp_path / "a.yaml",
         {
             "identity": {"attestor": {"type": "spiffe"}},
-            "egress": {"upstreams": [{"name": "orders", "listen": f"127.0.0.1:{a_port}",
-                                      "upstream": f"http://127.0.0.1:{envoy_port}",
-                                      "audience": ORDERS}]},
+            "egress": {
+                "upstreams": [
+                    {
+                        "name": "orders",
+                        "listen": f"127.0.0.1:{a_port}",
+                        "upstream": f"http://127.0.0.1:{envoy_port}",
+                        "audience": ORDERS,
+                    }
+                ]
+            },
             "admin": {"listen": f"127.0.0.1:{a_admin}"},
         },
-    )  # fmt: skip
+    )
     b_cfg = _write(
         tmp_path / "b.yaml",
         {
@@ -243,12 +251,20 @@ def test_jwt_svid_from_the_workload_api_through_envoy(fake: Any, tmp_path: Path)
     procs: list[ManagedProcess] = []
     try:
         procs.append(start_echo_app(app_port, tmp_path, name="orders"))
-        b = ManagedProcess([sys.executable, "-m", "sidecar", "run", "-c", str(b_cfg)],
-                           name="sidecar-b", log_dir=tmp_path, cwd=REPO_ROOT).start()  # fmt: skip
+        b = ManagedProcess(
+            [sys.executable, "-m", "sidecar", "run", "-c", str(b_cfg)],
+            name="sidecar-b",
+            log_dir=tmp_path,
+            cwd=REPO_ROOT,
+        ).start()
         procs.append(b)
-        a = ManagedProcess([sys.executable, "-m", "sidecar", "run", "-c", str(a_cfg)],
-                           name="sidecar-a", log_dir=tmp_path, cwd=REPO_ROOT,
-                           env={SOCKET_ENV: uri}).start()  # fmt: skip
+        a = ManagedProcess(
+            [sys.executable, "-m", "sidecar", "run", "-c", str(a_cfg)],
+            name="sidecar-a",
+            log_dir=tmp_path,
+            cwd=REPO_ROOT,
+            env={SOCKET_ENV: uri},
+        ).start()
         procs.append(a)
         wait_for_http(f"http://127.0.0.1:{b_admin}/readyz", 20, process=b)
         procs.append(

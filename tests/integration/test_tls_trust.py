@@ -235,9 +235,10 @@ class Egress:
     async def get(self, name: str) -> tuple[int, dict[str, Any]]:
         url = f"http://127.0.0.1:{self.proxy.ports[name]}/orders/1"
         async with self.session.get(url) as resp:
-            return resp.status, {**await resp.json(), "x-sidecar-error": resp.headers.get(
-                "X-Sidecar-Error"
-            )}  # fmt: skip
+            return resp.status, {
+                **await resp.json(),
+                "x-sidecar-error": resp.headers.get("X-Sidecar-Error"),
+            }
 
 
 def test_egress_https_upstreams_trust_ca_present_client_cert_and_check_the_name(

@@ -36,8 +36,12 @@ def test_metrics_carry_process_platform_and_build_info() -> None:
     families = scrape(make_admin_app(registry, lambda: (True, "ok")))
     version = importlib.metadata.version("workload-identity-sidecar")
     assert families["sidecar_build_info"] == [({"version": version}, 1.0)]
-    for name in ("process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds",
-                 "process_start_time_seconds"):  # fmt: skip
+    for name in (
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ):
         assert families[name] and families[name][0][1] > 0, name
     assert families["python_info"][0][0]["implementation"]
 

@@ -107,8 +107,9 @@ class Env:
         header = kw.pop("header", None)
         kid = kw.pop("kid", None)
         alg = kw.pop("alg", None)
-        return self.cluster.token(self.cluster.claims(**kw), typ="JWT", header=header,
-                                  kid=kid, alg=alg)  # fmt: skip
+        return self.cluster.token(
+            self.cluster.claims(**kw), typ="JWT", header=header, kid=kid, alg=alg
+        )
 
 
 def _refusal(coro: Any) -> OAuthError:

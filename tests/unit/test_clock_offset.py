@@ -129,9 +129,15 @@ def test_the_exp_of_a_token_from_a_skewed_issuer_is_brought_to_our_clock() -> No
 
     def expires_at(clock_offset: float) -> float:
         return parse_token_response(
-            200, {}, body, audience="a", requested_at=NOW, expected_jkt="j", require_dpop=True,
+            200,
+            {},
+            body,
+            audience="a",
+            requested_at=NOW,
+            expected_jkt="j",
+            require_dpop=True,
             clock_offset=clock_offset,
-        ).expires_at  # fmt: skip
+        ).expires_at
 
     assert expires_at(0.0) == NOW + 70, "seen as 30 s shorter than it is"
     assert expires_at(-30.0) == NOW + 100

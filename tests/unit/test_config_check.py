@@ -78,8 +78,12 @@ def test_every_unknown_key_is_its_own_mistake(
     )
     assert main(["check", "-c", path, "--kind", "authz"]) == 2
     err = capsys.readouterr().err
-    for line, key in ((3, "authz.isuers"), (5, "authz.grpc.listne"), (6, "authz.grpc.engine"),
-                      (7, "extra")):  # fmt: skip
+    for line, key in (
+        (3, "authz.isuers"),
+        (5, "authz.grpc.listne"),
+        (6, "authz.grpc.engine"),
+        (7, "extra"),
+    ):
         assert f"{path}:{line}: {key}: expected" in err, err
 
 
@@ -127,9 +131,12 @@ def test_yaml_syntax_error_names_the_line_without_quoting_the_file(tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("example", "kind", "command"),
-    [("sidecar.yaml", "sidecar", "run"), ("authz.yaml", "authz", "authz"),
-     ("broker.yaml", "broker", "broker")],
-)  # fmt: skip
+    [
+        ("sidecar.yaml", "sidecar", "run"),
+        ("authz.yaml", "authz", "authz"),
+        ("broker.yaml", "broker", "broker"),
+    ],
+)
 def test_examples_check_clean_with_a_summary(
     example: str, kind: str, command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

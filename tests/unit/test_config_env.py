@@ -100,9 +100,19 @@ def test_values_are_typed_by_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [(5, 5.0), (0.25, 0.25), ("5", 5.0), ("1.5", 1.5), ("250ms", 0.25), ("5s", 5.0),
-     ("5m", 300.0), ("1h", 3600.0), (" 2m ", 120.0), (".5s", 0.5)],
-)  # fmt: skip
+    [
+        (5, 5.0),
+        (0.25, 0.25),
+        ("5", 5.0),
+        ("1.5", 1.5),
+        ("250ms", 0.25),
+        ("5s", 5.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        (" 2m ", 120.0),
+        (".5s", 0.5),
+    ],
+)
 def test_durations(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
 

@@ -32,11 +32,16 @@ from sidecar.authz.decision_cache import DecisionCache
 from sidecar.authz.policy import Policy
 from sidecar.jose.rfc7517_jwk import import_public_jwk, public_jwk_dict
 
-H = make_harness(policy_config={**POLICY_CONFIG, "routes": [
-    {"prefix": "/public", "auth": "bearer"},
-    {"prefix": "/pay", "nonce": True},
-    {"prefix": "/open", "auth": "bearer", "nonce": True},
-]})  # fmt: skip
+H = make_harness(
+    policy_config={
+        **POLICY_CONFIG,
+        "routes": [
+            {"prefix": "/public", "auth": "bearer"},
+            {"prefix": "/pay", "nonce": True},
+            {"prefix": "/open", "auth": "bearer", "nonce": True},
+        ],
+    }
+)
 TOKENS = {
     "frontend": H.token(bound=False, jti="t-frontend"),
     "frontend-short": H.token(bound=False, jti="t-short", ttl=20),
@@ -299,9 +304,14 @@ def test_revocation_policy_reload_and_expiry_reach_a_cached_allow() -> None:
 
 
 def test_nonce_routes_and_proofs_are_never_cached() -> None:
-    h = make_harness(policy_config={**POLICY_CONFIG, "routes": [
-        {"prefix": "/public", "auth": "bearer", "nonce": True},
-    ]})  # fmt: skip
+    h = make_harness(
+        policy_config={
+            **POLICY_CONFIG,
+            "routes": [
+                {"prefix": "/public", "auth": "bearer", "nonce": True},
+            ],
+        }
+    )
     first = h.evaluate(h.bearer_request())
     assert isinstance(first, PendingAllow) and first.allow.response_headers  # a DPoP-Nonce
     assert len(h.authz.decisions) == 0

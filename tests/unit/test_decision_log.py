@@ -119,9 +119,13 @@ def test_a_deny_in_json_has_every_field(h: Harness, capture: Capture) -> None:
     token = h.token(sub=INTRUDER)
     request = h.dpop_request(token=token, path="/orders/7", headers={"x-request-id": REQUEST_ID})
     request = RequestView(
-        request.method, request.scheme, request.authority, "/orders/7?access_token=secret",
-        request.headers, request.peer,
-    )  # fmt: skip
+        request.method,
+        request.scheme,
+        request.authority,
+        "/orders/7?access_token=secret",
+        request.headers,
+        request.peer,
+    )
     decide(h, request, "http")
     record = json.loads(one_line(out))
     assert record["logger"] == "sidecar.authz.http"
@@ -157,8 +161,11 @@ def test_a_policy_deny_in_text_names_the_caller_and_the_request(
     assert got["result"] == "deny" and got["reason"] == "policy_denied"
     assert got["status"] == "403"
     assert (got["transport"], got["method"], got["host"], got["path"]) == (
-        "grpc", "POST", HOST, "/orders",
-    )  # fmt: skip
+        "grpc",
+        "POST",
+        HOST,
+        "/orders",
+    )
     assert got["request_id"] == REQUEST_ID and got["sub"] == INTRUDER
     assert "token_jti" in got and "proof_jti" in got
     assert got["detail"]
@@ -235,8 +242,10 @@ def test_hostile_values_cannot_forge_a_json_field_or_line(h: Harness, capture: C
     record = json.loads(line)
     assert record["result"] == "deny" and "sub" not in record
     assert (record["path"], record["request_id"], record["host"]) == (
-        HOSTILE_PATH, HOSTILE_ID, HOSTILE_HOST,
-    )  # fmt: skip
+        HOSTILE_PATH,
+        HOSTILE_ID,
+        HOSTILE_HOST,
+    )
 
 
 def test_long_values_are_cut_in_both_formats(h: Harness, capture: Capture) -> None:
@@ -273,8 +282,10 @@ def test_grpc_and_http_decisions_go_to_their_own_loggers(h: Harness, capture: Ca
     assert (grpc_line["request_id"], grpc_line["path"]) == ("grpc-1", "/orders/1")
     assert (http_line["logger"], http_line["transport"]) == ("sidecar.authz.http", "http")
     assert (http_line["request_id"], http_line["method"], http_line["path"]) == (
-        "http-1", "DELETE", "/pay/2",
-    )  # fmt: skip
+        "http-1",
+        "DELETE",
+        "/pay/2",
+    )
 
 
 # -- the process: --log-format, SIDECAR_LOG_FORMAT, workers, the ready line, the audit log ---

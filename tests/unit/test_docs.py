@@ -475,9 +475,13 @@ def test_sidecar_reference_defaults() -> None:
     e = parse_egress_config(
         {"upstreams": [{"listen": "127.0.0.1:1", "upstream": "http://h", "audience": ORDERS}]}
     )
-    w = parse_egress_config(
-        {"upstreams": [{"listen": "127.0.0.1:1", "upstream": "http://h", "auth": "wimse"}]}
-    ).upstreams[0].target.wimse
+    w = (
+        parse_egress_config(
+            {"upstreams": [{"listen": "127.0.0.1:1", "upstream": "http://h", "auth": "wimse"}]}
+        )
+        .upstreams[0]
+        .target.wimse
+    )
     assert w is not None
     unix = parse_identity_config({"attestor": {"type": "unix"}})
     k8s = parse_identity_config({"issuer": ISSUER, "attestor": {"type": "k8s"}})

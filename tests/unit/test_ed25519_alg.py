@@ -86,10 +86,15 @@ def test_issuer_allowlist(allowed: list[str], alg: str, ok: bool) -> None:
     cfg = parse_authz_config(
         {
             "audience": "aud",
-            "issuers": [{"issuer": "https://ed.example", "jwks_uri": "https://ed.example/k",
-                         "algorithms": allowed}],
+            "issuers": [
+                {
+                    "issuer": "https://ed.example",
+                    "jwks_uri": "https://ed.example/k",
+                    "algorithms": allowed,
+                }
+            ],
         }
-    )  # fmt: skip
+    )
     issuer = Issuer("https://ed.example", alg, "ed-k", ed_key(7), frozenset())
     token = issuer.token(aud="aud")
     kwargs: dict[str, Any] = {

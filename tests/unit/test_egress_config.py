@@ -203,8 +203,9 @@ def test_spiffe_attestor_socket_defaults_to_the_environment() -> None:
     assert default.attestor.socket is None  # SPIFFE_ENDPOINT_SOCKET, read at first use
     cfg = parse_identity_config({"attestor": {"type": "spiffe", "socket": "unix:///run/a.sock"}})
     assert cfg.attestor.socket == "unix:///run/a.sock"
-    assert isinstance(cfg.build_attestor(ProofSigner(ec.generate_private_key(ec.SECP256R1()))),
-                      SpiffeAttestor)  # fmt: skip
+    assert isinstance(
+        cfg.build_attestor(ProofSigner(ec.generate_private_key(ec.SECP256R1()))), SpiffeAttestor
+    )
 
 
 def test_the_example_configuration_is_valid() -> None:

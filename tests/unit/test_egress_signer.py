@@ -46,9 +46,14 @@ def test_proofs_verify_and_jtis_are_unique() -> None:
     for token in (TOKEN, TOKEN, "another.token.value"):  # the cached ath must follow the token
         proof = signer.proof(method="GET", url=url, now=NOW, access_token=token)
         verified = verify_proof(
-            proof, method="GET", url=url, access_token=token, expected_jkt=signer.thumbprint,
-            now=NOW, policy=DPoPPolicy(algorithms=frozenset({"ES256"})),
+            proof,
+            method="GET",
+            url=url,
+            access_token=token,
+            expected_jkt=signer.thumbprint,
+            now=NOW,
+            policy=DPoPPolicy(algorithms=frozenset({"ES256"})),
             key_cache=ProofKeyCache(),
-        )  # fmt: skip
+        )
         jtis.add(verified.jti)
     assert len(jtis) == 3

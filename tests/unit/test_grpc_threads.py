@@ -35,8 +35,11 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 def check_request(view: RequestView) -> Any:
     req = external_auth_pb2.CheckRequest()
     http = req.attributes.request.http
-    http.method, http.path, http.host, http.scheme = view.method, view.path, view.authority, (
-        view.scheme
+    http.method, http.path, http.host, http.scheme = (
+        view.method,
+        view.path,
+        view.authority,
+        (view.scheme),
     )
     for name, value in view.headers.items():
         http.headers[name] = value
@@ -115,8 +118,13 @@ def test_unknown_kid_is_refreshed_on_the_loop(loop: asyncio.AbstractEventLoop) -
 
     async def on_unknown_key(iss: str) -> bool:
         calls.append(threading.current_thread().name)
-        h.keys.replace(iss, [import_public_jwk(h.issuer.jwk),
-                             import_public_jwk(public_jwk_dict(new_key, kid="es-2"))])  # fmt: skip
+        h.keys.replace(
+            iss,
+            [
+                import_public_jwk(h.issuer.jwk),
+                import_public_jwk(public_jwk_dict(new_key, kid="es-2")),
+            ],
+        )
         return True
 
     h.authz.on_unknown_key = on_unknown_key

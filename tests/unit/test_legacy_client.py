@@ -44,8 +44,9 @@ def test_run_counts_calls_and_fails_only_without_an_answer(
     monkeypatch.setattr(legacy_client, "call_once", lambda url, timeout: next(answers))
     slept: list[float] = []
     out = io.StringIO()
-    code = legacy_client.run("http://x/o", name="r", every=5, count=2, timeout=1, out=out,
-                             sleep=slept.append)  # fmt: skip
+    code = legacy_client.run(
+        "http://x/o", name="r", every=5, count=2, timeout=1, out=out, sleep=slept.append
+    )
     assert code == 1
     assert slept == [5]  # between calls, not before the first
     assert out.getvalue().splitlines() == [

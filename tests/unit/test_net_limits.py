@@ -35,11 +35,16 @@ def test_defaults_per_listener() -> None:
 
 def test_values_are_read() -> None:
     limits = parse_conn_limits(
-        {"max_connections": 8, "max_per_uid": 2, "header_timeout": 1.5, "body_timeout": 0,
-         "idle_timeout": 3},
+        {
+            "max_connections": 8,
+            "max_per_uid": 2,
+            "header_timeout": 1.5,
+            "body_timeout": 0,
+            "idle_timeout": 3,
+        },
         "attestation.connections",
         ATTESTATION_LIMITS,
-    )  # fmt: skip
+    )
     assert limits == ConnLimits(8, 1.5, 0.0, 3.0, 2)
     # The sweep runs often enough for the shortest deadline, and never busier than 50 Hz.
     assert limits.sweep_interval == pytest.approx(1.5 / 4)

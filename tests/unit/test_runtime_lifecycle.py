@@ -39,8 +39,13 @@ def test_a_start_up_failure_after_the_first_component_stops_the_first() -> None:
         asyncio.run(serve(setup, reload_signal=False))
     # The failed one is stopped too (its stop must accept a partial start), then the rest.
     assert events == [
-        "start fds", "start service", "start admin", "stop admin", "stop service", "stop fds",
-    ]  # fmt: skip
+        "start fds",
+        "start service",
+        "start admin",
+        "stop admin",
+        "stop service",
+        "stop fds",
+    ]
 
 
 def test_components_stop_in_reverse_when_serving_ends() -> None:

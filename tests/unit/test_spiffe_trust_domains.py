@@ -157,8 +157,9 @@ def test_import_bundle_keeps_only_jwt_uses() -> None:
     doc = bundle()
     doc["keys"].append({**bundle(OTHER_KEY, "w")["keys"][0], "use": "wit-svid"})
     doc["keys"].append({"kty": "EC", "use": "x509-svid", "x5c": ["AAAA"]})
-    doc["keys"].append({k: v for k, v in bundle(ed_key(4), "nouse")["keys"][0].items()
-                        if k != "use"})  # fmt: skip
+    doc["keys"].append(
+        {k: v for k, v in bundle(ed_key(4), "nouse")["keys"][0].items() if k != "use"}
+    )
     keys = import_bundle(doc)
     assert [(k.kid, k.use) for k in keys] == [(DOMAIN_KID, "jwt-svid"), ("w", "wit-svid")]
 

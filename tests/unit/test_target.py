@@ -32,9 +32,17 @@ def test_parse_authority(value: str, origin: str) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["orders.demo.local", "ftp://x", "https://x/path", "https://x?q", "https://x#f",
-     "https://user@x", "https://", "https://x:99999"],
-)  # fmt: skip
+    [
+        "orders.demo.local",
+        "ftp://x",
+        "https://x/path",
+        "https://x?q",
+        "https://x#f",
+        "https://user@x",
+        "https://",
+        "https://x:99999",
+    ],
+)
 def test_parse_authority_refuses(value: str) -> None:
     with pytest.raises(ValueError):
         parse_authority(value)
@@ -80,14 +88,21 @@ def test_with_authorities_the_hosts_header_plays_no_part() -> None:
     token = h.token()
     proof = h.proof(token, url=f"{ORDERS}/orders")
     # Host and scheme of the request differ from the htu: the configured origin is what counts.
-    request = view(path="/orders?x=1", authority="evil.example:1234", scheme="http",
-                   headers={"authorization": f"DPoP {token}", "dpop": proof})  # fmt: skip
+    request = view(
+        path="/orders?x=1",
+        authority="evil.example:1234",
+        scheme="http",
+        headers={"authorization": f"DPoP {token}", "dpop": proof},
+    )
     assert isinstance(h.decide(request), Allow)
     # A proof for an origin that is not configured is refused, whatever Host says.
     token = h.token(jti="t2")
     proof = h.proof(token, url="https://evil.example/orders")
-    request = view(path="/orders", authority="evil.example",
-                   headers={"authorization": f"DPoP {token}", "dpop": proof})  # fmt: skip
+    request = view(
+        path="/orders",
+        authority="evil.example",
+        headers={"authorization": f"DPoP {token}", "dpop": proof},
+    )
     decision = h.decide(request)
     assert isinstance(decision, Deny) and decision.reason is Reason.UNKNOWN_AUTHORITY
     # The path must still be the request's.
@@ -133,8 +148,11 @@ def test_htu_path_is_compared_as_envoy_forwards_it(
 def test_merged_slashes_do_not_widen_the_match() -> None:
     h = make_harness()
     token = h.token()
-    for htu_path, forwarded in [("/orders/7", "/orders/8"), ("/orders7", "/orders/7"),
-                                ("/orders/7/", "/orders/7")]:  # fmt: skip
+    for htu_path, forwarded in [
+        ("/orders/7", "/orders/8"),
+        ("/orders7", "/orders/7"),
+        ("/orders/7/", "/orders/7"),
+    ]:
         proof = h.proof(token, url=f"{ORDERS}{htu_path}")
         request = view(path=forwarded, headers={"authorization": f"DPoP {token}", "dpop": proof})
         decision = h.decide(request)
@@ -149,7 +167,10 @@ def test_without_authorities_a_host_that_is_no_authority_is_refused(suffix: str)
     h = make_harness()
     token = h.token()
     proof = h.proof(token, url=f"{ORDERS}/")
-    request = view(path="/orders/7", authority=f"orders.demo.local{suffix}",
-                   headers={"authorization": f"DPoP {token}", "dpop": proof})  # fmt: skip
+    request = view(
+        path="/orders/7",
+        authority=f"orders.demo.local{suffix}",
+        headers={"authorization": f"DPoP {token}", "dpop": proof},
+    )
     decision = h.decide(request)
     assert isinstance(decision, Deny) and decision.reason is Reason.HTU_MISMATCH, decision

@@ -36,8 +36,24 @@ from sidecar.envoy_config import HTTP_AUTHZ_ALLOWED_HEADERS
 DEFAULT_SCHEME = "http"
 PATH_PREFIX = "/authz"
 HOSTS = ("orders.demo.local", "ORDERS.demo.local:443", "evil.example", "127.0.0.1:10000")
-SEGMENTS = ("orders", "public", "pay", "catalog", "admin", "", ".", "..", "%2F", "%2e%2e",
-            "%7E", "%zz", "x;y", "a@b", "%00", "7")  # fmt: skip
+SEGMENTS = (
+    "orders",
+    "public",
+    "pay",
+    "catalog",
+    "admin",
+    "",
+    ".",
+    "..",
+    "%2F",
+    "%2e%2e",
+    "%7E",
+    "%zz",
+    "x;y",
+    "a@b",
+    "%00",
+    "7",
+)
 METHODS = ("GET", "POST", "DELETE", "get")
 
 
@@ -62,10 +78,17 @@ class ClientRequest:
         req = external_auth_pb2.CheckRequest()
         http = req.attributes.request.http
         http.method, http.path, http.host, http.scheme = (
-            self.method, self.path, self.host, self.claimed_scheme,
-        )  # fmt: skip
-        merged: dict[str, str] = {":authority": self.host, ":method": self.method,
-                                  ":path": self.path, ":scheme": self.claimed_scheme}  # fmt: skip
+            self.method,
+            self.path,
+            self.host,
+            self.claimed_scheme,
+        )
+        merged: dict[str, str] = {
+            ":authority": self.host,
+            ":method": self.method,
+            ":path": self.path,
+            ":scheme": self.claimed_scheme,
+        }
         for name, value in self.envoy_headers():
             merged[name] = f"{merged[name]},{value}" if name in merged else value
         http.headers.update(merged)
@@ -174,8 +197,19 @@ def client_requests(draw: st.DrawFn, h: Harness, origins: tuple[str, ...]) -> Cl
     segments = draw(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=4))
     path = "/" + "/".join(segments)
     if good or draw(st.booleans()):
-        path = draw(st.sampled_from(("/orders/7", "/public/info", "/pay/1", "//orders//7",
-                                     "/orders/./7", "/catalog/%2F..", "/orders/%7E")))  # fmt: skip
+        path = draw(
+            st.sampled_from(
+                (
+                    "/orders/7",
+                    "/public/info",
+                    "/pay/1",
+                    "//orders//7",
+                    "/orders/./7",
+                    "/catalog/%2F..",
+                    "/orders/%7E",
+                )
+            )
+        )
     if draw(st.booleans()):
         path += draw(st.sampled_from(("?q=1", "?a=%2F&b", "?")))
     host = draw(st.sampled_from(HOSTS))
@@ -220,11 +254,21 @@ def client_requests(draw: st.DrawFn, h: Harness, origins: tuple[str, ...]) -> Cl
             access_token=token or None,
         )
         headers += [("dpop", proof)] * draw(st.integers(1, 2))
-    extras = draw(st.lists(st.sampled_from((
-        ("x-workload-id", "spiffe://evil/spoofed"), ("x-workload-role", "admin"),
-        ("x-request-id", "r-1"), ("x-http-method-override", "DELETE"),
-        ("x-forwarded-proto", "https"), ("content-type", "text/plain"),
-    )), max_size=4))  # fmt: skip
+    extras = draw(
+        st.lists(
+            st.sampled_from(
+                (
+                    ("x-workload-id", "spiffe://evil/spoofed"),
+                    ("x-workload-role", "admin"),
+                    ("x-request-id", "r-1"),
+                    ("x-http-method-override", "DELETE"),
+                    ("x-forwarded-proto", "https"),
+                    ("content-type", "text/plain"),
+                )
+            ),
+            max_size=4,
+        )
+    )
     headers += extras
     order = draw(st.permutations(range(len(headers))))
     return ClientRequest(method, path, host, claimed, proto, tuple(headers[i] for i in order))
