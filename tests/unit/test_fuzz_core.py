@@ -3,7 +3,8 @@
 Whatever arrives in the headers (random text, base64url-looking garbage, real tokens and proofs
 cut, flipped, swapped and blown up to 100 KB, correctly signed tokens and proofs whose claims
 have the wrong types), ``evaluate`` returns a ``Deny`` (401/403/503) or a ``PendingAllow`` and
-never raises. STYLE.md §6: "Input either verifies or raises our error; anything else is a bug".
+never raises: input either verifies or is refused with one of our reasons; anything else is a
+bug (docs/ARCHITECTURE.md, "Reason codes").
 """
 
 from __future__ import annotations
