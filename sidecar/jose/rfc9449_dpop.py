@@ -210,6 +210,19 @@ def _check_htu(htu: str, url: str) -> None:
         raise AuthError(Reason.HTU_MISMATCH, "proof htu does not match the request URI")
 
 
+def split_proof(token: str, max_bytes: int, what: str) -> tuple[str, str, str]:
+    """A per-request proof (DPoP proof, WIMSE WPT) as its three compact-JWS parts, after the
+    cheap checks every proof gets first: bounded size, ASCII, header and payload present."""
+    if len(token) > max_bytes:
+        raise AuthError(Reason.PROOF_INVALID, f"{what} longer than {max_bytes} bytes")
+    if not token.isascii():
+        raise AuthError(Reason.PROOF_INVALID, f"{what} is not ASCII")
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        raise AuthError(Reason.PROOF_INVALID, f"{what} is not a compact JWS")
+    return parts[0], parts[1], parts[2]
+
+
 def verify_proof(
     proof: str,
     *,
@@ -232,16 +245,8 @@ def verify_proof(
     token's ``cnf.jkt``, every claim, and only then the signature, so a proof that would be
     refused anyway never costs a public-key operation (§4.3 lists the checks, not an order).
     """
-    max_bytes = policy.max_bytes
     # Step 2: a single well-formed compact JWT.
-    if len(proof) > max_bytes:
-        raise AuthError(Reason.PROOF_INVALID, f"proof longer than {max_bytes} bytes")
-    if not proof.isascii():
-        raise AuthError(Reason.PROOF_INVALID, "proof is not ASCII")
-    parts = proof.split(".")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise AuthError(Reason.PROOF_INVALID, "proof is not a compact JWS")
-    h64, p64, s64 = parts
+    h64, p64, s64 = split_proof(proof, policy.max_bytes, "proof")
     alg, key = key_cache.header(h64, expected_jkt)  # steps 4, 5, 7 (and the key's strength)
     if alg not in policy.algorithms:
         raise AuthError(Reason.PROOF_INVALID, "proof alg is not allowed")

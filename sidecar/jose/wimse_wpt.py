@@ -21,7 +21,7 @@ from sidecar.jose.b64 import b64url_decode, b64url_encode
 from sidecar.jose.claim_text import acceptable_text
 from sidecar.jose.rfc7515_jws import JWSFormatError, normalize_typ, strict_json_object
 from sidecar.jose.rfc7518_algorithms import sign, verify_signature
-from sidecar.jose.rfc9449_dpop import normalize_htu, proof_htu
+from sidecar.jose.rfc9449_dpop import normalize_htu, proof_htu, split_proof
 from sidecar.jose.wimse_wit import VerifiedWIT, jws_algorithm, token_hash
 
 WPT_TYP = "wpt+jwt"
@@ -91,14 +91,7 @@ def verify_wpt(
     ``url``. ``headers`` are the request's (lower-case names), for ``tth`` and ``oth``.
     """
     headers = headers or {}
-    if len(wpt) > policy.max_bytes:
-        raise AuthError(Reason.PROOF_INVALID, f"WPT longer than {policy.max_bytes} bytes")
-    if not wpt.isascii():
-        raise AuthError(Reason.PROOF_INVALID, "WPT is not ASCII")
-    parts = wpt.split(".")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise AuthError(Reason.PROOF_INVALID, "WPT is not a compact JWS")
-    h64, p64, s64 = parts
+    h64, p64, s64 = split_proof(wpt, policy.max_bytes, "WPT")
     try:
         header = strict_json_object(b64url_decode(h64), "WPT header")
         claims = strict_json_object(b64url_decode(p64), "WPT payload")
