@@ -53,7 +53,7 @@ PRINCIPAL_FORMS = (
 )
 
 
-def _segment_glob(segment: str) -> str:
+def segment_glob(segment: str) -> str:
     """One segment of a glob: ``*`` within it matches any characters but ``/``."""
     return "[^/]*".join(re.escape(part) for part in segment.split("*"))
 
@@ -68,7 +68,7 @@ def _principal_regex(pattern: str) -> str:
             # ``…/shop/**`` matches ``…/shop/a/b`` but never ``…/shopping``.
             out.append("/.*" if i else "[^/]*(?:/.*)?")
         else:
-            out.append(("/" if i else "") + _segment_glob(segment))
+            out.append(("/" if i else "") + segment_glob(segment))
     return "".join(out)
 
 
@@ -119,7 +119,7 @@ def _path_regex(pattern: str) -> str:
         elif segment == "*":
             out.append("/[^/]+")
         else:
-            out.append("/" + _segment_glob(segment))
+            out.append("/" + segment_glob(segment))
     # "/orders/*/" asks for a "/" after the segment, as the literal "/orders/" does.
     return "".join(out) + ("/" if trailing else r"(?:/|\Z)")
 

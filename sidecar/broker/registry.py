@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.authz.policy import segment_glob
 from sidecar.config_source import keep_going, report
 from sidecar.config_util import get_duration, get_str, get_str_list, known_keys, section
 from sidecar.errors import ConfigError
@@ -98,14 +99,15 @@ def normalize_selector(raw: str, key: str) -> str:
 
 
 def audience_pattern(pattern: str) -> re.Pattern[str]:
-    """The glob rule the authorizer uses for principals, so one spelling means the same in
-    both files: ``*`` matches within one path segment (no ``/``), ``**`` matches anything
-    (``spiffe://demo.local/ns/shop/**``); everything else is literal."""
+    """An audience glob: ``*`` matches within one path segment (no ``/``), ``**`` matches
+    anything, everything else is literal. Audiences are any URI (``https://*.example.com``),
+    so ``**`` is not confined to whole segments as in the authorizer's principals
+    (``sidecar.authz.policy``); ``*`` is the same segment glob as there."""
     out = []
     for i, part in enumerate(pattern.split("**")):
         if i:
             out.append(".*")
-        out.append("[^/]*".join(re.escape(p) for p in part.split("*")))
+        out.append(segment_glob(part))
     return re.compile("".join(out) + r"\Z", re.S)
 
 
