@@ -79,6 +79,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_port_pair() -> int:
+    """A port P with P and P+1 free a moment ago (``authz.workers: 2`` binds base + index)."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535:
+            try:
+                wait_for_port("127.0.0.1", port + 1, timeout=0)
+            except TimeoutError:
+                return port  # nothing listens on P+1
+    raise RuntimeError("no free port pair")
+
+
 def wait_for_port(
     host: str, port: int, timeout: float = 10.0, *, process: ManagedProcess | None = None
 ) -> None:

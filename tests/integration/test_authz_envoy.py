@@ -33,8 +33,6 @@ from tests.integration.harness import (
 from tests.integration.issuer import AUDIENCE, FRONTEND, INTRUDER, DevIssuer, client_signer
 from tests.integration.live_metrics import check_live_metrics, sample
 
-pytestmark = pytest.mark.integration
-
 
 @dataclass
 class Stack:

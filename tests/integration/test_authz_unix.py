@@ -27,8 +27,6 @@ from tests.integration.harness import (
 )
 from tests.integration.issuer import AUDIENCE, FRONTEND, DevIssuer, client_signer
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture
 def sock_dir() -> Iterator[Path]:

@@ -27,6 +27,7 @@ from tests.integration.harness import (
     ManagedProcess,
     envoy_stats,
     free_port,
+    free_port_pair,
     http_request,
     start_echo_app,
     start_envoy,
@@ -34,20 +35,6 @@ from tests.integration.harness import (
     wait_for_port,
 )
 from tests.integration.issuer import AUDIENCE, FRONTEND, DevIssuer, client_signer
-
-pytestmark = pytest.mark.integration
-
-
-def _port_pair() -> int:
-    """A port P with P and P+1 free a moment ago (two workers bind base + index)."""
-    for _ in range(50):
-        port = free_port()
-        if port < 65535:
-            try:
-                wait_for_port("127.0.0.1", port + 1, timeout=0)
-            except TimeoutError:
-                return port  # nothing listens on P+1
-    raise RuntimeError("no free port pair")
 
 
 @dataclass
@@ -82,7 +69,7 @@ class Pool:
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     tmp = tmp_path_factory.mktemp("authz-workers")
     issuer = DevIssuer()
-    grpc_base, http_base = _port_pair(), _port_pair()
+    grpc_base, http_base = free_port_pair(), free_port_pair()
     admin_port, app_port, envoy_port, envoy_admin = (free_port() for _ in range(4))
     cfg = {
         "authz": {

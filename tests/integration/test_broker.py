@@ -49,8 +49,6 @@ from tests.integration.broker_process import (
 from tests.integration.harness import REPO_ROOT, free_port, http_request
 from tests.integration.live_metrics import check_live_metrics, sample
 
-pytestmark = pytest.mark.integration
-
 ORDERS = f"{TRUST}/ns/shop/sa/orders"
 PAYMENTS = f"{TRUST}/ns/shop/sa/payments"
 VAULT = f"{TRUST}/ns/bank/sa/vault"  # no entry may request it

@@ -40,8 +40,6 @@ from tests.integration.harness import (
     wait_for_http,
 )
 
-pytestmark = pytest.mark.integration
-
 ORDERS = f"{TRUST}/ns/shop/sa/orders"
 ROTATE_EVERY = 3.0
 

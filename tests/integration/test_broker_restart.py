@@ -10,15 +10,12 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from sidecar.jose.b64 import b64url_decode
 from tests.integration.broker_process import BrokerProcess, new_signer, python_entries
 from tests.integration.harness import http_request
 from tests.integration.test_broker import ORDERS, verify_independently
-
-pytestmark = pytest.mark.integration
 
 
 def _kids(broker: BrokerProcess) -> list[str]:

@@ -34,8 +34,6 @@ from tests.integration.broker_process import (
 )
 from tests.tls_pki import LocalPKI
 
-pytestmark = pytest.mark.integration
-
 ORDERS = f"{TRUST}/ns/shop/sa/orders"
 
 

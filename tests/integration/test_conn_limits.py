@@ -49,8 +49,6 @@ from tests.integration.harness import (
 )
 from tests.integration.issuer import AUDIENCE, DevIssuer
 
-pytestmark = pytest.mark.integration
-
 ORDERS = f"{TRUST}/ns/shop/sa/orders"
 NOBODY = 65534
 HEADER_TIMEOUT = 0.5

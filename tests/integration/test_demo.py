@@ -18,13 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from sidecar.demo.supervisor import port_is_free
 from sidecar.demo.topology import DEFAULT_PORTS, FRONTEND_ID, REPORTS_ID
 from tests.integration.harness import REPO_ROOT
-
-pytestmark = pytest.mark.integration
 
 EXPECTED_STEPS: list[tuple[str, dict[str, Any]]] = [
     (

@@ -17,8 +17,6 @@ from sidecar.demo.tap import Captured
 from sidecar.demo.topology import DEFAULT_PORTS, FRONTEND_ID, Placement
 from sidecar.demo.walkthrough import Walkthrough
 
-pytestmark = pytest.mark.integration
-
 
 class _AllowEverything(BaseHTTPRequestHandler):
     """Answers every request 200 as if orders saw frontend — what a fail-open proxy would do."""

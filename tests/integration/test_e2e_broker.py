@@ -59,8 +59,6 @@ from tests.integration.harness import (
 )
 from tests.integration.live_metrics import check_live_metrics
 
-pytestmark = pytest.mark.integration
-
 FRONTEND = "spiffe://demo.local/ns/shop/sa/frontend"
 ORDERS = "spiffe://demo.local/ns/shop/sa/orders"
 TTL = 4

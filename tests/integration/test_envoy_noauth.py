@@ -35,8 +35,6 @@ from tests.integration.harness import (
     http_request,
 )
 
-pytestmark = pytest.mark.integration
-
 SPIFFE_ID = "spiffe://demo.local/ns/shop/sa/frontend"
 
 

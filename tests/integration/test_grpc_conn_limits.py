@@ -25,8 +25,6 @@ from sidecar.authz.grpc_h2 import refusal
 from sidecar.net_limits import ConnLimits, ListenerGuard
 from tests.integration.test_grpc_h2 import RawClient, ServerThread, echo
 
-pytestmark = pytest.mark.integration
-
 HEADER_TIMEOUT = 0.5
 IDLE_TIMEOUT = 1.0
 #: Sweep granularity (a quarter of the shortest timeout) plus scheduling on a loaded machine.

@@ -25,8 +25,6 @@ from sidecar.identity.metrics import IdentityMetrics
 from sidecar.identity.schedule import RefreshPolicy
 from sidecar.identity.source import TokenSource
 
-pytestmark = pytest.mark.integration
-
 ORDERS = "spiffe://demo.local/ns/shop/sa/orders"
 # Backoff ceilings 0.05, 0.1, 0.2, 0.4, 0.4 … s; the draw is fixed at 1 so each delay IS the
 # ceiling. demand_interval is far shorter: the old code fetched on demand every 0.02 s.

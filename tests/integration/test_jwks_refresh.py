@@ -7,7 +7,6 @@ import asyncio
 import time
 from typing import Any
 
-import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -15,8 +14,6 @@ from sidecar.authz.config import parse_authz_config
 from sidecar.authz.decision import Allow, Deny, RequestView
 from sidecar.authz.service import AuthzService
 from tests.integration.issuer import AUDIENCE, DevIssuer, client_signer
-
-pytestmark = pytest.mark.integration
 
 
 class IssuerServer:

@@ -27,6 +27,7 @@ from sidecar.envoy_config import ingress_bootstrap
 from tests.integration.harness import (
     ManagedProcess,
     free_port,
+    free_port_pair,
     http_request,
     start_echo_app,
     start_envoy,
@@ -34,9 +35,6 @@ from tests.integration.harness import (
 )
 from tests.integration.issuer import AUDIENCE, FRONTEND, DevIssuer, client_signer
 from tests.integration.live_metrics import check_live_metrics, sample
-from tests.integration.test_authz_workers import _port_pair
-
-pytestmark = pytest.mark.integration
 
 ORDERS_ONLY = [{"name": "orders", "principals": [FRONTEND], "paths": ["/orders", "/nonce"]}]
 WITH_REPORTS = [*ORDERS_ONLY, {"name": "reports", "principals": [FRONTEND], "paths": ["/reports"]}]
@@ -275,7 +273,7 @@ def test_watch_config_reloads_when_the_file_changes(tmp_path: Path) -> None:
 
 def test_workers_reload_what_the_parent_forwards(tmp_path: Path) -> None:
     issuer = DevIssuer()
-    grpc_base, http_base, admin_port = _port_pair(), _port_pair(), free_port()
+    grpc_base, http_base, admin_port = free_port_pair(), free_port_pair(), free_port()
     authz = _authz(
         issuer, tmp_path, f"127.0.0.1:{grpc_base}", f"127.0.0.1:{http_base}", ORDERS_ONLY
     )

@@ -23,10 +23,9 @@ from tests.integration.harness import (
 )
 from tests.integration.issuer import AUDIENCE, DevIssuer, client_signer
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed"),
-]
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server not installed"
+)
 
 
 def _start_redis(tmp: Path, port: int, name: str) -> ManagedProcess:

@@ -28,8 +28,6 @@ from tests.integration.broker_process import (
 )
 from tests.integration.harness import ManagedProcess, free_port, http_request, wait_for_http
 
-pytestmark = pytest.mark.integration
-
 ORDERS = f"{TRUST}/ns/shop/sa/orders"
 SUBJECT = f"{TRUST}/unix/python"
 HOST = "orders.local"

@@ -39,8 +39,6 @@ from tests.integration.harness import (
     wait_for_http,
 )
 
-pytestmark = pytest.mark.integration
-
 DOMAIN = "example.org"
 FRONTEND = "spiffe://example.org/ns/shop/sa/frontend"
 ORDERS = "spiffe://example.org/ns/shop/sa/orders"

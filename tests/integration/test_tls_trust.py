@@ -39,8 +39,6 @@ from tests.integration.test_egress_attestors import ORDERS, MiniIssuer
 from tests.integration.test_jwks_refresh import _view
 from tests.tls_pki import LocalPKI
 
-pytestmark = pytest.mark.integration
-
 TRUST_DOMAIN = "example.org"
 
 

@@ -42,8 +42,6 @@ from tests.integration.harness import (
     wait_for_http,
 )
 
-pytestmark = pytest.mark.integration
-
 FRONTEND = "spiffe://demo.local/ns/shop/sa/frontend"
 
 
