@@ -190,7 +190,11 @@ class Bench:
         self.envoy(upstream_config(port, admin), admin, "upstream", LOAD_CPU)
         return port
 
-    def start_sidecar(self, upstream: int) -> tuple[ManagedProcess, int, int]:
+    def start_sidecar(
+        self, upstream: int, wrap: list[str] | None = None
+    ) -> tuple[ManagedProcess, int, int]:
+        """``sidecar run`` with one egress upstream; ``wrap`` runs it under another command (a
+        profiler) that takes the sidecar's arguments after its own."""
         port, admin = free_port(), free_port()
         token_file = self.tmp / "token.jwt"
         jwk_file = self.tmp / "dpop.jwk.json"
@@ -215,7 +219,10 @@ class Bench:
         path = self.tmp / "sidecar.yaml"
         path.write_text(yaml.safe_dump(cfg))
         proc = ManagedProcess(
-            [sys.executable, "-m", "sidecar", "--log-level", "ERROR", "run", "-c", str(path)],
+            [
+                *(wrap or [sys.executable, "-m", "sidecar"]),
+                *["--log-level", "ERROR", "run", "-c", str(path)],
+            ],
             name="sidecar",
             log_dir=self.tmp,
             cwd=ROOT,
@@ -244,13 +251,17 @@ class Bench:
         cfg = injector_config(port, admin, upstream, token, proof)
         return self.envoy(cfg, admin, "envoy-injector", PROXY_CPU), port
 
-    def start_trivial(self, upstream: int) -> tuple[ManagedProcess, int]:
+    def start_trivial(
+        self, upstream: int, wrap: list[str] | None = None
+    ) -> tuple[ManagedProcess, int]:
         port = free_port()
         proc = ManagedProcess(
             [
-                sys.executable,
-                "-m",
-                "benchmarks.trivial_proxy",
+                *(
+                    [*wrap, "trivial"]
+                    if wrap
+                    else [sys.executable, "-m", "benchmarks.trivial_proxy"]
+                ),
                 "--listen",
                 f"127.0.0.1:{port}",
                 "--upstream",
