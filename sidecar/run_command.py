@@ -69,7 +69,7 @@ async def serve(
     from sidecar.identity.source import TokenSource
     from sidecar.net_limits import FdWatch
     from sidecar.observability.admin import make_admin_app
-    from sidecar.runtime import announce, as_async
+    from sidecar.runtime import announce, as_async, freeze_startup_heap
     from sidecar.runtime import serve as serve_lifecycle
 
     cfg = parse_run_file(data)  # every mistake at once, with file, line and key
@@ -119,6 +119,8 @@ async def serve(
 
             service = AuthzService(authz_cfg, registry)
             await lifecycle.start(service.start, service.stop)
+
+        freeze_startup_heap()  # collections then walk only what requests allocate
 
         def readiness() -> tuple[bool, str]:
             reasons = []

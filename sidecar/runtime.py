@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -24,6 +25,14 @@ from sidecar.net_limits import (
     server_options,
 )
 from sidecar.observability.logs import plain_event
+
+
+def freeze_startup_heap() -> None:
+    """Move what start-up built (modules, keys, policy, descriptors, config) out of the cyclic
+    collector's sight: it never becomes garbage, and without this every full collection walks
+    it again under load (measured on the egress proxy: one ~95 ms pass in a 5 s run)."""
+    gc.collect()
+    gc.freeze()
 
 
 def install_uvloop() -> None:

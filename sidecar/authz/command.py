@@ -8,7 +8,6 @@ settings from stdin.
 from __future__ import annotations
 
 import argparse
-import gc
 import signal
 import sys
 from dataclasses import replace
@@ -108,17 +107,14 @@ async def start_authorizer(
     from sidecar.authz.service import AuthzService
     from sidecar.net_limits import FdWatch
     from sidecar.observability.admin import make_admin_app
-    from sidecar.runtime import announce, as_async
+    from sidecar.runtime import announce, as_async, freeze_startup_heap
 
     registry = CollectorRegistry()
     fds = FdWatch(registry)
     await lifecycle.start(as_async(fds.start), fds.stop)
     service = AuthzService(cfg, registry, replay=replay)
     await lifecycle.start(service.start, service.stop)
-    # What start-up built (keys, policy, protobuf descriptors) never becomes garbage: keep it
-    # out of the collector's sight so collections walk only what checks allocate.
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()  # collections then walk only what checks allocate
     admin_bound = await lifecycle.start_admin(
         make_admin_app(registry, service.readiness), admin, registry
     )
