@@ -112,11 +112,11 @@ IORequest = RefreshKeys | ReplayInsert
 
 
 DecisionFlow = Generator[IORequest, Any, Decision]
+#: Where a check stands: the I/O it waits for, or its decision.
+Step = IORequest | Decision
 
 
-def advance(
-    flow: DecisionFlow, reply: Any = None, error: Exception | None = None
-) -> IORequest | Decision:
+def advance(flow: DecisionFlow, reply: Any = None, error: Exception | None = None) -> Step:
     """Resume ``flow`` with the answer to its last I/O request (or the error it raised): the
     next I/O request, or the decision. Every driver (event loop, worker thread) uses this."""
     try:
@@ -197,12 +197,34 @@ class Authorizer:
         asynchronous replay-store insert) and is sent the results, so an event loop
         (:meth:`decide`) and a worker thread (the threaded gRPC engine) drive one logic.
         A replay store failure is thrown into the flow as ``ReplayStoreUnavailable``."""
+        return self._flow(view, now, self.evaluate(view, now))
+
+    def start(self, view: RequestView, now: float) -> tuple[DecisionFlow | None, Step]:
+        """:meth:`decision_flow` run up to its first I/O request: ``(flow, step)``. Most checks
+        need no I/O (a bearer allow, a deny, a proof recorded in a synchronous store): they
+        come back decided with no flow, without building a generator for them."""
         result = self.evaluate(view, now)
-        if (
-            isinstance(result, Deny)
-            and result.reason is Reason.UNKNOWN_KEY
+        if isinstance(result, Deny):
+            if not self._wants_refresh(result):
+                return None, result
+        elif not result.replay_key:
+            return None, result.allow
+        elif self._sync_replay is not None:
+            return None, self._record_sync(result, now)
+        flow = self._flow(view, now, result)
+        return flow, advance(flow)
+
+    def _wants_refresh(self, result: Deny) -> bool:
+        return (
+            result.reason is Reason.UNKNOWN_KEY
             and self.on_unknown_key is not None
             and "iss" in result.metadata
+        )
+
+    def _flow(self, view: RequestView, now: float, result: Deny | PendingAllow) -> DecisionFlow:
+        if (
+            isinstance(result, Deny)
+            and self._wants_refresh(result)
             and (yield RefreshKeys(result.metadata["iss"]))
         ):
             result = self.evaluate(view, now)  # the key set changed: one more try
@@ -210,20 +232,37 @@ class Authorizer:
             return result
         if not result.replay_key:
             return result.allow  # bearer: no proof, nothing to record
+        if self._sync_replay is not None:
+            return self._record_sync(result, now)
         try:
-            if self._sync_replay is not None:
-                fresh = self._sync_replay(result.replay_key, now, result.ttl)
-            else:
-                fresh = yield ReplayInsert(result.replay_key, now, result.ttl)
+            fresh = yield ReplayInsert(result.replay_key, now, result.ttl)
         except ReplayStoreUnavailable as exc:
-            return self._deny(
-                Reason.REPLAY_STORE_UNAVAILABLE,
-                str(exc),
-                result.route,
-                result.scheme,
-                now,
-                result.metadata,
-            )
+            return self._store_unavailable(result, now, exc)
+        return self._recorded(result, now, fresh)
+
+    def _record_sync(self, result: PendingAllow, now: float) -> Decision:
+        """The replay insert into a store that answers without I/O (in-memory, LMDB)."""
+        assert self._sync_replay is not None
+        try:
+            fresh = self._sync_replay(result.replay_key, now, result.ttl)
+        except ReplayStoreUnavailable as exc:
+            return self._store_unavailable(result, now, exc)
+        return self._recorded(result, now, fresh)
+
+    def _store_unavailable(
+        self, result: PendingAllow, now: float, exc: ReplayStoreUnavailable
+    ) -> Deny:
+        return self._deny(
+            Reason.REPLAY_STORE_UNAVAILABLE,
+            str(exc),
+            result.route,
+            result.scheme,
+            now,
+            result.metadata,
+        )
+
+    def _recorded(self, result: PendingAllow, now: float, fresh: bool) -> Decision:
+        """The decision once the proof's replay key is recorded (``fresh``: it was new)."""
         if not fresh:
             return self._deny(
                 Reason.REPLAYED,

@@ -48,7 +48,6 @@ _GRPC_CODE = {401: code_pb2.UNAUTHENTICATED, 403: code_pb2.PERMISSION_DENIED}
 def view_from_check(request: Any, default_scheme: str = "http") -> RequestView:
     http = request.attributes.request.http
     headers = http.headers
-    peer = request.attributes.source.address.socket_address.address or None
     return RequestView(
         method=request_method(http.method),
         # Never http.scheme: that is the client's own ``:scheme`` (see authz.forwarded).
@@ -56,7 +55,6 @@ def view_from_check(request: Any, default_scheme: str = "http") -> RequestView:
         authority=http.host or headers.get(":authority", ""),
         path=http.path,
         headers=headers,  # a protobuf map: read-only Mapping[str, str], no copy
-        peer=peer,
     )
 
 

@@ -56,8 +56,8 @@ class CheckGuard:
         view = None
         try:
             view = view_of(source)
-            flow = self.authorizer.decision_flow(view, self.authorizer.clock())
-            return Check(start, flow, advance(flow), view)
+            flow, step = self.authorizer.start(view, self.authorizer.clock())
+            return Check(start, flow, step, view)
         except Exception:
             return Check(start, None, self._failed(), view)
 

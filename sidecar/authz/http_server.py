@@ -33,7 +33,6 @@ def view_from_http(request: web.Request, *, path_prefix: str, default_scheme: st
         authority=headers.get("host", ""),
         path=path,
         headers=headers,
-        peer=request.remote,
     )
 
 

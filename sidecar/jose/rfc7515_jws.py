@@ -23,11 +23,13 @@ class JWSFormatError(SidecarError, ValueError):
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise JWSFormatError(f"duplicate member {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise JWSFormatError(f"duplicate member {key!r}")
+            seen.add(key)
     return out
 
 
@@ -35,14 +37,14 @@ def _no_constants(name: str) -> Any:
     raise JWSFormatError(f"non-standard JSON constant {name}")
 
 
+# One decoder for every parse: json.loads with hooks would build a new one per call.
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 def strict_json_object(data: bytes, what: str) -> dict[str, Any]:
     """Parse UTF-8 JSON that must be an object, with no duplicate members and no NaN."""
     try:
-        value = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constants,
-        )
+        value = _STRICT_DECODER.decode(data.decode("utf-8"))
     except JWSFormatError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError):

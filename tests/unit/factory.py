@@ -342,7 +342,7 @@ def view(
     authority: str = HOST,
     scheme: str = SCHEME,
 ) -> RequestView:
-    return RequestView(method, scheme, authority, path, dict(headers or {}), peer="10.0.0.7")
+    return RequestView(method, scheme, authority, path, dict(headers or {}))
 
 
 def make_harness(

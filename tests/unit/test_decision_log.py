@@ -124,7 +124,6 @@ def test_a_deny_in_json_has_every_field(h: Harness, capture: Capture) -> None:
         request.authority,
         "/orders/7?access_token=secret",
         request.headers,
-        request.peer,
     )
     decide(h, request, "http")
     record = json.loads(one_line(out))
