@@ -20,6 +20,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from sidecar.authz.decision import Decision
 from sidecar.errors import Reason
+from sidecar.observability.check_tally import CheckTally, TallyCounter, TallyHistogram
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -110,18 +111,20 @@ ALERTED_REASONS = (
 class AuthzMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.decisions = Counter(
-            "sidecar_authz_decisions",
-            "ext_authz decisions by transport, result and reason",
-            ["transport", "result", "reason"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "sidecar_authz_check_seconds",
-            "Time to decide one ext_authz check, by transport",
-            ["transport"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+        # sidecar_authz_decisions_total and sidecar_authz_check_seconds: written per check.
+        self.checks = CheckTally(
+            registry,
+            TallyCounter(
+                "sidecar_authz_decisions",
+                "ext_authz decisions by transport, result and reason",
+                ("transport", "result", "reason"),
+            ),
+            TallyHistogram(
+                "sidecar_authz_check_seconds",
+                "Time to decide one ext_authz check, by transport",
+                ("transport",),
+                LATENCY_BUCKETS,
+            ),
         )
         self.replay_hits = Counter(
             "sidecar_authz_replay_hits", "DPoP proofs refused as replays", registry=registry
@@ -144,11 +147,9 @@ class AuthzMetrics:
             ["route"],
             registry=registry,
         )
-        self._decisions = BoundLabels(self.decisions)
         for transport in TRANSPORTS:
             for reason in ALERTED_REASONS:
-                self._decisions(transport, "deny", reason.value)
-        self._latency = BoundLabels(self.latency)
+                self.checks.touch((transport, "deny", reason.value))
 
     def cache_gauge(self, name: str, doc: str, fn: Callable[[], float]) -> None:
         function_gauge(self.registry, name, doc, fn)
@@ -159,11 +160,10 @@ class AuthzMetrics:
     def record(self, transport: str, decision: Decision, seconds: float) -> None:
         reason = decision.reason
         if reason is None:
-            self._decisions(transport, "allow", "").inc()
-        else:
-            self._decisions(transport, "deny", reason.value).inc()
-            if reason is Reason.POLICY_DENIED:
-                self.policy_denies.labels(decision.metadata.get("route", "/")).inc()
-        self._latency(transport).observe(seconds)
-        if reason is Reason.REPLAYED:
+            self.checks.record((transport, "allow", ""), seconds)
+            return
+        self.checks.record((transport, "deny", reason.value), seconds)
+        if reason is Reason.POLICY_DENIED:
+            self.policy_denies.labels(decision.metadata.get("route", "/")).inc()
+        elif reason is Reason.REPLAYED:
             self.replay_hits.inc()

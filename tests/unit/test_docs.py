@@ -746,6 +746,8 @@ METRIC_CALLS = {
     "SummaryMetricFamily": "summary",
     "gauge": "gauge",  # BrokerMetrics.gauge
     "cache_gauge": "gauge",  # AuthzMetrics.cache_gauge
+    "TallyCounter": "counter",  # sidecar.observability.check_tally
+    "TallyHistogram": "histogram",
 }
 
 
