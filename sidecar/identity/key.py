@@ -9,7 +9,10 @@ them to this key.
 :class:`EgressProofSigner` makes the same proofs as :class:`ProofSigner` but is built for the
 per-request path (measured: 82 µs → ~40 µs a proof, of which ~35 µs is the ECDSA signature):
 the payload JSON is assembled from pre-encoded parts, ``ath`` is cached for the current token,
-``htu`` per URL, and ``jti`` values are cut from a pool of CSPRNG bytes (128 bits each).
+``htm`` and ``htu`` per method and URL, the nonce's member per nonce, ``jti`` values are cut from
+a pool of CSPRNG bytes encoded at once (144 bits each), and the DER signature is unpacked to
+``r || s`` by its fixed layout. Everything that varies is still fresh per proof: jti, iat, and
+ath, htu and nonce for the request at hand.
 """
 
 from __future__ import annotations
@@ -28,10 +31,28 @@ from sidecar.jose.b64 import b64url_encode
 from sidecar.jose.rfc9449_dpop import ProofSigner, access_token_hash, proof_htu
 from sidecar.jose.wimse_wpt import WptSigner
 
-_JTI_BYTES = 16  # 128 bits (RFC 9449 §11.1)
-_POOL = _JTI_BYTES * 1024
-_HTU_CACHE_MAX = 1024
+# 144 bits (RFC 9449 §11.1 asks for at least 128): a multiple of 3 bytes, so each jti is
+# exactly 24 characters of one base64url-encoded pool, with no padding between them.
+_JTI_BYTES = 18
+_JTI_CHARS = _JTI_BYTES * 4 // 3
+_POOL_JTIS = 1024
+_MEMBER_CACHE_MAX = 1024
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+def der_to_raw_p256(der: bytes) -> bytes:
+    """An ECDSA P-256 signature as DER ``SEQUENCE { INTEGER r, INTEGER s }`` (what OpenSSL
+    returns; always under 128 bytes, so short-form lengths) to JWS's 64-byte ``r || s``
+    (RFC 7518 §3.4). Unpacked by position, ~5 times cheaper than a DER decoder; anything not in
+    that layout goes to the decoder."""
+    if len(der) >= 8 and der[0] == 0x30 and der[1] == len(der) - 2 and der[2] == 0x02:
+        r_end = 4 + der[3]
+        if r_end + 2 <= len(der) and der[r_end] == 0x02 and r_end + 2 + der[r_end + 1] == len(der):
+            r, s = der[4:r_end], der[r_end + 2 :]
+            if len(r) <= 33 and len(s) <= 33:
+                return r[-32:].rjust(32, b"\0") + s[-32:].rjust(32, b"\0")
+    r_int, s_int = decode_dss_signature(der)
+    return r_int.to_bytes(32, "big") + s_int.to_bytes(32, "big")
 
 
 class EgressProofSigner(ProofSigner):
@@ -46,27 +67,31 @@ class EgressProofSigner(ProofSigner):
         super().__init__(private_key, alg="ES256")
         self._ec_key = private_key
         self._prefix = self._header64 + "."  # the parent's encoded header, computed once
-        self._htu: dict[str, str] = {}  # url -> ',"htu":"..."' (JSON-encoded)
+        # (method, url) -> ',"htm":"...","htu":"..."' (JSON-encoded)
+        self._htm_htu: dict[tuple[str, str], str] = {}
         self._ath_token: str | None = None
         self._ath = ""
-        self._pool = b""
-        self._pos = _POOL
+        self._nonce: str | None = None
+        self._nonce_member = ""
+        self._pool = ""
+        self._pos = 0
 
     def _jti(self) -> str:
-        if self._pos >= _POOL:
-            self._pool = os.urandom(_POOL)
-            self._pos = 0
         start = self._pos
-        self._pos = start + _JTI_BYTES
-        return b64url_encode(self._pool[start : self._pos])
+        if start >= len(self._pool):
+            self._pool = b64url_encode(os.urandom(_JTI_BYTES * _POOL_JTIS))
+            start = 0
+        self._pos = start + _JTI_CHARS
+        return self._pool[start : self._pos]
 
-    def _htu_member(self, url: str) -> str:
-        member = self._htu.get(url)
+    def _htm_htu_member(self, method: str, url: str) -> str:
+        key = (method, url)
+        member = self._htm_htu.get(key)
         if member is None:
-            member = ',"htu":' + json.dumps(proof_htu(url))
-            if len(self._htu) >= _HTU_CACHE_MAX:
-                self._htu.clear()
-            self._htu[url] = member
+            member = f',"htm":{json.dumps(method)},"htu":{json.dumps(proof_htu(url))}'
+            if len(self._htm_htu) >= _MEMBER_CACHE_MAX:
+                self._htm_htu.clear()
+            self._htm_htu[key] = member
         return member
 
     def wpt_signer(self) -> WptSigner:
@@ -95,24 +120,23 @@ class EgressProofSigner(ProofSigner):
                 jti=jti,
                 extra=extra,
             )
-        payload = [
-            '{"jti":',
-            json.dumps(jti) if jti else f'"{self._jti()}"',
-            ',"htm":',
-            json.dumps(method),
-            self._htu_member(url),
-            f',"iat":{int(now)}',
-        ]
+        ath = ""
         if access_token is not None:
             if access_token != self._ath_token:
-                self._ath, self._ath_token = access_token_hash(access_token), access_token
-            payload.append(f',"ath":"{self._ath}"')
+                self._ath = f',"ath":"{access_token_hash(access_token)}"'
+                self._ath_token = access_token
+            ath = self._ath
+        nonce_member = ""
         if nonce is not None:
-            payload.append(',"nonce":' + json.dumps(nonce))
-        payload.append("}")
-        signing_input = self._prefix + b64url_encode("".join(payload).encode())
-        r, s = decode_dss_signature(self._ec_key.sign(signing_input.encode(), _ECDSA_SHA256))
-        return f"{signing_input}.{b64url_encode(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+            if nonce != self._nonce:
+                self._nonce_member, self._nonce = ',"nonce":' + json.dumps(nonce), nonce
+            nonce_member = self._nonce_member
+        jti_value = json.dumps(jti) if jti else '"' + self._jti() + '"'
+        member = self._htm_htu_member(method, url)
+        payload = f'{{"jti":{jti_value}{member},"iat":{int(now)}{ath}{nonce_member}}}'
+        signing_input = self._prefix + b64url_encode(payload.encode())
+        der = self._ec_key.sign(signing_input.encode(), _ECDSA_SHA256)
+        return f"{signing_input}.{b64url_encode(der_to_raw_p256(der))}"
 
 
 def generate_signer() -> EgressProofSigner:
