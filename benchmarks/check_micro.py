@@ -17,7 +17,6 @@ import cProfile
 import pstats
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,7 +30,7 @@ from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from factory import NOW, make_harness  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from benchmarks.common import print_table  # noqa: E402
+from benchmarks.common import print_table, timed  # noqa: E402
 from sidecar.authz.decision import RequestView  # noqa: E402
 from sidecar.authz.decision_cache import DecisionCache  # noqa: E402
 from sidecar.authz.grpc_server import LoopCheckHandler, ResponseEncoder, view_from_check  # noqa: E402
@@ -53,14 +52,6 @@ def check_request(view: RequestView) -> bytes:
     http.headers["x-request-id"] = "5c14f6e9-b250-45bb-baa4-b62546bea24b"
     http.headers["user-agent"] = "wrk"
     return bytes(req.SerializeToString())
-
-
-def timed(fn: Callable[[int], Any], count: int) -> float:
-    # CPU time, not wall time: this machine may be shared.
-    start = time.process_time()
-    for i in range(count):
-        fn(i)
-    return (time.process_time() - start) / count * 1e6
 
 
 def main() -> int:

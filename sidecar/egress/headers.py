@@ -48,7 +48,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_REQUEST_ONLY_DROP = frozenset({"host", "expect"})
+_REQUEST_DROP = HOP_BY_HOP | {"host", "expect"}
 CREDENTIALS = frozenset({"authorization", "dpop"})
 
 
@@ -61,11 +61,6 @@ def connection_options(values: Iterable[str]) -> frozenset[str]:
             if item:
                 names.add(item)
     return frozenset(names)
-
-
-def is_hop_by_hop(name: str) -> bool:
-    lower = name.lower()
-    return lower in HOP_BY_HOP or lower.startswith("proxy-")
 
 
 def request_headers(
@@ -81,18 +76,16 @@ def request_headers(
     """The headers to send upstream (without our credentials, which the caller adds).
     ``credentials``: the lower-case names ``drop_credentials`` removes (a WIMSE upstream
     adds the WIMSE headers)."""
-    items = list(incoming)
-    listed = connection_options(v for k, v in items if k.lower() == "connection")
     out: CIMultiDict[str] = CIMultiDict()
     original_host: str | None = None
-    for name, value in items:
+    connection: list[str] = []
+    for name, value in incoming:
         lower = name.lower()
-        if lower == "host":
-            original_host = value
-            continue
-        if lower in HOP_BY_HOP or lower in _REQUEST_ONLY_DROP or lower.startswith("proxy-"):
-            continue
-        if listed and lower in listed:
+        if lower in _REQUEST_DROP or lower.startswith("proxy-"):
+            if lower == "host":
+                original_host = value
+            elif lower == "connection":
+                connection.append(value)
             continue
         if drop_credentials and lower in credentials:
             continue
@@ -103,6 +96,9 @@ def request_headers(
         ):
             continue  # strip: all of them; append: the ones we set ourselves
         out.add(name, value)
+    if connection:  # the fields it lists, wherever they came (before or after it)
+        for listed in connection_options(connection):
+            out.popall(listed, None)
     if x_forwarded == "append":
         if peer:
             prior = out.getall("X-Forwarded-For", [])
@@ -118,12 +114,21 @@ def request_headers(
     return out
 
 
-def response_headers(incoming: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The upstream response's headers to pass to the app: all but the hop-by-hop ones."""
-    items = list(incoming)
-    listed = connection_options(v for k, v in items if k.lower() == "connection")
-    return [
-        (name, value)
-        for name, value in items
-        if not is_hop_by_hop(name) and not (listed and name.lower() in listed)
-    ]
+def response_headers(
+    incoming: Iterable[tuple[str, str]], *, drop: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """The upstream response's headers to pass to the app: all but the hop-by-hop ones (and
+    the lower-case names in ``drop``, which the caller sets itself)."""
+    out: list[tuple[str, str]] = []
+    connection: list[str] = []
+    for name, value in incoming:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower.startswith("proxy-") or lower in drop:
+            if lower == "connection":
+                connection.append(value)
+            continue
+        out.append((name, value))
+    if connection:
+        listed = connection_options(connection)
+        return [(name, value) for name, value in out if name.lower() not in listed]
+    return out

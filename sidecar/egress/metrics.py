@@ -73,12 +73,23 @@ class EgressMetrics:
         self._requests = BoundLabels(self.requests)
         self._added = BoundLabels(self.added)
         self._upstream = BoundLabels(self.upstream)
+        # (upstream, status) -> the three children a request updates: one look-up per request
+        # (bounded: configured upstreams x three-digit statuses).
+        self._by_status: dict[tuple[str, int], tuple[Counter, Histogram, Histogram]] = {}
 
     def request(self, upstream: str, status: int, added: float, upstream_time: float) -> None:
-        self._requests(upstream, f"{status // 100}xx").inc()
-        self._added(upstream).observe(added)
+        children = self._by_status.get((upstream, status))
+        if children is None:
+            children = self._by_status[(upstream, status)] = (
+                self._requests(upstream, f"{status // 100}xx"),
+                self._added(upstream),
+                self._upstream(upstream),
+            )
+        requests, added_seconds, upstream_seconds = children
+        requests.inc()
+        added_seconds.observe(added)
         if upstream_time >= 0:
-            self._upstream(upstream).observe(upstream_time)
+            upstream_seconds.observe(upstream_time)
 
     def local_response(self, upstream: str, reason: str) -> None:
         self.local.labels(upstream, reason).inc()

@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import aiohttp
 from aiohttp import HttpVersion10, HttpVersion11, web
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
@@ -52,9 +53,25 @@ log = logging.getLogger(__name__)
 FORWARD_LABEL = "forward_proxy"
 SMALL_BODY = 64 * 1024  # a response body up to this size is sent with the head
 _NO_BODY_STATUS = frozenset({204, 304})
+_CONTENT_LENGTH = frozenset({"content-length"})  # a small body's is set from the body itself
 _ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # What the low-level server accepts from the app: generous, like Envoy's 60 KiB of headers.
 MAX_HEADER_BYTES = 64 * 1024
+
+
+# aiohttp's own headers, never added: the app's headers go upstream as they are.
+_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+class _UpstreamRequest(aiohttp.ClientRequest):
+    """aiohttp's client request without its per-request rebuilding of the headers it must not
+    add (a sorted CIMultiDict plus a copy of the request's headers, ~6 µs): ours are the same
+    for every request, and with all of them skipped aiohttp adds none."""
+
+    _SKIP: ClassVar[CIMultiDict[None]] = CIMultiDict((h, None) for h in _NO_AUTO_HEADERS)
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = self._SKIP
 
 
 class TokenProvider(Protocol):
@@ -155,7 +172,8 @@ class EgressProxy:
             auto_decompress=False,  # bodies pass through byte for byte
             # Send exactly the app's headers: no User-Agent, Accept, Accept-Encoding or
             # Content-Type of aiohttp's own.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            skip_auto_headers=_NO_AUTO_HEADERS,
+            request_class=_UpstreamRequest,
             trust_env=False,  # never route through the environment's HTTP_PROXY
             cookie_jar=aiohttp.DummyCookieJar(),
             raise_for_status=False,
@@ -516,9 +534,8 @@ class EgressProxy:
                 resp.release()
             small = web.Response(status=resp.status, reason=resp.reason, body=body)
             small_headers = small.headers
-            for name, value in response_headers(resp.headers.items()):
-                if name.lower() != "content-length":
-                    small_headers.add(name, value)
+            for name, value in response_headers(resp.headers.items(), drop=_CONTENT_LENGTH):
+                small_headers.add(name, value)
             self.metrics.request(
                 label,
                 resp.status,

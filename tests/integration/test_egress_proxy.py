@@ -336,8 +336,21 @@ def test_call_arrives_with_a_bound_token_and_a_proof_for_the_exact_request(world
     for gone in ("x-private", "keep-alive", "proxy-authorization", "connection"):
         assert gone not in hdrs, gone
     assert hdrs["via"] == "1.1 sidecar"
-    assert "user-agent" not in hdrs and "accept-encoding" not in hdrs, "no headers of our own"
+    for ours in ("user-agent", "accept", "accept-encoding", "content-type"):
+        assert ours not in hdrs, f"no {ours} of aiohttp's own"
     assert headers["content-type"].startswith("application/json")
+
+
+def test_small_and_streamed_bodies_go_without_a_content_type_of_ours(world: World) -> None:
+    """A body the app sent without Content-Type arrives without one (aiohttp would add
+    application/octet-stream), buffered or streamed; the app's own passes unchanged."""
+    for size in (10, 100_000):
+        status, _, body = world.request("orders", "POST", "/orders", body=b"x" * size)
+        assert status == 200 and json.loads(body)["body_bytes"] == size
+        hdrs = last_seen(world)["headers"]
+        assert "content-type" not in hdrs and "user-agent" not in hdrs and "accept" not in hdrs
+    world.request("orders", "PATCH", "/orders", body=b"{}", headers=[("Content-Type", "a/b")])
+    assert last_seen(world)["headers"]["content-type"] == "a/b"
 
 
 def test_every_request_gets_a_fresh_proof(world: World) -> None:

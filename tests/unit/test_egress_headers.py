@@ -97,6 +97,21 @@ def test_response_hop_by_hop_removed_end_to_end_kept() -> None:
     ]
 
 
+def test_connection_listed_fields_go_wherever_they_stand_and_however_spelled() -> None:
+    app = [("x-early", "1"), ("X-Late", "2"), ("Connection", "X-EARLY, x-late"), ("X-Early", "3")]
+    assert names(request_headers(app, drop_credentials=True, via=None)) == []
+    upstream = [("x-early", "1"), ("Connection", "X-EARLY"), ("X-Kept", "2")]
+    assert response_headers(upstream) == [("X-Kept", "2")]
+
+
+def test_response_headers_the_caller_sets_itself_are_dropped() -> None:
+    upstream = [("Content-Length", "2"), ("Content-Type", "text/plain"), ("Connection", "close")]
+    assert response_headers(upstream, drop=frozenset({"content-length"})) == [
+        ("Content-Type", "text/plain")
+    ]
+    assert response_headers(upstream) == [("Content-Length", "2"), ("Content-Type", "text/plain")]
+
+
 def test_connection_options_parsing() -> None:
     assert connection_options(["close, X-A", " x-b ,,", ""]) == {"close", "x-a", "x-b"}
 
