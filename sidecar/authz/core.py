@@ -561,17 +561,19 @@ class Authorizer:
             to_set.append(("x-workload-jkt", identity.jkt))
         if identity.client_id is not None:
             to_set.append(("x-workload-client-id", identity.client_id))
-        ours = {name for name, _ in to_set}
-        # Identity headers the caller sent itself are spoofed by definition: drop them.
-        remove = list(STRIPPED) + [
-            h for h in view.headers if h.startswith(IDENTITY_PREFIX) and h not in ours
-        ]
+        # Identity headers the caller sent itself are spoofed by definition: drop them (the
+        # ones set here replace theirs anyway).
+        spoofed = [h for h in view.headers if h.startswith(IDENTITY_PREFIX)]
+        remove: tuple[str, ...] = STRIPPED
+        if spoofed:
+            ours = {name for name, _ in to_set}
+            remove += tuple(h for h in spoofed if h not in ours)
         response: tuple[Header, ...] = ()
         if route.nonce and self.nonces is not None:
             response = (("dpop-nonce", self.nonces.issue(now)),)
         meta["rule"] = identity.rule
         meta["auth"] = identity.auth
-        return Allow(identity, tuple(to_set), tuple(remove), response, meta)
+        return Allow(identity, tuple(to_set), remove, response, meta)
 
     def _deny(
         self,

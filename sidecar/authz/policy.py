@@ -170,12 +170,31 @@ def _alternation(regexes: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{rx})" for rx in regexes), re.S)
 
 
+_CANONICAL: dict[str, str | None] = {}
+_CANONICAL_MAX = 4096
+_CANONICAL_KEY_MAX = 512  # longer paths are computed each time, not kept
+
+
 def canonical_path(raw: str) -> str | None:
     """The path a policy is matched against, or None if it is ambiguous and must be denied.
 
     Drops the query, decodes percent-escapes and refuses dot segments, encoded slashes and
-    backslashes, so ``/%2e%2e/admin`` cannot slip past a ``/public`` rule.
+    backslashes, so ``/%2e%2e/admin`` cannot slip past a ``/public`` rule. A pure function of
+    ``raw``, memoized (bounded): the same few paths come back on every check.
     """
+    try:
+        return _CANONICAL[raw]
+    except KeyError:
+        pass
+    path = _canonical(raw)
+    if len(raw) <= _CANONICAL_KEY_MAX:
+        if len(_CANONICAL) >= _CANONICAL_MAX:
+            _CANONICAL.clear()
+        _CANONICAL[raw] = path
+    return path
+
+
+def _canonical(raw: str) -> str | None:
     path = raw.split("?", 1)[0].split("#", 1)[0]
     if not path.startswith("/"):
         return None

@@ -463,6 +463,18 @@ def test_rule_paths_are_segment_prefixes(path: str, allowed: bool) -> None:
 )
 def test_canonical_path(raw: str, canonical: str | None) -> None:
     assert canonical_path(raw) == canonical
+    assert canonical_path(raw) == canonical  # the second answer comes from the memo
+
+
+def test_canonical_path_memo_is_bounded() -> None:
+    from sidecar.authz import policy as policy_module
+
+    for i in range(policy_module._CANONICAL_MAX + 10):
+        assert canonical_path(f"/p/{i}") == f"/p/{i}"
+    assert len(policy_module._CANONICAL) <= policy_module._CANONICAL_MAX
+    long = "/" + "a" * policy_module._CANONICAL_KEY_MAX
+    assert canonical_path(long) == long
+    assert long not in policy_module._CANONICAL
 
 
 def _rule_name(policy: Policy, principal: str, method: str, path: str) -> str | None:
