@@ -1,13 +1,13 @@
 """Where a check's microseconds go, without sockets: the ``loop`` engine's handler (serialized
 CheckRequest in, serialized CheckResponse out) and each of its stages, timed in-process.
 
-    .venv/bin/python benchmarks/check_micro.py [--count 5000] [--profile]
+    .venv/bin/python benchmarks/check_micro.py [--count 5000] [--profile bearer|dpop]
 
 Stages: parse (upb), view, the decision core (bearer answered by the decision cache, and
 decided again with only the verified-token cache; DPoP
 with a fresh proof each time, in-memory replay store), guard (metric + decision log), encode
 (the cached response head + dynamic metadata), and one raw ES256 verify for scale.
-``--profile`` prints cProfile's top functions for the whole handler instead.
+``--profile bearer|dpop`` prints cProfile's top functions for the whole handler instead.
 """
 
 from __future__ import annotations
@@ -57,7 +57,11 @@ def check_request(view: RequestView) -> bytes:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=5000)
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--profile",
+        choices=("bearer", "dpop"),
+        help="print cProfile's top functions for this kind of check instead",
+    )
     args = parser.parse_args()
     n = args.count
     h = make_harness()
@@ -70,7 +74,10 @@ def main() -> int:
     handler(bearer)  # warm the token cache
     if args.profile:
         prof = cProfile.Profile()
-        prof.runcall(lambda: [handler(bearer) for _ in range(n)])
+        if args.profile == "bearer":
+            prof.runcall(lambda: [handler(bearer) for _ in range(n)])
+        else:
+            prof.runcall(lambda: [handler(p) for p in dpop[:n]])
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return 0
     parse = external_auth_pb2.CheckRequest.FromString
