@@ -82,6 +82,9 @@ class AudienceState:
         self.audience = audience
         self.policy = policy
         self.token: IssuedToken | None = None
+        # When the token stops being usable, computed once per token: every egress request
+        # asks (policy and token are immutable).
+        self._usable_until = -math.inf
         self.failures = 0
         self.last_error: IdentityError | None = None
         self.last_error_at: float | None = None
@@ -91,10 +94,7 @@ class AudienceState:
         self.ever_had_token = False
 
     def usable(self, now: float) -> IssuedToken | None:
-        token = self.token
-        if token is not None and now < self.policy.usable_until(token):
-            return token
-        return None
+        return self.token if now < self._usable_until else None
 
     def on_attempt(self, now: float) -> None:
         self.last_attempt_at = now
@@ -103,6 +103,7 @@ class AudienceState:
     def on_success(self, token: IssuedToken, now: float, draw: float) -> float:
         """Record a new token; returns when to refresh it."""
         self.token = token
+        self._usable_until = self.policy.usable_until(token)
         self.ever_had_token = True
         self.failures = 0
         self.last_error = None

@@ -100,6 +100,18 @@ def test_usable_token_is_never_one_inside_the_margin() -> None:
     assert state.usable(NOW + 61) is None
 
 
+def test_each_new_token_brings_its_own_usable_window() -> None:
+    """The window is computed once per token: a shorter successor must not inherit a longer
+    one, nor a longer successor a shorter one."""
+    state = AudienceState(AUD, RefreshPolicy(min_remaining=5.0))
+    assert state.usable(NOW) is None
+    state.on_success(token(600), NOW, 0.5)
+    state.on_success(short := token(60), NOW, 0.5)
+    assert state.usable(NOW + 54.9) is short and state.usable(NOW + 55.0) is None
+    state.on_success(long := token(600), NOW, 0.5)
+    assert state.usable(NOW + 594.9) is long and state.usable(NOW + 595.0) is None
+
+
 def test_failure_keeps_the_cached_token_and_retries_before_it_becomes_unusable() -> None:
     policy = RefreshPolicy(backoff_initial=10, backoff_max=100, min_remaining=5)
     state = AudienceState(AUD, policy)
