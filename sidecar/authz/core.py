@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sidecar.authz.decision import Allow, Decision, Deny, Header, Identity, RequestView
 from sidecar.authz.decision_cache import Cached, DecisionCache
@@ -77,16 +77,16 @@ class AuthzSettings:
     wimse: WimseSettings = field(default_factory=WimseSettings)
 
 
-@dataclass(frozen=True, slots=True)
-class PendingAllow:
-    """Everything verified; the proof's (jkt, jti) still has to be recorded as used."""
+class PendingAllow(NamedTuple):
+    """Everything verified; the proof's (jkt, jti) still has to be recorded as used. A named
+    tuple: one is built per allowed check (see ``sidecar.authz.decision``)."""
 
     replay_key: str
     ttl: float
     allow: Allow
     route: Route
     scheme: str
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any]
     proof_iat: float = 0.0
     #: The access token's ``exp`` for a bearer allow (how long the decision cache may keep it).
     token_exp: float = 0.0

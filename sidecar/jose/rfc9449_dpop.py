@@ -13,7 +13,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from sidecar.errors import AuthError, Reason
@@ -94,8 +94,7 @@ def normalize_htu(url: str) -> str:
     return f"{scheme}://{authority}{path}"
 
 
-@dataclass(frozen=True, slots=True)
-class VerifiedProof:
+class VerifiedProof(NamedTuple):  # built per DPoP check: cheaper than a dataclass
     jkt: str
     jti: str
     htm: str
