@@ -4,11 +4,15 @@ each next to a trivial always-allow server of the same transport (benchmarks/tri
 under the same load tool (wrk) in one run on this machine.
 
     .venv/bin/python benchmarks/ingress.py [--duration 8] [--connections 16] [--engines loop]
+        [--fixed-rate 400] [--rounds 1]
 
 Envoy answers with a direct response, so the numbers are the cost of authorization alone.
 CPU: Envoy is pinned to CPU 0; the authorizer and wrk share CPU 1. CPU-µs per request is taken
 from /proc for each process, so the cost is visible even where the core is shared; "overhead"
-is the authorizer's CPU-µs per request minus the trivial server's of the same transport.
+is the authorizer's CPU-µs per request minus the trivial server's of the same transport, at
+each one's peak and at one common rate (``--fixed-rate``, 400 req/s: below every peak here),
+where both see the same arrivals and so the same batching. ``--rounds N`` repeats the whole
+plan and shows each row's median round (this VM's rows vary by tens of µs between runs).
 Prints a table and writes benchmarks/results/ingress.json.
 """
 
@@ -21,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +100,11 @@ class Row:
     baseline_at_half: WrkResult | None
     envoy_cpu_us: float
     sidecar_cpu_us: float
+    #: The authorizer's CPU-µs per request at one rate common to every row (``--fixed-rate``):
+    #: at peak each server batches as many checks per read as its own speed allows, so a
+    #: slower one also pays more per read; at one rate both see the same arrivals.
+    fixed_rate: float = 0.0
+    sidecar_cpu_us_fixed: float = 0.0
 
 
 def pin(pid: int, cpu: int) -> None:
@@ -120,7 +129,10 @@ def direct_response(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, tmp: Path, duration: float, connections: int) -> None:
+    def __init__(
+        self, tmp: Path, duration: float, connections: int, fixed_rate: float = 0.0
+    ) -> None:
+        self.fixed_rate = fixed_rate
         self.tmp = tmp
         self.duration = duration
         self.connections = connections
@@ -279,6 +291,11 @@ class Bench:
                 side_us = (
                     (tree_cpu_seconds(server.proc.pid) - side_cpu0) / max(peak.requests, 1) * 1e6
                 )
+            fixed_us = 0.0
+            if server is not None and self.fixed_rate:
+                cpu0 = tree_cpu_seconds(server.proc.pid)
+                fixed = self.wrk(url, kind, self.duration, self.fixed_rate, self.fixed_rate)
+                fixed_us = (tree_cpu_seconds(server.proc.pid) - cpu0) / max(fixed.requests, 1) * 1e6
             half_rate = peak.rps / 2
             half = self.wrk(url, kind, self.duration * 0.75, half_rate, half_rate)
             base = None
@@ -288,15 +305,46 @@ class Bench:
         finally:
             envoy.stop()
         print(f"  {name}: {peak.rps:,.0f} req/s, p99 {peak.p99_ms:.2f} ms", flush=True)
-        return Row(name, transport, trivial, peak, half, half_rate, base, envoy_us, side_us)
+        return Row(
+            name,
+            transport,
+            trivial,
+            peak,
+            half,
+            half_rate,
+            base,
+            envoy_us,
+            side_us,
+            self.fixed_rate if fixed_us else 0.0,
+            fixed_us,
+        )
 
 
-def overhead(row: Row, rows: list[Row]) -> float | None:
-    """Authorizer CPU-µs per request above the trivial server of the same transport."""
+def overhead(row: Row, rows: list[Row], fixed: bool = False) -> float | None:
+    """Authorizer CPU-µs per request above the trivial server of the same transport (at peak,
+    or at the common fixed rate)."""
     if row.trivial or not row.transport:
         return None
     base = next((r for r in rows if r.trivial and r.transport == row.transport), None)
-    return None if base is None else row.sidecar_cpu_us - base.sidecar_cpu_us
+    if base is None:
+        return None
+    if fixed:
+        if not (row.sidecar_cpu_us_fixed and base.sidecar_cpu_us_fixed):
+            return None
+        return row.sidecar_cpu_us_fixed - base.sidecar_cpu_us_fixed
+    return row.sidecar_cpu_us - base.sidecar_cpu_us
+
+
+def median_rows(rounds: list[list[Row]]) -> list[Row]:
+    """Per configuration, the round whose peak CPU-µs per request is the median (its other
+    columns come with it); the fixed-rate figure is the median of its own."""
+    out = []
+    for same in zip(*rounds, strict=True):
+        ranked = sorted(same, key=lambda r: r.sidecar_cpu_us)
+        middle = ranked[len(ranked) // 2]
+        fixed = sorted(r.sidecar_cpu_us_fixed for r in same)[len(same) // 2]
+        out.append(replace(middle, sidecar_cpu_us_fixed=fixed))
+    return out
 
 
 def main() -> int:
@@ -310,6 +358,18 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=2, help="also measure this many authz.workers (1: skip)"
     )
+    parser.add_argument(
+        "--fixed-rate",
+        type=float,
+        default=400.0,
+        help="also measure each authorizer's CPU at this common req/s (0: skip)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole plan this many times; the table shows each row's median round",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/ingress.json"))
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -319,10 +379,10 @@ def main() -> int:
     info = machine()
     print("machine:", json.dumps(info))
     with tempfile.TemporaryDirectory(prefix="wis-bench-") as d:
-        bench = Bench(Path(d), args.duration, args.connections)
+        bench = Bench(Path(d), args.duration, args.connections, args.fixed_rate)
         servers: dict[str, Server] = {}
         baseline, baseline_port = bench.start_envoy("none", None)
-        rows: list[Row] = []
+        rounds: list[list[Row]] = []
         try:
             for engine in engines:
                 servers[f"sidecar-{engine}"] = bench.start_sidecar(engine)
@@ -382,13 +442,19 @@ def main() -> int:
                     (f"HTTP: bearer, unix, {n} workers", "http", "bearer", many, "http", False),
                     (f"HTTP: full DPoP, unix, {n} workers", "http", "dpop", many, "http", False),
                 ]
-            for name, mode, kind, server, transport, trivial in plan:
-                base = None if mode == "none" else baseline_port
-                rows.append(bench.measure(name, mode, kind, server, base, transport, trivial))
+            for i in range(args.rounds):
+                if args.rounds > 1:
+                    print(f"round {i + 1} of {args.rounds}", flush=True)
+                rows: list[Row] = []
+                for name, mode, kind, server, transport, trivial in plan:
+                    base = None if mode == "none" else baseline_port
+                    rows.append(bench.measure(name, mode, kind, server, base, transport, trivial))
+                rounds.append(rows)
         finally:
             baseline.stop()
             for server in servers.values():
                 server.proc.stop()
+    rows = median_rows(rounds)
     jwt = next(r for r in rows if r.name.startswith("envoy jwt_authn")).peak.rps
     headers = [
         "config",
@@ -400,6 +466,8 @@ def main() -> int:
         "envoy CPU µs/req",
         "authz CPU µs/req",
         "overhead µs/req",
+        f"CPU µs/req @{args.fixed_rate:g}/s",
+        "overhead",
         "@half rate",
         "p50 ms",
         "p99 ms",
@@ -411,6 +479,7 @@ def main() -> int:
             "" if r.baseline_at_half is None else f"{r.half.p99_ms - r.baseline_at_half.p99_ms:.2f}"
         )
         extra = overhead(r, rows)
+        extra_fixed = overhead(r, rows, fixed=True)
         table.append(
             [
                 r.name,
@@ -422,6 +491,8 @@ def main() -> int:
                 f"{r.envoy_cpu_us:.0f}",
                 f"{r.sidecar_cpu_us:.0f}" if r.sidecar_cpu_us else "-",
                 "-" if extra is None else f"{extra:+.0f}",
+                f"{r.sidecar_cpu_us_fixed:.0f}" if r.sidecar_cpu_us_fixed else "-",
+                "-" if extra_fixed is None else f"{extra_fixed:+.0f}",
                 f"{r.half_rate:,.0f}",
                 f"{r.half.p50_ms:.2f}",
                 f"{r.half.p99_ms:.2f}",
@@ -439,7 +510,27 @@ def main() -> int:
                 "connections": args.connections,
                 "duration": args.duration,
                 "engines": engines,
-                "rows": [{**asdict(r), "overhead_cpu_us": overhead(r, rows)} for r in rows],
+                "fixed_rate": args.fixed_rate,
+                "rounds": args.rounds,
+                "rows": [
+                    {
+                        **asdict(r),
+                        "overhead_cpu_us": overhead(r, rows),
+                        "overhead_cpu_us_fixed": overhead(r, rows, fixed=True),
+                    }
+                    for r in rows
+                ],
+                "every_round": [
+                    [
+                        {
+                            "name": r.name,
+                            "cpu_us": r.sidecar_cpu_us,
+                            "cpu_us_fixed": r.sidecar_cpu_us_fixed,
+                        }
+                        for r in rows_i
+                    ]
+                    for rows_i in rounds
+                ],
             },
             indent=2,
         )
