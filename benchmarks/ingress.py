@@ -184,9 +184,13 @@ class Bench:
             pin(proc.pid, SIDECAR_CPU)
         return Server(proc, grpc_port, http_port, unix_dir, workers)
 
-    def start_trivial(self, engine: str, wrap: list[str] | None = None) -> Server:
+    def start_trivial(
+        self, engine: str, wrap: list[str] | None = None, answer: str = "plain"
+    ) -> Server:
         grpc_port, http_port = free_port(), free_port()
         argv = [
+            "--answer",
+            answer,
             "--engine",
             engine,
             "--grpc",
@@ -203,7 +207,7 @@ class Bench:
                 ),
                 *argv,
             ],
-            name=f"trivial-{engine}",
+            name=f"trivial-{engine}-{answer}",
             log_dir=self.tmp,
             cwd=ROOT,
         ).start()
@@ -370,6 +374,11 @@ def main() -> int:
         default=1,
         help="run the whole plan this many times; the table shows each row's median round",
     )
+    parser.add_argument(
+        "--answer-sized",
+        action="store_true",
+        help="also a trivial server answering with the sidecar's bearer allow (loop, HTTP)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/ingress.json"))
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -405,6 +414,30 @@ def main() -> int:
                 ("HTTP: bearer (cached)", "http", "bearer", side, "http", False),
                 ("HTTP: full DPoP", "http", "dpop", side, "http", False),
             ]
+            if args.answer_sized and engines[0] == "loop":
+                # The trivial server sending what the sidecar sends for a cached bearer: its
+                # "overhead" is what the larger answer alone costs.
+                sized = servers["trivial-sized"] = bench.start_trivial(
+                    "loop", answer="bearer-allow"
+                )
+                plan += [
+                    (
+                        "gRPC loop: trivial, answering as the sidecar",
+                        "grpc",
+                        "bearer",
+                        sized,
+                        "grpc-loop",
+                        False,
+                    ),
+                    (
+                        "HTTP: trivial, answering as the sidecar",
+                        "http",
+                        "bearer",
+                        sized,
+                        "http",
+                        False,
+                    ),
+                ]
             if not args.no_unix:
                 # The same checks over unix sockets (overhead still against the TCP trivial).
                 unix = servers["sidecar-unix"] = bench.start_sidecar(engines[0], unix=True)
