@@ -16,6 +16,7 @@ no literal prefix matched.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -170,8 +171,6 @@ def _alternation(regexes: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{rx})" for rx in regexes), re.S)
 
 
-_CANONICAL: dict[str, str | None] = {}
-_CANONICAL_MAX = 4096
 _CANONICAL_KEY_MAX = 512  # longer paths are computed each time, not kept
 
 
@@ -182,16 +181,12 @@ def canonical_path(raw: str) -> str | None:
     backslashes, so ``/%2e%2e/admin`` cannot slip past a ``/public`` rule. A pure function of
     ``raw``, memoized (bounded): the same few paths come back on every check.
     """
-    try:
-        return _CANONICAL[raw]
-    except KeyError:
-        pass
-    path = _canonical(raw)
-    if len(raw) <= _CANONICAL_KEY_MAX:
-        if len(_CANONICAL) >= _CANONICAL_MAX:
-            _CANONICAL.clear()
-        _CANONICAL[raw] = path
-    return path
+    return _canonical(raw) if len(raw) > _CANONICAL_KEY_MAX else _canonical_memo(raw)
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_memo(raw: str) -> str | None:
+    return _canonical(raw)
 
 
 def _canonical(raw: str) -> str | None:

@@ -6,6 +6,7 @@ Step 1 (at most one DPoP header) needs the raw header list and is done by the ca
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -47,19 +48,8 @@ def access_token_hash(token: str) -> str:
     return b64url_encode(hashlib.sha256(token.encode("ascii", "replace")).digest())
 
 
-_ATH_CACHE: dict[str, str] = {}
-_ATH_CACHE_MAX = 256  # tokens up to a few KiB each: a bounded ~1 MiB at worst
-
-
-def _cached_ath(token: str) -> str:
-    """access_token_hash with a bounded memo: a client sends one token with many proofs."""
-    hit = _ATH_CACHE.get(token)
-    if hit is None:
-        hit = access_token_hash(token)
-        if len(_ATH_CACHE) >= _ATH_CACHE_MAX:
-            _ATH_CACHE.clear()
-        _ATH_CACHE[token] = hit
-    return hit
+# A client sends one token with many proofs; tokens are a few KiB each: ~1 MiB at worst.
+_cached_ath = functools.lru_cache(maxsize=256)(access_token_hash)
 
 
 def _normalize_pct(match: re.Match[str]) -> str:

@@ -469,12 +469,14 @@ def test_canonical_path(raw: str, canonical: str | None) -> None:
 def test_canonical_path_memo_is_bounded() -> None:
     from sidecar.authz import policy as policy_module
 
-    for i in range(policy_module._CANONICAL_MAX + 10):
+    memo = policy_module._canonical_memo
+    for i in range(memo.cache_info().maxsize + 10):  # type: ignore[operator]
         assert canonical_path(f"/p/{i}") == f"/p/{i}"
-    assert len(policy_module._CANONICAL) <= policy_module._CANONICAL_MAX
+    assert memo.cache_info().currsize == memo.cache_info().maxsize
     long = "/" + "a" * policy_module._CANONICAL_KEY_MAX
+    misses = memo.cache_info().misses
     assert canonical_path(long) == long
-    assert long not in policy_module._CANONICAL
+    assert memo.cache_info().misses == misses  # computed, never looked up nor kept
 
 
 def _rule_name(policy: Policy, principal: str, method: str, path: str) -> str | None:
