@@ -45,6 +45,7 @@ from sidecar.jose.rfc7515_jws import sign_compact
 from sidecar.jose.rfc7517_jwk import jwks_json, public_jwk_dict
 from sidecar.jose.rfc7518_algorithms import sign, verify_signature
 from sidecar.jose.rfc9449_dpop import ProofSigner
+from sidecar.local_ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "broker_issuance.json"
@@ -53,14 +54,6 @@ SA_AUDIENCE = "broker.bench"
 TARGET = "spiffe://bench.local/ns/shop/sa/orders"
 EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raw_crypto_costs(n: int = 3000) -> dict[str, float]:

@@ -39,6 +39,7 @@ from typing import Any
 
 from sidecar.authz.replay import InMemoryReplayStore
 from sidecar.authz.replay_lmdb import LmdbReplayStore
+from sidecar.local_ports import free_port
 
 TTL = 66.0  # the default proof window: max_age 60 + future_leeway 5 + 1
 Check = Callable[[str, float, float], bool]
@@ -178,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = ["memory", "lmdb", "sqlite-wal"]
         if redis_bin:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                where["redis_port"] = str(s.getsockname()[1])
+            where["redis_port"] = str(free_port())
             redis_proc = subprocess.Popen(
                 [
                     redis_bin,

@@ -32,12 +32,11 @@ from sidecar.demo.supervisor import (
     StartupError,
     Stopped,
     Supervisor,
-    free_port,
     install_stop_handlers,
-    port_is_free,
 )
 from sidecar.demo.tap import WireTap
 from sidecar.demo.walkthrough import Walkthrough, describe
+from sidecar.local_ports import free_port, port_is_free
 
 
 def _say(text: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from sidecar import process_group
 from sidecar.envoy_command import envoy_binary
 from sidecar.envoy_config import dump_yaml
 from sidecar.jose.rfc7517_jwk import jwks_json, public_jwk_dict
+from sidecar.local_ports import free_port, free_port_pair
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,6 +43,7 @@ __all__ = [
     "envoy_render",
     "envoy_stats",
     "free_port",
+    "free_port_pair",
     "http_request",
     "leftover_processes",
     "leftovers_of",
@@ -70,44 +71,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER_NO_REDIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind to port 0 and release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _bindable(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port_pair() -> int:
-    """A port P with P and P+1 bindable a moment ago (``authz.workers: 2`` binds base + index).
-
-    Drawn below the kernel's ephemeral range: a port from there (what binding port 0 gives)
-    can be taken as the local port of any outgoing connection between this check and the
-    server's bind, and a connect test does not even see such a port in use."""
-    high = max(_ephemeral_low() - 2, 10_002)
-    for _ in range(500):
-        port = secrets.randbelow(high - 10_000) + 10_000
-        if _bindable(port) and _bindable(port + 1):
-            return port
-    raise RuntimeError("no free port pair")
 
 
 def wait_for_port(
@@ -411,10 +374,27 @@ def start_envoy(
     proc = ManagedProcess(args, name=name, log_dir=tmp_path).start()
     try:
         wait_for_http(f"http://127.0.0.1:{admin_port}/ready", timeout, process=proc)
+        # /ready from the admin port alone can be a stale answer (another process there, this
+        # Envoy exiting on a bind failure); a test then sees only "connection refused".
+        for host, port in _tcp_listeners(config):
+            wait_for_port(host, port, timeout, process=proc)
+        proc.assert_running()
     except BaseException:
         proc.stop()
         raise
     return proc
+
+
+def _tcp_listeners(config: dict[str, Any]) -> list[tuple[str, int]]:
+    """(host to connect to, port) of each static TCP listener with a fixed port."""
+    out: list[tuple[str, int]] = []
+    for listener in config.get("static_resources", {}).get("listeners", []):
+        sock = listener.get("address", {}).get("socket_address")
+        if sock and sock.get("port_value"):
+            host = sock.get("address", "127.0.0.1")
+            host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            out.append((host, int(sock["port_value"])))
+    return out
 
 
 def envoy_stats(admin_port: int, filter_regex: str | None = None) -> dict[str, int]:

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sidecar.demo.supervisor import port_is_free
 from sidecar.demo.topology import DEFAULT_PORTS, FRONTEND_ID, REPORTS_ID
+from sidecar.local_ports import port_is_free
 from tests.integration.harness import REPO_ROOT
 
 EXPECTED_STEPS: list[tuple[str, dict[str, Any]]] = [

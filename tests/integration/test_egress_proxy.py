@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import http.client
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -37,6 +36,7 @@ from sidecar.identity.key import generate_signer
 from sidecar.identity.metrics import IdentityMetrics
 from sidecar.identity.schedule import RefreshPolicy
 from sidecar.identity.source import TokenSource
+from sidecar.local_ports import free_port
 from tests.integration.test_egress_attestors import FORBIDDEN, ORDERS, PAYMENTS, MiniIssuer
 
 T = TypeVar("T")
@@ -169,7 +169,7 @@ class World:
     async def _start(self) -> None:
         self.issuer = await MiniIssuer(ttl=300).start()
         self.upstream = await Upstream(self.issuer).start()
-        self.dead_port = _unused_port()
+        self.dead_port = free_port()  # nothing ever listens here
         token_file = self.tmp / "sa-token"
         token_file.write_text(self.issuer.cluster.sa_token())
         self.signer = generate_signer()
@@ -292,12 +292,6 @@ class World:
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
         finally:
             conn.close()
-
-
-def _unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
