@@ -83,8 +83,17 @@ def group_exists(pgid: int) -> bool:
     return True
 
 
+def _someone_else_has(popen: subprocess.Popen[bytes]) -> bool:
+    """The leader was reaped and its pid names a live process again: the group id may now be
+    another's (pid_max is 32768 on many hosts; a long run wraps it), so it is not signalled.
+    While a member of our group lives, the kernel does not hand the id out again."""
+    return popen.returncode is not None and os.path.exists(f"/proc/{popen.pid}")
+
+
 def kill(popen: subprocess.Popen[bytes], timeout: float = 2.0) -> None:
     """SIGKILL the group until it is gone (the leader may be reaped before its group ends)."""
+    if _someone_else_has(popen):
+        return
     if popen.poll() is None:
         signal_group(popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -101,6 +110,7 @@ def kill(popen: subprocess.Popen[bytes], timeout: float = 2.0) -> None:
 def stop(popens: Sequence[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
     """SIGTERM every group at once, wait on one shared deadline, then SIGKILL what is left
     (a child the leader left behind in its group included)."""
+    popens = [p for p in popens if not _someone_else_has(p)]
     for popen in popens:
         signal_group(popen.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
