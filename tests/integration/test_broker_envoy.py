@@ -51,6 +51,7 @@ class Stack:
     authz: ManagedProcess
     authz_admin: int
     envoy_port: int
+    envoy: ManagedProcess
 
     def call(
         self, token: str, signer: ProofSigner, path: str = "/orders/1"
@@ -59,7 +60,12 @@ class Stack:
         proof = signer.proof(method="GET", url=url, now=time.time(), access_token=token)
         conn = http.client.HTTPConnection("127.0.0.1", self.envoy_port, timeout=10)
         try:
-            conn.request("GET", path, headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+            try:
+                conn.request("GET", path, headers={"Authorization": f"DPoP {token}", "DPoP": proof})
+            except ConnectionRefusedError as exc:  # say why: Envoy's state and its log
+                raise AssertionError(
+                    f"Envoy refused: {self.envoy!r}\n{self.envoy.log_text(4000)}"
+                ) from exc
             resp = conn.getresponse()
             raw = resp.read()
             headers = {k.lower(): v for k, v in resp.getheaders()}
@@ -152,7 +158,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             envoy_admin,
         )
         started.append(envoy)
-        yield Stack(broker, cluster, authz, admin_port, envoy_port)
+        yield Stack(broker, cluster, authz, admin_port, envoy_port, envoy)
     finally:
         for proc in reversed(started):
             proc.stop()
