@@ -20,7 +20,7 @@ from sidecar.errors import ConfigError
 from sidecar.jose.rfc7518_algorithms import ASYMMETRIC_ALGORITHMS, with_aliases
 from sidecar.jose.rfc9449_dpop import DEFAULT_PROOF_ALGORITHMS, DPoPPolicy
 from sidecar.jwks_source import JwksLocation
-from sidecar.tls_settings import TLSClient, TLSServer, client_context, server_context
+from sidecar.tls_settings import TLSClient, TLSServer
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -274,13 +274,7 @@ def parse_tls_client(data: Any, path: str) -> TLSClient | None:
         raise ConfigError(
             f"{path}.server_name", "a host name (no scheme, port or path)", server_name
         )
-    return TLSClient(
-        context=client_context(ca_file, cert_file, key_file, path=path),
-        ca_file=ca_file,
-        cert_file=cert_file,
-        key_file=key_file,
-        server_name=server_name,
-    )
+    return TLSClient.load(ca_file, cert_file, key_file, server_name, path=path)
 
 
 def parse_tls_server(data: Any, path: str) -> TLSServer | None:
@@ -295,12 +289,7 @@ def parse_tls_server(data: Any, path: str) -> TLSServer | None:
             f"{path}.cert_file", "a path: a TLS listener needs cert_file and key_file"
         )
     client_ca_file = get_opt_str(block, "client_ca_file", path)
-    return TLSServer(
-        cert_file,
-        key_file,
-        client_ca_file,
-        server_context(cert_file, key_file, client_ca_file, path=path),
-    )
+    return TLSServer.load(cert_file, key_file, client_ca_file, path=path)
 
 
 def parse_fetch_tls(item: Mapping[str, Any], path: str, fetched: bool) -> TLSClient | None:

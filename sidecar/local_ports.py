@@ -7,7 +7,8 @@ A port handed out here is bound by another process some seconds later, so two ra
   Ports are therefore drawn *below* that range when it leaves room, and checked by binding.
 * Two calls before either server binds must not return the same port. The kernel's port 0
   does not promise that; a cursor that only moves forward does (until it wraps, thousands of
-  ports later).
+  ports later). It skips one port after each it hands out, so a port taken as the base of
+  ``authz.workers: 2`` (which binds it and the next) never meets the following one.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def _take(count: int, host: str) -> int:
                 port = low
             _cursor = port + 1
             if all(port_is_free(port + i, host) for i in range(count)):
-                _cursor = port + count
+                # One port left out after each: a port handed out as one server's may be
+                # used as a base that also binds the next (``authz.workers``).
+                _cursor = port + count + 1
                 return port
     raise RuntimeError(f"no {count} free consecutive port(s) on {host} in {low}-{high - 1}")
 

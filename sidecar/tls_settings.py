@@ -16,15 +16,31 @@ The blocks are read by ``sidecar.config_util`` (``parse_tls_client`` and friends
 read and parsed at load, so a missing or broken file is a configuration error that
 names the key, not a failed handshake later. Verification is always on and TLS 1.2 is the
 least version offered: there is deliberately no setting to turn either off.
+
+Certificates are rotated in place (cert-manager, a Kubernetes secret volume): every
+:data:`FILE_CHECK_INTERVAL` seconds, when a block is used, its files are looked at (``stat``:
+inode, size, mtime) and, if one changed, the context is built again and used for new
+connections. A set of files that does not load (a key written before its certificate) is
+logged and the previous context stays until a later look finds them whole.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import ConfigError
+from sidecar.observability.logsafe import logfmt_value
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two looks at a TLS block's files.
+FILE_CHECK_INTERVAL = 10.0
 
 
 def _no_password() -> bytes:
@@ -116,15 +132,120 @@ def default_client_context() -> ssl.SSLContext:
     return _DEFAULT
 
 
+_Stamp = tuple[tuple[int, int, int, int] | None, ...]
+
+
+def _stamp(paths: tuple[str, ...]) -> _Stamp:
+    """What identifies each file's content without reading it (None: not there right now)."""
+    out: list[tuple[int, int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)  # follows the symlink a Kubernetes volume swaps on update
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class ContextSource:
+    """The context built from some files, built again when they change on disk.
+
+    ``build`` raises :class:`ConfigError` for files that do not load: at start that is a
+    configuration error; later it keeps the context in use (logged once per change)."""
+
+    __slots__ = (
+        "_build",
+        "_clock",
+        "_failed",
+        "_interval",
+        "_next",
+        "_paths",
+        "_stamp",
+        "_what",
+        "context",
+    )
+
+    def __init__(
+        self,
+        build: Callable[[], ssl.SSLContext],
+        paths: tuple[str, ...],
+        what: str,
+        *,
+        interval: float = FILE_CHECK_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._build, self._paths, self._what = build, paths, what
+        self._interval, self._clock = interval, clock
+        self._stamp = _stamp(paths)  # before the build: a change during it is seen next time
+        self.context = build()
+        self._failed: _Stamp | None = None
+        self._next = clock() + interval
+
+    def current(self) -> ssl.SSLContext:
+        """The context for a new connection (looks at the files at most once an interval)."""
+        now = self._clock()
+        if now >= self._next and self._paths:
+            self._next = now + self._interval
+            self._look()
+        return self.context
+
+    def _look(self) -> None:
+        stamp = _stamp(self._paths)
+        if stamp == self._stamp:
+            return
+        try:
+            context = self._build()
+        except ConfigError as exc:
+            if stamp != self._failed:
+                self._failed = stamp
+                log.warning(
+                    "tls files changed but do not load; the previous ones stay in use: "
+                    "block=%s error=%s",
+                    self._what,
+                    logfmt_value(str(exc)),
+                )
+            return
+        self.context, self._stamp, self._failed = context, stamp, None
+        log.info("tls files changed; new connections use them: block=%s", self._what)
+
+
 @dataclass(frozen=True, slots=True)
 class TLSClient:
-    """A validated client block and the context built from it."""
+    """A validated client block and the context built from it (rebuilt when its files
+    change: see :class:`ContextSource`). Equal blocks name the same files."""
 
-    context: ssl.SSLContext = field(compare=False, repr=False)
+    source: ContextSource = field(compare=False, repr=False)
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
     server_name: str | None = None
+
+    @classmethod
+    def load(
+        cls,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        server_name: str | None = None,
+        *,
+        path: str = "tls",
+        interval: float = FILE_CHECK_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> TLSClient:
+        files = tuple(f for f in (ca_file, cert_file, key_file) if f is not None)
+        source = ContextSource(
+            lambda: client_context(ca_file, cert_file, key_file, path=path),
+            files,
+            path,
+            interval=interval,
+            clock=clock,
+        )
+        return cls(source, ca_file, cert_file, key_file, server_name)
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self.source.current()
 
     def request_options(self) -> dict[str, Any]:
         """Keywords for an aiohttp request (ignored by aiohttp for ``http://`` URLs)."""
@@ -140,10 +261,43 @@ def request_options(tls: TLSClient | None) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class TLSServer:
+    """A listener's block. ``context`` is the one the listener is started with, once: each
+    handshake is handed to the context built from the files as they are now (its SNI
+    callback runs with or without a server name), so a rotated certificate or client CA
+    applies to new connections without a restart."""
+
     cert_file: str
     key_file: str
     client_ca_file: str | None
+    source: ContextSource = field(compare=False, repr=False)
     context: ssl.SSLContext = field(compare=False, repr=False)
+
+    @classmethod
+    def load(
+        cls,
+        cert_file: str,
+        key_file: str,
+        client_ca_file: str | None = None,
+        *,
+        path: str = "tls",
+        interval: float = FILE_CHECK_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> TLSServer:
+        files = (cert_file, key_file) + ((client_ca_file,) if client_ca_file else ())
+        source = ContextSource(
+            lambda: server_context(cert_file, key_file, client_ca_file, path=path),
+            files,
+            path,
+            interval=interval,
+            clock=clock,
+        )
+        listening = server_context(cert_file, key_file, client_ca_file, path=path)
+
+        def to_current(conn: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: Any) -> None:
+            conn.context = source.current()
+
+        listening.sni_callback = to_current
+        return cls(cert_file, key_file, client_ca_file, source, listening)
 
 
 def server_context(

@@ -84,7 +84,7 @@ class RevocationPoller:
         tls: TLSClient | None = None,
     ) -> None:
         self.url = url
-        self._request_options = request_options(tls)
+        self._tls = tls
         self.target = target
         self.interval = interval
         self.wait = wait
@@ -138,7 +138,7 @@ class RevocationPoller:
         if self.target.version:
             headers["If-None-Match"] = self.target.version
         self.requests += 1
-        async with session.get(self.url, headers=headers, **self._request_options) as resp:
+        async with session.get(self.url, headers=headers, **request_options(self._tls)) as resp:
             if resp.status == 200:
                 doc = json.loads(await resp.content.read(MAX_REVOCATION_BYTES))
                 self._apply(doc, resp.headers.get("ETag"), resp.headers.get(CHANGED_HEADER))

@@ -139,7 +139,7 @@ class DPoPTokenClient:
         tls: TLSClient | None = None,
     ) -> None:
         self._session = session
-        self._tls = request_options(tls)
+        self._tls = tls
         self._signer = signer
         self._clock = clock
         self._require_dpop = require_dpop
@@ -167,7 +167,9 @@ class DPoPTokenClient:
             }
             async with (
                 _map_errors(f"{self._what} {req.url}"),
-                self._session.post(req.url, data=body, headers=headers, **self._tls) as resp,
+                self._session.post(
+                    req.url, data=body, headers=headers, **request_options(self._tls)
+                ) as resp,
             ):
                 status, resp_headers = resp.status, resp.headers
                 payload = await _read_limited(resp, MAX_RESPONSE_BYTES)
@@ -305,7 +307,7 @@ class K8sAttestor:
         self._scope = scope
         self._client_id = client_id
         self._session = _session(timeout)
-        self._tls = request_options(tls)
+        self._tls = tls
         self._client = DPoPTokenClient(
             self._session,
             signer,
@@ -353,7 +355,7 @@ class K8sAttestor:
         for url in _discovery_urls(self.issuer):
             async with (
                 _map_errors(f"discovery {url}"),
-                self._session.get(url, **self._tls) as resp,
+                self._session.get(url, **request_options(self._tls)) as resp,
             ):
                 if resp.status == 404:
                     last = IdentityError(IdentityCode.DISCOVERY_FAILED, f"{url}: HTTP 404")

@@ -7,8 +7,13 @@ without a client certificate, the identity client gets no token and says why."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
+import os
+import shutil
+import ssl
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,14 +30,16 @@ from sidecar.identity.errors import IdentityError
 from sidecar.identity.key import generate_signer
 from sidecar.identity.schedule import RefreshPolicy
 from sidecar.identity.source import TokenSource
+from sidecar.tls_settings import FILE_CHECK_INTERVAL, client_context
 from tests.integration.broker_process import (
     TRUST,
     BrokerProcess,
     ClusterIssuer,
     cluster_config,
     k8s_entries,
+    python_entries,
 )
-from tests.tls_pki import LocalPKI
+from tests.tls_pki import LocalPKI, make_pki
 
 ORDERS = f"{TRUST}/ns/shop/sa/orders"
 
@@ -178,3 +185,64 @@ def test_identity_client_that_cannot_trust_or_be_trusted_gets_no_token(
     assert "code=unavailable" in line, line
     if trust == "system":
         assert "not trusted" in line, line
+
+
+def _fetch_jwks(url: str, pki: LocalPKI) -> str:
+    """GET the broker's JWKS trusting ``pki``'s CA and presenting its client certificate: the
+    status, or the TLS failure's class name."""
+    ctx = client_context(str(pki.ca_file), str(pki.client_cert), str(pki.client_key))
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, context=ctx, timeout=5)
+    try:
+        conn.request("GET", "/jwks.json")
+        return str(conn.getresponse().status)
+    except (ssl.SSLError, ConnectionError) as exc:
+        return type(exc).__name__
+    finally:
+        conn.close()
+
+
+def test_the_listener_takes_a_rotated_certificate_and_client_ca_without_a_restart(
+    tmp_path: Path, local_pki: LocalPKI
+) -> None:
+    """The files are replaced the way a secret volume does (new files renamed over the old):
+    within the look interval new connections see only the new PKI, and the process is the
+    same one."""
+    one, two = local_pki, make_pki(tmp_path / "two", "two")
+    live = tmp_path / "live"
+    live.mkdir()
+
+    def install(pki: LocalPKI) -> None:
+        for source, name in (
+            (pki.server_cert, "server.pem"),
+            (pki.server_key, "server.key"),
+            (pki.ca_file, "ca.pem"),
+        ):
+            shutil.copyfile(source, live / f".{name}")
+            os.replace(live / f".{name}", live / name)
+
+    install(one)
+    proc = BrokerProcess(
+        tmp_path,
+        name="rotating",
+        entries=python_entries(),
+        tls={
+            "cert_file": str(live / "server.pem"),
+            "key_file": str(live / "server.key"),
+            "client_ca_file": str(live / "ca.pem"),
+        },
+    ).start()
+    try:
+        pid = proc.process.pid
+        assert _fetch_jwks(proc.issuer, one) == "200"
+        assert _fetch_jwks(proc.issuer, two) == "SSLCertVerificationError"
+        install(two)
+        deadline = time.monotonic() + FILE_CHECK_INTERVAL + 10
+        while _fetch_jwks(proc.issuer, two) != "200":
+            assert time.monotonic() < deadline, "the new certificate was never served"
+            time.sleep(0.5)
+        assert _fetch_jwks(proc.issuer, one) == "SSLCertVerificationError"
+        assert proc.process.pid == pid and proc.process.is_running()
+        assert "tls files changed; new connections use them: block=tls" in proc.process.log_text()
+    finally:
+        proc.stop()

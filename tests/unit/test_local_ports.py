@@ -25,6 +25,8 @@ def test_ports_are_never_handed_out_twice_before_they_are_bound() -> None:
     taken = ports[:300] + pairs + [p + 1 for p in pairs]
     assert len(set(taken)) == len(taken)
     assert all(port_is_free(p) for p in taken)
+    # Nor the neighbour of a port handed out: a workers base also binds base + 1.
+    assert not {p + 1 for p in ports[:300]} & set(taken)
 
 
 def test_ports_come_from_below_the_ephemeral_range() -> None:
