@@ -196,7 +196,7 @@ class ContextSource:
             return
         try:
             context = self._build()
-        except ConfigError as exc:
+        except (ConfigError, OSError, ValueError) as exc:  # never out of a handshake callback
             if stamp != self._failed:
                 self._failed = stamp
                 log.warning(
