@@ -17,17 +17,12 @@ read and parsed at load, so a missing or broken file is a configuration error th
 names the key, not a failed handshake later. Verification is always on and TLS 1.2 is the
 least version offered: there is deliberately no setting to turn either off.
 
-Certificates are rotated in place (cert-manager, a Kubernetes secret volume): every
-:data:`FILE_CHECK_INTERVAL` seconds, when a block is used, its files are looked at (``stat``:
-inode, size, mtime) and, if one changed, the context is built again and used for new
-connections. A set of files that does not load (a key written before its certificate) is
-logged and the previous context stays until a later look finds them whole.
+Certificates rotated in place on disk are picked up for new connections without a restart
+(:mod:`sidecar.tls_rotation`).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import ssl
 import time
 from collections.abc import Callable
@@ -35,12 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import ConfigError
-from sidecar.observability.logsafe import logfmt_value
-
-log = logging.getLogger(__name__)
-
-#: Seconds between two looks at a TLS block's files.
-FILE_CHECK_INTERVAL = 10.0
+from sidecar.tls_rotation import FILE_CHECK_INTERVAL, ContextSource, shared_source
 
 
 def _no_password() -> bytes:
@@ -132,88 +122,11 @@ def default_client_context() -> ssl.SSLContext:
     return _DEFAULT
 
 
-_Stamp = tuple[tuple[int, int, int, int] | None, ...]
-
-
-def _stamp(paths: tuple[str, ...]) -> _Stamp:
-    """What identifies each file's content without reading it (None: not there right now)."""
-    out: list[tuple[int, int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path)  # follows the symlink a Kubernetes volume swaps on update
-        except OSError:
-            out.append(None)
-        else:
-            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
-class ContextSource:
-    """The context built from some files, built again when they change on disk.
-
-    ``build`` raises :class:`ConfigError` for files that do not load: at start that is a
-    configuration error; later it keeps the context in use (logged once per change)."""
-
-    __slots__ = (
-        "_build",
-        "_clock",
-        "_failed",
-        "_interval",
-        "_next",
-        "_paths",
-        "_stamp",
-        "_what",
-        "context",
-    )
-
-    def __init__(
-        self,
-        build: Callable[[], ssl.SSLContext],
-        paths: tuple[str, ...],
-        what: str,
-        *,
-        interval: float = FILE_CHECK_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._build, self._paths, self._what = build, paths, what
-        self._interval, self._clock = interval, clock
-        self._stamp = _stamp(paths)  # before the build: a change during it is seen next time
-        self.context = build()
-        self._failed: _Stamp | None = None
-        self._next = clock() + interval
-
-    def current(self) -> ssl.SSLContext:
-        """The context for a new connection (looks at the files at most once an interval)."""
-        now = self._clock()
-        if now >= self._next and self._paths:
-            self._next = now + self._interval
-            self._look()
-        return self.context
-
-    def _look(self) -> None:
-        stamp = _stamp(self._paths)
-        if stamp == self._stamp:
-            return
-        try:
-            context = self._build()
-        except (ConfigError, OSError, ValueError) as exc:  # never out of a handshake callback
-            if stamp != self._failed:
-                self._failed = stamp
-                log.warning(
-                    "tls files changed but do not load; the previous ones stay in use: "
-                    "block=%s error=%s",
-                    self._what,
-                    logfmt_value(str(exc)),
-                )
-            return
-        self.context, self._stamp, self._failed = context, stamp, None
-        log.info("tls files changed; new connections use them: block=%s", self._what)
-
-
 @dataclass(frozen=True, slots=True)
 class TLSClient:
     """A validated client block and the context built from it (rebuilt when its files
-    change: see :class:`ContextSource`). Equal blocks name the same files."""
+    change: see :class:`~sidecar.tls_rotation.ContextSource`). Equal blocks name the same
+    files, and share one source."""
 
     source: ContextSource = field(compare=False, repr=False)
     ca_file: str | None = None
@@ -233,8 +146,8 @@ class TLSClient:
         interval: float = FILE_CHECK_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> TLSClient:
-        files = tuple(f for f in (ca_file, cert_file, key_file) if f is not None)
-        source = ContextSource(
+        files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+        source = shared_source(
             lambda: client_context(ca_file, cert_file, key_file, path=path),
             files,
             path,
@@ -283,8 +196,8 @@ class TLSServer:
         interval: float = FILE_CHECK_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> TLSServer:
-        files = (cert_file, key_file) + ((client_ca_file,) if client_ca_file else ())
-        source = ContextSource(
+        files = {"cert_file": cert_file, "key_file": key_file, "client_ca_file": client_ca_file}
+        source = shared_source(
             lambda: server_context(cert_file, key_file, client_ca_file, path=path),
             files,
             path,

@@ -52,10 +52,10 @@ class LocalPKI:
         return ctx
 
 
-def make_pki(directory: Path, name: str = "test") -> LocalPKI:
-    """A CA and two leaf certificates signed by it, valid from an hour ago for a day."""
+def make_pki(directory: Path, name: str = "test", *, days: float = 1) -> LocalPKI:
+    """A CA and two leaf certificates signed by it, valid from an hour ago for ``days``."""
     now = datetime.datetime.now(datetime.UTC)
-    before, after = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1)
+    before, after = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=days)
     ca_key = _key()
     ca_cert = (
         x509.CertificateBuilder()

@@ -21,6 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from sidecar.authz.decision import Decision
 from sidecar.errors import Reason
 from sidecar.observability.check_tally import CheckTally, TallyCounter, TallyHistogram
+from sidecar.tls_rotation import TLSFilesCollector
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
@@ -54,12 +55,14 @@ _PROCESS_METRICS: weakref.WeakSet[CollectorRegistry] = weakref.WeakSet()
 def process_metrics(registry: CollectorRegistry) -> None:
     """The process's own series on its ``/metrics``: prometheus_client's ``process_*`` (CPU,
     memory, open and max fds, start time) and ``python_info``, and
-    ``sidecar_build_info{version}``. Once per registry."""
+    ``sidecar_build_info{version}``, and the TLS files in use (expiry, stale). Once per
+    registry."""
     if registry in _PROCESS_METRICS:
         return
     _PROCESS_METRICS.add(registry)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
+    registry.register(TLSFilesCollector())
     info = Gauge(
         "sidecar_build_info",
         "Always 1; the version of the sidecar package this process runs",

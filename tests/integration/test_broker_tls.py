@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.authz.config import parse_authz_config
 from sidecar.authz.decision import Allow, RequestView
@@ -30,7 +32,8 @@ from sidecar.identity.errors import IdentityError
 from sidecar.identity.key import generate_signer
 from sidecar.identity.schedule import RefreshPolicy
 from sidecar.identity.source import TokenSource
-from sidecar.tls_settings import FILE_CHECK_INTERVAL, client_context
+from sidecar.tls_rotation import FILE_CHECK_INTERVAL
+from sidecar.tls_settings import client_context
 from tests.integration.broker_process import (
     TRUST,
     BrokerProcess,
@@ -39,6 +42,7 @@ from tests.integration.broker_process import (
     k8s_entries,
     python_entries,
 )
+from tests.integration.harness import http_request
 from tests.tls_pki import LocalPKI, make_pki
 
 ORDERS = f"{TRUST}/ns/shop/sa/orders"
@@ -202,13 +206,33 @@ def _fetch_jwks(url: str, pki: LocalPKI) -> str:
         conn.close()
 
 
+def _not_after(path: Path) -> float:
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
+
+
+def _tls_series(proc: BrokerProcess) -> dict[str, float]:
+    """The listener block's TLS series on the broker's /metrics: expiry by file, and stale."""
+    status, _, body = http_request(f"{proc.admin_url}/metrics")
+    assert status == 200
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.labels.get("block") != "tls":
+                continue
+            if sample.name == "sidecar_tls_certificate_expiry_timestamp_seconds":
+                out[sample.labels["file"]] = sample.value
+            elif sample.name == "sidecar_tls_files_stale":
+                out["stale"] = sample.value
+    return out
+
+
 def test_the_listener_takes_a_rotated_certificate_and_client_ca_without_a_restart(
     tmp_path: Path, local_pki: LocalPKI
 ) -> None:
     """The files are replaced the way a secret volume does (new files renamed over the old):
     within the look interval new connections see only the new PKI, and the process is the
     same one."""
-    one, two = local_pki, make_pki(tmp_path / "two", "two")
+    one, two = local_pki, make_pki(tmp_path / "two", "two", days=2)
     live = tmp_path / "live"
     live.mkdir()
 
@@ -234,6 +258,11 @@ def test_the_listener_takes_a_rotated_certificate_and_client_ca_without_a_restar
     ).start()
     try:
         pid = proc.process.pid
+        assert _tls_series(proc) == {
+            "cert_file": _not_after(one.server_cert),
+            "client_ca_file": _not_after(one.ca_file),
+            "stale": 0.0,
+        }
         assert _fetch_jwks(proc.issuer, one) == "200"
         assert _fetch_jwks(proc.issuer, two) == "SSLCertVerificationError"
         install(two)
@@ -244,5 +273,10 @@ def test_the_listener_takes_a_rotated_certificate_and_client_ca_without_a_restar
         assert _fetch_jwks(proc.issuer, one) == "SSLCertVerificationError"
         assert proc.process.pid == pid and proc.process.is_running()
         assert "tls files changed; new connections use them: block=tls" in proc.process.log_text()
+        assert _tls_series(proc) == {
+            "cert_file": _not_after(two.server_cert),
+            "client_ca_file": _not_after(two.ca_file),
+            "stale": 0.0,
+        }
     finally:
         proc.stop()

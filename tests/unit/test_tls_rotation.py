@@ -4,6 +4,7 @@ the way a Kubernetes secret volume or cert-manager replaces them, the clock pass
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from prometheus_client import CollectorRegistry
 
 from sidecar.errors import ConfigError
-from sidecar.tls_settings import ContextSource, TLSClient, TLSServer, client_context
+from sidecar.tls_rotation import ContextSource, TLSFilesCollector
+from sidecar.tls_settings import TLSClient, TLSServer, client_context
 from tests.tls_pki import LocalPKI, make_pki
 
 INTERVAL = 10.0
@@ -59,7 +63,7 @@ class Live:
 @pytest.fixture(scope="module")
 def pkis(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalPKI, LocalPKI]:
     base = tmp_path_factory.mktemp("rotation")
-    return make_pki(base / "one", "one"), make_pki(base / "two", "two")
+    return make_pki(base / "one", "one"), make_pki(base / "two", "two", days=2)
 
 
 @pytest.fixture
@@ -203,7 +207,7 @@ def test_files_that_do_not_load_keep_the_previous_context_until_they_do(
         clock=clock,
     )
     first = tls.context
-    caplog.set_level(logging.INFO, "sidecar.tls_settings")
+    caplog.set_level(logging.INFO, "sidecar.tls_rotation")
 
     live.install(two, "client.key")  # the key first: it does not match the certificate
     for _ in range(3):
@@ -233,7 +237,9 @@ def test_unchanged_files_are_not_loaded_again(live: Live, clock: Clock) -> None:
         built.append(client_context(live.path("ca.pem")))
         return built[-1]
 
-    source = ContextSource(build, (live.path("ca.pem"),), "x.tls", interval=1, clock=clock)
+    source = ContextSource(
+        build, {"ca_file": live.path("ca.pem")}, "x.tls", interval=1, clock=clock
+    )
     for _ in range(5):
         clock.now += 1
         assert source.current() is built[0]
@@ -251,10 +257,73 @@ def test_files_that_do_not_load_at_start_are_a_configuration_error(
         TLSServer.load(live.path("server.pem"), live.path("server.key"))
 
 
-def test_equal_blocks_name_the_same_files(live: Live) -> None:
-    # What a configuration reload compares: the same paths are the same block (kept, with
-    # its rotation), whatever the files hold.
-    a = TLSClient.load(live.path("ca.pem"))
-    b = TLSClient.load(live.path("ca.pem"))
-    assert a == b and a.context is not b.context
+def test_equal_blocks_share_one_source(live: Live) -> None:
+    # What a configuration reload compares: the same place and paths are the same block,
+    # kept with its rotation state, whatever the files hold now.
+    a = TLSClient.load(live.path("ca.pem"), path="identity.tls")
+    b = TLSClient.load(live.path("ca.pem"), path="identity.tls")
+    assert a == b and a.source is b.source
     assert a != TLSClient.load(live.path("ca.pem"), server_name="orders.internal")
+    assert TLSClient.load(live.path("ca.pem"), path="authz.issuers[0].tls").source is not a.source
+
+
+def _not_after(path: Path | str) -> float:
+    return x509.load_pem_x509_certificate(Path(path).read_bytes()).not_valid_after_utc.timestamp()
+
+
+def _scrape(block: str) -> tuple[dict[str, float], float | None]:
+    """This block's series from a fresh registry: {file: expiry}, stale."""
+    registry = CollectorRegistry()
+    registry.register(TLSFilesCollector())
+    expiry: dict[str, float] = {}
+    stale: float | None = None
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.labels.get("block") != block:
+                continue
+            if sample.name == "sidecar_tls_certificate_expiry_timestamp_seconds":
+                expiry[sample.labels["file"]] = sample.value
+            elif sample.name == "sidecar_tls_files_stale":
+                assert stale is None, "one series per block"
+                stale = sample.value
+    return expiry, stale
+
+
+def test_metrics_show_the_expiry_in_use_and_files_that_do_not_load(
+    live: Live, pkis: tuple[LocalPKI, LocalPKI], clock: Clock
+) -> None:
+    one, two = pkis
+    block = f"broker-{id(live)}.tls"
+    tls = TLSServer.load(
+        live.path("server.pem"),
+        live.path("server.key"),
+        live.path("ca.pem"),
+        path=block,
+        interval=INTERVAL,
+        clock=clock,
+    )
+    assert tls.context is not None
+    in_use = {"cert_file": _not_after(one.server_cert), "client_ca_file": _not_after(one.ca_file)}
+    assert _scrape(block) == (in_use, 0.0)
+
+    live.install(two, "server.key")  # does not match the certificate: the old set stays
+    clock.now += INTERVAL
+    assert _scrape(block) == (in_use, 1.0)  # the scrape itself looked at the files
+
+    live.install(two, "server.pem", "ca.pem")
+    clock.now += INTERVAL
+    now_in_use = {
+        "cert_file": _not_after(two.server_cert),
+        "client_ca_file": _not_after(two.ca_file),
+    }
+    assert _scrape(block) == (now_in_use, 0.0)
+    assert now_in_use["cert_file"] > in_use["cert_file"] + 86_000  # two days against one
+
+
+def test_only_live_blocks_are_reported(live: Live) -> None:
+    block = f"gone-{id(live)}.tls"
+    tls = TLSClient.load(live.path("ca.pem"), path=block)
+    assert _scrape(block)[1] == 0.0
+    del tls
+    gc.collect()
+    assert _scrape(block) == ({}, None)
