@@ -405,8 +405,8 @@ class Authorizer:
         allow = self._grant(view, route, identity, now, meta)
         wpt = self.settings.wimse.wpt
         # The restart guard reads proof_iat with the DPoP window: give it the earliest instant
-        # this WPT was acceptable (exp - lifetime - leeway) in those terms.
-        usable_from = creds.wpt.exp - wpt.max_lifetime - wpt.leeway
+        # this WPT was acceptable (from its iat, else exp - lifetime - leeway) in those terms.
+        usable_from = wpt.usable_from(creds.wpt.exp, creds.wpt.iat)
         iat_equivalent = usable_from + self.settings.dpop.future_leeway
         scheme = meta["scheme"]
         return PendingAllow(

@@ -44,6 +44,13 @@ class WptPolicy:
     #: rejects the WPT (-01 §3, "oth").
     other_tokens: frozenset[str] = frozenset()
 
+    def usable_from(self, exp: float, iat: float | None) -> float:
+        """The earliest instant this verifier could have accepted a WPT (for the restart
+        guard): from its ``iat`` when it has one (one in the future is refused), else as long
+        before ``exp`` as the longest lifetime accepted."""
+        earliest = exp - self.max_lifetime - self.leeway
+        return earliest if iat is None else max(earliest, iat - self.leeway)
+
     @property
     def replay_ttl(self) -> float:
         """A WPT accepted now passes until at most now + max_lifetime + leeway; remember its
@@ -59,6 +66,9 @@ class VerifiedWPT:
     #: The replay key: a jti is unique per sender (its WIT key), so two workloads may pick
     #: the same one.
     replay_key: str
+    #: Not in the drafts' claim set; ours carry it so that a restarted verifier knows the WPT
+    #: is new (see ``WptPolicy.usable_from``).
+    iat: float | None = None
 
 
 def _same_uri(expected: str) -> Callable[[str], None]:
@@ -118,6 +128,14 @@ def verify_wpt(
         raise AuthError(Reason.IAT_OUT_OF_WINDOW, "WPT has expired")
     if exp > now + policy.max_lifetime + policy.leeway:
         raise AuthError(Reason.IAT_OUT_OF_WINDOW, "WPT exp is too far ahead")
+    iat = claims.get("iat")
+    if iat is not None:
+        if isinstance(iat, bool) or not isinstance(iat, int | float) or iat != iat:
+            raise AuthError(Reason.PROOF_INVALID, "WPT iat is not a NumericDate")
+        if iat > now + policy.leeway:
+            raise AuthError(Reason.IAT_OUT_OF_WINDOW, "WPT iat is in the future")
+        if iat > exp:
+            raise AuthError(Reason.PROOF_INVALID, "WPT iat is after its exp")
     # wth binds the proof to the WIT sent with it: a WPT for one WIT is useless with another.
     wth = claims.get("wth")
     if not isinstance(wth, str) or not secrets.compare_digest(wth.encode(), wit.wth.encode()):
@@ -129,7 +147,11 @@ def verify_wpt(
     if not verify_signature(jws_algorithm(wit.key_alg), wit.key.key, signing_input, signature):
         raise AuthError(Reason.PROOF_INVALID, "WPT signature does not verify with cnf.jwk")
     return VerifiedWPT(
-        jti=jti, aud=aud, exp=float(exp), replay_key=f"wpt:{wit.key.thumbprint}:{jti}"
+        jti=jti,
+        aud=aud,
+        exp=float(exp),
+        replay_key=f"wpt:{wit.key.thumbprint}:{jti}",
+        iat=None if iat is None else float(iat),
     )
 
 
@@ -179,13 +201,19 @@ class WptSigner:
         other_tokens: Mapping[str, str] | None = None,
         jti: str | None = None,
         exp: int | None = None,
+        with_iat: bool = True,
     ) -> str:
+        """``with_iat``: add ``iat`` (a JWT claim the drafts do not list; a verifier that does
+        not know it ignores it). Without it a restarted verifier of ours must assume the WPT
+        may be as old as its longest accepted lifetime."""
         claims: dict[str, Any] = {
             "aud": proof_htu(url),  # the target URI without query and fragment
             "exp": int(now + lifetime) if exp is None else exp,
             "jti": jti or secrets.token_urlsafe(16),  # 128 random bits
             "wth": token_hash(wit),
         }
+        if with_iat:
+            claims["iat"] = int(now)
         if access_token is not None:
             claims["ath"] = token_hash(access_token)
         if txn_token is not None:

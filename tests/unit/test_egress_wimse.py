@@ -263,7 +263,8 @@ def test_draft_02_carriage_replaces_whatever_the_app_sent() -> None:
     assert wit.subject == SUB and wit.key.thumbprint == SIGNER.thumbprint
     assert len(wpt.jti) >= 22 and wpt.exp == NOW + 30  # 128 random bits; 30 s ahead
     claims = json.loads(_payload(proof))
-    assert set(claims) == {"aud", "exp", "jti", "wth", "tth", "oth"}
+    assert set(claims) == {"aud", "exp", "iat", "jti", "wth", "tth", "oth"}
+    assert claims["iat"] == int(NOW)  # tells a restarted verifier how new it is
     assert claims["aud"] == URL and list(claims["oth"]) == ["x-partner-token"]
     # A receiver that does not understand the oth entry refuses the WPT.
     with pytest.raises(AuthError) as err:

@@ -13,9 +13,12 @@ from factory import FRONTEND, INTRUDER, NOW, POLICY_CONFIG, Harness, ec_key, mak
 
 from sidecar.authz.config import parse_authz_config
 from sidecar.authz.decision import Allow, Deny
+from sidecar.authz.replay import InMemoryReplayStore, ReplayStore
 from sidecar.authz.wimse import WimseSettings
 from sidecar.errors import ConfigError, Reason
+from sidecar.jose.b64 import b64url_decode, b64url_encode
 from sidecar.jose.rfc7517_jwk import public_jwk_dict
+from sidecar.jose.rfc7518_algorithms import sign
 from sidecar.jose.spiffe_bundle import import_bundle
 from sidecar.jose.wimse_wit import WitPolicy, issue_wit, workload_public_jwk
 from sidecar.jose.wimse_wpt import WptPolicy, WptSigner
@@ -40,11 +43,12 @@ POLICY = {
 }
 
 
-def harness(**wimse: Any) -> Harness:
+def harness(replay: ReplayStore | None = None, **wimse: Any) -> Harness:
     h = make_harness(
         policy_config=POLICY,
         authorities=frozenset({ORIGIN}),
         wimse=WimseSettings(**wimse),
+        replay=replay,
     )
     h.authz.bundles.replace(TD, import_bundle(BUNDLE))  # what authz.trust_domains loads
     return h
@@ -72,10 +76,12 @@ def request(
     url: str | None = None,
     carriage: str = "authorization",
     extra: dict[str, str] | None = None,
+    signed_at: float = NOW,
+    with_iat: bool = True,
     **kw: Any,
 ) -> Any:
     token = token or wit()
-    wpt = SIGNER.proof(url=url or ORIGIN + path, wit=token, now=NOW)
+    wpt = SIGNER.proof(url=url or ORIGIN + path, wit=token, now=signed_at, with_iat=with_iat)
     headers = {"workload-identity-token": token}
     if carriage == "authorization":
         headers["authorization"] = f"WPT {wpt}"
@@ -266,3 +272,68 @@ def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError) as err:
         parse_authz_config(_config(wimse={"profile": "svid"}))
     assert err.value.key == "authz.wimse.profile"
+
+
+# -- restart guard: a WPT's iat tells a restarted verifier how new it is ---------------------
+
+
+def test_after_a_restart_a_new_wpt_with_iat_passes_within_seconds() -> None:
+    epoch = NOW  # the authorizer (and its in-memory replay store) started now
+    h = harness(replay=InMemoryReplayStore(epoch=epoch))
+    # Signed just before the restart: it may have been used then, so it is refused.
+    early = h.decide(request(signed_at=epoch - 1), epoch + 1)
+    assert denied(early, 503, Reason.PROOF_PREDATES_RESTART)
+    # Signed 7 s after the start (past the 5 s leeway): new, accepted, and only once.
+    fresh = request(signed_at=epoch + 7)
+    assert isinstance(h.decide(fresh, epoch + 7), Allow)
+    denied(h.decide(fresh, epoch + 7), 401, Reason.REPLAYED)
+
+
+def test_after_a_restart_a_wpt_without_iat_waits_for_the_longest_lifetime() -> None:
+    # Without iat a 30 s WPT may have been signed up to max_proof_lifetime before its exp.
+    epoch = NOW
+    h = harness(replay=InMemoryReplayStore(epoch=epoch))
+    for at in (epoch + 7, epoch + 200):
+        deny = h.decide(request(signed_at=at, with_iat=False), at)
+        denied(deny, 503, Reason.PROOF_PREDATES_RESTART)
+    late = epoch + 300
+    assert isinstance(h.decide(request(signed_at=late, with_iat=False), late), Allow)
+
+
+@pytest.mark.parametrize(
+    ("iat", "status", "reason"),
+    [
+        (NOW + 6, 401, Reason.IAT_OUT_OF_WINDOW),  # in the future beyond the 5 s leeway
+        ("1700000000", 401, Reason.PROOF_INVALID),
+        (True, 401, Reason.PROOF_INVALID),
+    ],
+)
+def test_a_wpt_iat_that_cannot_be_true_is_refused(iat: Any, status: int, reason: Reason) -> None:
+    token = wit()
+    proof = _resigned_wpt(token, {"iat": iat})
+    req = view(
+        path="/wimse/items",
+        headers={"workload-identity-token": token, "authorization": f"WPT {proof}"},
+    )
+    denied(harness().decide(req), status, reason)
+
+
+def test_a_wpt_iat_after_its_exp_is_refused() -> None:
+    token = wit()
+    proof = _resigned_wpt(token, {"iat": NOW - 1, "exp": NOW - 2})
+    req = view(
+        path="/wimse/items",
+        headers={"workload-identity-token": token, "authorization": f"WPT {proof}"},
+    )
+    denied(harness().decide(req), 401, Reason.PROOF_INVALID)
+
+
+def _resigned_wpt(token: str, changes: dict[str, Any]) -> str:
+    """A WPT from SIGNER for /wimse/items with some claims replaced, signed again."""
+    good = SIGNER.proof(url=ORIGIN + "/wimse/items", wit=token, now=NOW)
+    h64, p64, _ = good.split(".")
+    claims = {**json.loads(b64url_decode(p64)), **changes}
+    payload = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = f"{h64}.{payload}".encode("ascii")
+    signature = sign("ES256", WORKLOAD_KEY, signing_input)
+    return f"{h64}.{payload}.{b64url_encode(signature)}"

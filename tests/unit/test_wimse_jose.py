@@ -126,6 +126,7 @@ def test_example_wpt_is_reproduced_from_the_workload_key() -> None:
         access_token=ACCESS_TOKEN,
         jti=EXPECTED["jti"],
         exp=DATA["clock"]["wpt_exp"],
+        with_iat=False,
     )
     assert again == WPT  # Ed25519 is deterministic: same claims, same key, same bytes
 
