@@ -225,8 +225,9 @@ def test_a_call_carries_a_wit_and_a_wpt_and_the_app_sees_the_wit_sub(stack: Stac
     assert wit["sub"] == FRONTEND and "aud" not in wit
     claims = _claims(wpt)
     assert claims["aud"] == f"http://127.0.0.1:{stack.tap.port}/orders/42"  # no query
-    assert set(claims) == {"aud", "exp", "jti", "wth", "oth"}
+    assert set(claims) == {"aud", "exp", "iat", "jti", "wth", "oth"}
     assert 0 < claims["exp"] - time.time() <= 31
+    assert claims["exp"] - claims["iat"] == 30  # egress proof_lifetime
     assert list(claims["oth"]) == ["x-partner-token"]
 
 
