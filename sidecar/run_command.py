@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import sys
 import time
@@ -173,7 +174,35 @@ async def _reload(data: dict[str, Any], new: dict[str, Any], service: AuthzServi
     data["authz"] = new.get("authz")  # what runs now, for the next comparison
 
 
+def _same_host(request: web.Request) -> bool:
+    """Whether the connection comes from this host (or pod): a unix socket, loopback, or the
+    very address it reached. Read off the socket, never from a header."""
+    transport = request.transport
+    if transport is None:
+        return False
+    peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+    if isinstance(local, str | bytes):  # a unix socket: the filesystem decides who connects
+        return True
+    if not isinstance(peer, tuple):
+        return False
+    try:
+        address = ipaddress.ip_address(peer[0].split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    if address.is_loopback or (mapped is not None and mapped.is_loopback):
+        return True
+    return isinstance(local, tuple) and peer[0] == local[0]
+
+
 async def _tokens_handler(request: web.Request) -> web.Response:
+    # Claims name the workload, its audiences and its tokens' jti: for the pod's own
+    # processes (``sidecar token``, an operator's exec), not for whoever scrapes /metrics.
+    if not _same_host(request):
+        return web.json_response(
+            {"error": "tokens_local_only", "detail": "ask from the sidecar's own host or pod"},
+            status=403,
+        )
     tokens = request.app[TOKENS_KEY]
     status = tokens.status() if tokens is not None else []  # type: ignore[attr-defined]
     return web.json_response({"now": time.time(), "audiences": status})

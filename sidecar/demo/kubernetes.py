@@ -65,8 +65,8 @@ def service_host(pod: str) -> str:
 
 #: Admin listeners on the pod IP: the kubelet's HTTP probes and Prometheus reach them there.
 #: They only read (``/healthz``, ``/readyz``, ``/metrics``; the sidecars' ``/tokens`` shows
-#: claims, never a token); the broker's revocation API is on its unix admin socket. Envoy's
-#: admin can drain and stop Envoy: it stays on loopback.
+#: claims, never a token, and only to the pod itself); the broker's revocation API is on its
+#: unix admin socket. Envoy's admin can drain and stop Envoy: it stays on loopback.
 SCRAPED: frozenset[tuple[str, str]] = frozenset(
     {("broker", "admin"), ("orders-sidecar", "admin"), ("frontend-sidecar", "admin")}
 )
