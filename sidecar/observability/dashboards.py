@@ -168,6 +168,16 @@ def _on_call(board: dashboard.Dashboard) -> dashboard.Dashboard:
             "ops",
             ("sidecar:authz_policy_denies_by_route:rate5m", "{{job}} {{route}}"),
         ),
+        _series(
+            "TLS certificates in use: time to expiry",
+            "s",
+            (
+                "min by (job, block, file) "
+                "(sidecar_tls_certificate_expiry_timestamp_seconds) - time()",
+                "{{job}} {{block}}.{{file}}",
+            ),
+            description="renewed files load within 10 s; alert below 7 days",
+        ),
     ]
     for panel in panels:
         board = board.with_panel(panel)
