@@ -27,36 +27,78 @@ from sidecar.errors import ReplayStoreUnavailable
 _HASH_BYTES = 20  # keys are hashed: fixed-size records, no client text stored
 _PURGE_BATCH = 256  # expired entries dropped per insert at most (bounded latency)
 _BYTES_PER_ENTRY = 512  # map size per live entry: both B-trees with room for page splits
+#: Bytes of the map's file allocated beyond its last used page. Writes go straight into the
+#: shared mapping (``writemap``: half the cost of an insert, no write() per commit), and a
+#: page of a sparse file that tmpfs cannot back would kill the process with SIGBUS; so the
+#: file is allocated ahead of use, and when tmpfs has no room for that the insert fails
+#: closed instead. One insert dirties a few pages, several workers insert between two looks
+#: of one: 8 MiB is thousands of inserts ahead.
+RESERVE_AHEAD = 8 << 20
 
 
 class LmdbReplayStore:
     def __init__(
-        self, path: str | Path, capacity: int = 100_000, *, clock: Callable[[], float] = time.time
+        self,
+        path: str | Path,
+        capacity: int = 100_000,
+        *,
+        clock: Callable[[], float] = time.time,
+        reserve_ahead: int = RESERVE_AHEAD,
     ) -> None:
         if capacity <= 0:
             raise ValueError("capacity must be positive")
         self.capacity = capacity
         os.makedirs(path, mode=0o700, exist_ok=True)
+        self._map_size = max(capacity * _BYTES_PER_ENTRY, 1 << 24)
+        self._reserve_ahead = reserve_ahead
+        self._reserved = 0  # bytes of the file known to be allocated
+        self._fd = -1
         try:
             self._env = lmdb.open(
                 str(path),
-                map_size=max(capacity * _BYTES_PER_ENTRY, 1 << 24),
+                map_size=self._map_size,
                 max_dbs=3,
                 # The map lives on tmpfs and is rebuilt when the parent starts: durability
-                # across a host crash buys nothing, so no fsync on commit. Not writemap: it
-                # halves an insert, but a full tmpfs would then kill the worker (SIGBUS)
-                # where a write() fails and the check fails closed.
+                # across a host crash buys nothing, so no fsync on commit.
                 sync=False,
                 metasync=False,
                 readahead=False,
                 meminit=False,
+                writemap=True,  # safe from SIGBUS only with the file allocated: _make_room
                 mode=0o600,
             )
+            self._page = int(self._env.stat()["psize"])
+            self._fd = os.open(os.path.join(path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
+            self._make_room()
             self._seen = self._env.open_db(b"seen")
             self._expiry = self._env.open_db(b"expiry")
             self._epoch = self._first_open(clock())
         except lmdb.Error as exc:
+            self._close_fd()
             raise ReplayStoreUnavailable(f"lmdb: {type(exc).__name__}") from None
+        except ReplayStoreUnavailable:
+            self._close_fd()
+            raise
+
+    def _make_room(self) -> None:
+        """Allocate the file up to ``reserve_ahead`` past its last used page, once half of
+        that margin is used; raise ReplayStoreUnavailable (fail closed) if tmpfs is full."""
+        end = (int(self._env.info()["last_pgno"]) + 1) * self._page
+        if end + self._reserve_ahead // 2 <= self._reserved:
+            return
+        want = min(end + self._reserve_ahead, self._map_size)
+        try:
+            os.posix_fallocate(self._fd, 0, want)
+        except OSError as exc:
+            raise ReplayStoreUnavailable(
+                f"lmdb: no room for the shared replay map ({os.strerror(exc.errno or 0)})"
+            ) from None
+        self._reserved = want
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _first_open(self, now: float) -> float:
         """The map's epoch is when its first user created it: a worker that restarts keeps
@@ -85,6 +127,7 @@ class LmdbReplayStore:
         now_ms = int(now * 1000)
         expires = int((now + ttl) * 1000).to_bytes(8, "big")
         try:
+            self._make_room()
             with self._env.begin(write=True) as txn:
                 self._purge(txn, now_ms)
                 old = txn.get(digest, db=self._seen)
@@ -118,3 +161,4 @@ class LmdbReplayStore:
 
     async def close(self) -> None:
         self._env.close()
+        self._close_fd()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
+import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,43 @@ def test_epoch_is_the_maps_creation_not_a_reopening(tmp_path: Path) -> None:
     proc.join(60)
     assert out.get(timeout=5) == 1000.0
     assert LmdbReplayStore(tmp_path / "fresh", capacity=10, clock=lambda: 3000.0).epoch == 3000.0
+
+
+def _allocated(path: Path) -> int:
+    return (path / "data.mdb").stat().st_blocks * 512
+
+
+def test_the_map_file_is_allocated_ahead_of_every_page_written(tmp_path: Path) -> None:
+    # Writes go into a shared mapping: a page tmpfs had not allocated could not be backed
+    # (SIGBUS). The file is allocated ahead of the last used page, and grows with it.
+    store = LmdbReplayStore(tmp_path / "r", capacity=100_000, reserve_ahead=64 << 10)
+    first = _allocated(tmp_path / "r")
+    assert first >= 64 << 10
+    for i in range(5000):
+        assert store.check_and_insert_sync(f"jkt:{i}", 1000.0, TTL)
+        if i % 500 == 0:
+            used = (store._env.info()["last_pgno"] + 1) * store._page
+            # Ahead of use (pages written alone would be exactly the used ones): room is made
+            # before each insert for half the margin, and one insert takes a few pages.
+            assert _allocated(tmp_path / "r") >= used + (16 << 10)
+    assert _allocated(tmp_path / "r") > first  # it grew with the entries
+    # Far less than the whole map (51 MB here): allocated as needed, not all at start.
+    assert _allocated(tmp_path / "r") < 8 << 20
+
+
+def test_no_room_on_tmpfs_fails_closed_at_start_and_on_insert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LmdbReplayStore(tmp_path / "r", capacity=100_000, reserve_ahead=64 << 10)
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ReplayStoreUnavailable, match="no room"):
+        for i in range(5000):  # until the margin runs out
+            store.check_and_insert_sync(f"jkt:{i}", 1000.0, TTL)
+    accepted = store.size()
+    assert 0 < accepted < 5000
+    with pytest.raises(ReplayStoreUnavailable, match="No space left"):
+        LmdbReplayStore(tmp_path / "other", capacity=10)
