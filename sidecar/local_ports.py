@@ -52,11 +52,13 @@ def _take(count: int, host: str) -> int:
     global _cursor
     low, high = _span()
     with _lock:
-        if _cursor is None or not low <= _cursor < high:
+        if _cursor is None:  # random only once: processes that draw in parallel differ
             _cursor = low + secrets.randbelow(high - low)
+        elif not low <= _cursor < high:
+            _cursor = low
         for _ in range(high - low):
             port = _cursor
-            if port + count > high:
+            if port + count > high:  # wrap to the bottom: never a jump back among fresh ones
                 port = low
             _cursor = port + 1
             if all(port_is_free(port + i, host) for i in range(count)):

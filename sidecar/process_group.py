@@ -99,7 +99,7 @@ def kill(popen: subprocess.Popen[bytes], timeout: float = 2.0) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             popen.wait(timeout=timeout)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not _someone_else_has(popen):
         try:
             os.killpg(popen.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -2,7 +2,7 @@
 connections without a restart, and what is in use is visible on ``/metrics``.
 
 A :class:`ContextSource` holds the context built from a block's files. When it is used, at
-most every :data:`FILE_CHECK_INTERVAL` seconds, it compares the files' inode, size and mtime
+most every :data:`FILE_CHECK_INTERVAL` seconds, it compares the files' inode, size, mtime and ctime
 with what it loaded (``stat`` only: no read while nothing changed) and, if one changed, builds
 the context again. A set of files that does not load (a key written before its certificate,
 a file missing for a moment) is logged once per change and the previous context stays in use
@@ -39,19 +39,20 @@ FILE_CHECK_INTERVAL = 10.0
 #: The files of a block that hold certificates (not keys), by their configuration key.
 _CERTIFICATE_KEYS = ("ca_file", "cert_file", "client_ca_file")
 
-_Stamp = tuple[tuple[int, int, int, int] | None, ...]
+_Stamp = tuple[tuple[int, int, int, int, int] | None, ...]
 
 
 def _stamp(paths: tuple[str, ...]) -> _Stamp:
     """What identifies each file's content without reading it (None: not there right now)."""
-    out: list[tuple[int, int, int, int] | None] = []
+    out: list[tuple[int, int, int, int, int] | None] = []
     for path in paths:
         try:
             st = os.stat(path)  # follows the symlink a Kubernetes volume swaps on update
         except OSError:
             out.append(None)
         else:
-            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+            # ctime too: cp -p, tar and rsync restore an old mtime on new content.
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(out)
 
 
@@ -93,6 +94,7 @@ class ContextSource:
         "_stamp",
         "context",
         "expiry",
+        "first",
         "serial",
         "what",
     )
@@ -112,6 +114,7 @@ class ContextSource:
         self._interval, self._clock = interval, clock
         self._stamp = _stamp(self._paths)  # before the build: a change during it is seen later
         self.context = build()
+        self.first = self.context  # a listener's: it keeps it and hands handshakes on
         self.expiry = _expiry(self._files)
         self._failed: _Stamp | None = None
         self._next = clock() + interval

@@ -13,8 +13,9 @@ A server block (the broker's ``tls:``) has ``cert_file``, ``key_file`` and optio
 ``client_ca_file`` (then every client must present a certificate issued by it).
 
 The blocks are read by ``sidecar.config_util`` (``parse_tls_client`` and friends). Files are
-read and parsed at load, so a missing or broken file is a configuration error that
-names the key, not a failed handshake later. Verification is always on and TLS 1.2 is the
+read and parsed when a block is first loaded, so a missing or broken file is a configuration
+error that names the key, not a failed handshake later; an equal block loaded again (a
+reload) shares the running one and its files' state. Verification is always on and TLS 1.2 is the
 least version offered: there is deliberately no setting to turn either off.
 
 Certificates rotated in place on disk are picked up for new connections without a restart
@@ -204,12 +205,15 @@ class TLSServer:
             interval=interval,
             clock=clock,
         )
-        listening = server_context(cert_file, key_file, client_ca_file, path=path)
+        # One listening context per source: a reload that keeps the block does not read the
+        # files again (they may be half rotated just then).
+        listening = source.first
+        if listening.sni_callback is None:
 
-        def to_current(conn: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: Any) -> None:
-            conn.context = source.current()
+            def to_current(conn: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: Any) -> None:
+                conn.context = source.current()
 
-        listening.sni_callback = to_current
+            listening.sni_callback = to_current
         return cls(cert_file, key_file, client_ca_file, source, listening)
 
 

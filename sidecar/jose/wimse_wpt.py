@@ -14,7 +14,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from sidecar.errors import AuthError, Reason
 from sidecar.jose.b64 import b64url_decode, b64url_encode
@@ -121,7 +121,7 @@ def verify_wpt(
         raise AuthError(Reason.PROOF_INVALID, "WPT jti missing, too long or not printable")
     if not isinstance(aud, str) or not 0 < len(aud) <= MAX_AUD or not acceptable_text(aud):
         raise AuthError(Reason.PROOF_INVALID, "WPT aud missing or not a URI")
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or exp != exp:
+    if not _numeric_date(exp):
         raise AuthError(Reason.PROOF_INVALID, "WPT exp is not a NumericDate")
     (check_aud or _same_uri(url))(aud)
     if now >= exp + policy.leeway:
@@ -130,7 +130,7 @@ def verify_wpt(
         raise AuthError(Reason.IAT_OUT_OF_WINDOW, "WPT exp is too far ahead")
     iat = claims.get("iat")
     if iat is not None:
-        if isinstance(iat, bool) or not isinstance(iat, int | float) or iat != iat:
+        if not _numeric_date(iat):
             raise AuthError(Reason.PROOF_INVALID, "WPT iat is not a NumericDate")
         if iat > now + policy.leeway:
             raise AuthError(Reason.IAT_OUT_OF_WINDOW, "WPT iat is in the future")
@@ -153,6 +153,12 @@ def verify_wpt(
         replay_key=f"wpt:{wit.key.thumbprint}:{jti}",
         iat=None if iat is None else float(iat),
     )
+
+
+def _numeric_date(value: Any) -> TypeGuard[int | float]:
+    """A JSON number within ±1e12 s: bool is an int subclass, and NaN or a huge integer
+    would compare wrongly or overflow later."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and -1e12 < value < 1e12
 
 
 def _check_hash(claimed: Any, token: str | None, name: str) -> None:

@@ -392,7 +392,7 @@ def _tcp_listeners(config: dict[str, Any]) -> list[tuple[str, int]]:
         sock = listener.get("address", {}).get("socket_address")
         if sock and sock.get("port_value"):
             host = sock.get("address", "127.0.0.1")
-            host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
             out.append((host, int(sock["port_value"])))
     return out
 

@@ -60,3 +60,11 @@ def test_preferred_port_is_kept_only_when_free(held: socket.socket) -> None:
     assert free_port(preferred=port) != port
     spare = free_port()
     assert free_port(preferred=spare) == spare
+
+
+def test_the_cursor_wraps_to_the_bottom_of_the_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    low, high = local_ports._span()
+    monkeypatch.setattr(local_ports, "_cursor", high - 1)
+    assert free_port_pair() < high - 1  # no room for two at the top
+    wrapped = free_port_pair()
+    assert low <= wrapped < low + 1000  # from the bottom on, not a random restart

@@ -327,3 +327,16 @@ def test_only_live_blocks_are_reported(live: Live) -> None:
     del tls
     gc.collect()
     assert _scrape(block) == ({}, None)
+
+
+def test_a_reload_while_files_are_half_rotated_keeps_the_listener(
+    live: Live, pkis: tuple[LocalPKI, LocalPKI], clock: Clock
+) -> None:
+    # A broker reload (new registration entries, same tls block) must not read the files
+    # again: a key written before its certificate would refuse the whole reload.
+    block = f"half-{id(live)}.tls"
+    args = (live.path("server.pem"), live.path("server.key"), live.path("ca.pem"))
+    first = TLSServer.load(*args, path=block, interval=INTERVAL, clock=clock)
+    live.install(pkis[1], "server.key")
+    again = TLSServer.load(*args, path=block, interval=INTERVAL, clock=clock)
+    assert again == first and again.context is first.context

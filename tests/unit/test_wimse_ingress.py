@@ -306,6 +306,7 @@ def test_after_a_restart_a_wpt_without_iat_waits_for_the_longest_lifetime() -> N
         (NOW + 6, 401, Reason.IAT_OUT_OF_WINDOW),  # in the future beyond the 5 s leeway
         ("1700000000", 401, Reason.PROOF_INVALID),
         (True, 401, Reason.PROOF_INVALID),
+        (-(10**400), 401, Reason.PROOF_INVALID),  # would overflow float()
     ],
 )
 def test_a_wpt_iat_that_cannot_be_true_is_refused(iat: Any, status: int, reason: Reason) -> None:
@@ -337,3 +338,13 @@ def _resigned_wpt(token: str, changes: dict[str, Any]) -> str:
     signing_input = f"{h64}.{payload}".encode("ascii")
     signature = sign("ES256", WORKLOAD_KEY, signing_input)
     return f"{h64}.{payload}.{b64url_encode(signature)}"
+
+
+def test_a_wpt_exp_too_large_for_a_float_is_refused_not_a_crash() -> None:
+    token = wit()
+    proof = _resigned_wpt(token, {"exp": 10**400})
+    req = view(
+        path="/wimse/items",
+        headers={"workload-identity-token": token, "authorization": f"WPT {proof}"},
+    )
+    denied(harness().decide(req), 401, Reason.PROOF_INVALID)
