@@ -92,8 +92,6 @@ def _someone_else_has(popen: subprocess.Popen[bytes]) -> bool:
 
 def kill(popen: subprocess.Popen[bytes], timeout: float = 2.0) -> None:
     """SIGKILL the group until it is gone (the leader may be reaped before its group ends)."""
-    if _someone_else_has(popen):
-        return
     if popen.poll() is None:
         signal_group(popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -88,13 +88,13 @@ class ContextSource:
         "_clock",
         "_failed",
         "_files",
+        "_first",
         "_interval",
         "_next",
         "_paths",
         "_stamp",
         "context",
         "expiry",
-        "first",
         "serial",
         "what",
     )
@@ -114,7 +114,7 @@ class ContextSource:
         self._interval, self._clock = interval, clock
         self._stamp = _stamp(self._paths)  # before the build: a change during it is seen later
         self.context = build()
-        self.first = self.context  # a listener's: it keeps it and hands handshakes on
+        self._first = self.context  # what a listener starts with (see listening())
         self.expiry = _expiry(self._files)
         self._failed: _Stamp | None = None
         self._next = clock() + interval
@@ -124,6 +124,17 @@ class ContextSource:
     def stale(self) -> bool:
         """The files changed on disk and do not load: an older set is in use."""
         return self._failed is not None
+
+    def listening(self) -> ssl.SSLContext:
+        """The context to start a listener with, the same for every caller (a reload that
+        keeps the block reads no file): its SNI callback, which runs with or without a server
+        name, hands each handshake to :meth:`current`."""
+        if self._first.sni_callback is None:
+            self._first.sni_callback = self._hand_on
+        return self._first
+
+    def _hand_on(self, conn: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: Any) -> None:
+        conn.context = self.current()
 
     def current(self) -> ssl.SSLContext:
         """The context for a new connection (looks at the files at most once an interval)."""

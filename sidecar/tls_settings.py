@@ -175,15 +175,13 @@ def request_options(tls: TLSClient | None) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class TLSServer:
-    """A listener's block. ``context`` is the one the listener is started with, once: each
-    handshake is handed to the context built from the files as they are now (its SNI
-    callback runs with or without a server name), so a rotated certificate or client CA
-    applies to new connections without a restart."""
+    """A listener's block. ``context`` is what the listener starts with; new connections get
+    the files as they are now, so a rotated certificate or client CA needs no restart (see
+    :meth:`~sidecar.tls_rotation.ContextSource.listening`)."""
 
     cert_file: str
     key_file: str
     client_ca_file: str | None
-    source: ContextSource = field(compare=False, repr=False)
     context: ssl.SSLContext = field(compare=False, repr=False)
 
     @classmethod
@@ -205,16 +203,7 @@ class TLSServer:
             interval=interval,
             clock=clock,
         )
-        # One listening context per source: a reload that keeps the block does not read the
-        # files again (they may be half rotated just then).
-        listening = source.first
-        if listening.sni_callback is None:
-
-            def to_current(conn: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: Any) -> None:
-                conn.context = source.current()
-
-            listening.sni_callback = to_current
-        return cls(cert_file, key_file, client_ca_file, source, listening)
+        return cls(cert_file, key_file, client_ca_file, source.listening())
 
 
 def server_context(

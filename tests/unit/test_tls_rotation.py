@@ -46,6 +46,16 @@ class Live:
     def path(self, name: str) -> str:
         return str(self.dir / name)
 
+    def server(self, clock: Clock, path: str = "tls") -> TLSServer:
+        """The listener block naming these files (server.pem/.key, ca.pem for clients)."""
+        files = (self.path("server.pem"), self.path("server.key"), self.path("ca.pem"))
+        return TLSServer.load(*files, path=path, interval=INTERVAL, clock=clock)
+
+    def client(self, clock: Clock, path: str = "tls") -> TLSClient:
+        """The client block naming these files (ca.pem, client.pem/.key)."""
+        files = (self.path("ca.pem"), self.path("client.pem"), self.path("client.key"))
+        return TLSClient.load(*files, path=path, interval=INTERVAL, clock=clock)
+
     def install(self, pki: LocalPKI, *names: str) -> None:
         sources = {
             "ca.pem": pki.ca_file,
@@ -136,13 +146,7 @@ def test_a_listener_takes_new_certificates_and_client_cas_for_new_connections(
     live: Live, pkis: tuple[LocalPKI, LocalPKI], clock: Clock
 ) -> None:
     one, two = pkis
-    tls = TLSServer.load(
-        live.path("server.pem"),
-        live.path("server.key"),
-        live.path("ca.pem"),
-        interval=INTERVAL,
-        clock=clock,
-    )
+    tls = live.server(clock)
     listening = tls.context
     with _serve(listening) as port:
         assert _call(port, _client_of(one)) == "sidecar client"
@@ -167,13 +171,7 @@ def test_a_client_block_takes_a_rotated_certificate_and_ca(
     live: Live, pkis: tuple[LocalPKI, LocalPKI], clock: Clock
 ) -> None:
     one, two = pkis
-    tls = TLSClient.load(
-        live.path("ca.pem"),
-        live.path("client.pem"),
-        live.path("client.key"),
-        interval=INTERVAL,
-        clock=clock,
-    )
+    tls = live.client(clock)
     with (
         _serve(one.server_context(require_client_cert=True)) as port_one,
         _serve(two.server_context(require_client_cert=True)) as port_two,
@@ -198,14 +196,7 @@ def test_files_that_do_not_load_keep_the_previous_context_until_they_do(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     _, two = pkis
-    tls = TLSClient.load(
-        live.path("ca.pem"),
-        live.path("client.pem"),
-        live.path("client.key"),
-        path="egress.upstreams[0].tls",
-        interval=INTERVAL,
-        clock=clock,
-    )
+    tls = live.client(clock, path="egress.upstreams[0].tls")
     first = tls.context
     caplog.set_level(logging.INFO, "sidecar.tls_rotation")
 
@@ -294,14 +285,7 @@ def test_metrics_show_the_expiry_in_use_and_files_that_do_not_load(
 ) -> None:
     one, two = pkis
     block = f"broker-{id(live)}.tls"
-    tls = TLSServer.load(
-        live.path("server.pem"),
-        live.path("server.key"),
-        live.path("ca.pem"),
-        path=block,
-        interval=INTERVAL,
-        clock=clock,
-    )
+    tls = live.server(clock, path=block)
     assert tls.context is not None
     in_use = {"cert_file": _not_after(one.server_cert), "client_ca_file": _not_after(one.ca_file)}
     assert _scrape(block) == (in_use, 0.0)
@@ -335,8 +319,7 @@ def test_a_reload_while_files_are_half_rotated_keeps_the_listener(
     # A broker reload (new registration entries, same tls block) must not read the files
     # again: a key written before its certificate would refuse the whole reload.
     block = f"half-{id(live)}.tls"
-    args = (live.path("server.pem"), live.path("server.key"), live.path("ca.pem"))
-    first = TLSServer.load(*args, path=block, interval=INTERVAL, clock=clock)
+    first = live.server(clock, path=block)
     live.install(pkis[1], "server.key")
-    again = TLSServer.load(*args, path=block, interval=INTERVAL, clock=clock)
+    again = live.server(clock, path=block)
     assert again == first and again.context is first.context
